@@ -1,0 +1,257 @@
+"""Load a molecular system into one object: topology, OpenMM System, positions, temperature and kT.
+
+Sources (all go through :func:`load_system`):
+
+* a shipped name (``alanine_dipeptide_vacuum``, ``alanine_dipeptide_implicit``, ``double_well``),
+  or a folder laid out like ``systems/<name>/`` (``metadata.yaml``, ``structure.pdb``, ``system.xml``);
+* a PDB plus force-field XML names (``openmm.app.ForceField``), optionally with implicit solvent;
+* a serialized System XML plus a PDB;
+* an Amber ``.prmtop`` plus ``.inpcrd``.
+
+Bad input raises :class:`SystemLoadError` with a message that names the file, the field and the fix.
+Constraints are reported, not removed: :attr:`MolecularSystem.constrained_pairs` lists them, and the
+steps that cannot handle them (the internal-coordinate flows) refuse them with a clear error.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import yaml
+
+__all__ = ["MolecularSystem", "SystemLoadError", "load_system", "shipped_systems", "SHIPPED_DIR",
+           "kT_in_kj_per_mol"]
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "systems"
+
+IMPLICIT_MODELS = {"obc1": "implicit/obc1.xml", "obc2": "implicit/obc2.xml", "gbn": "implicit/gbn.xml",
+                   "gbn2": "implicit/gbn2.xml", "hct": "implicit/hct.xml"}
+
+
+class SystemLoadError(ValueError):
+    """A system could not be loaded; the message says which file or field and how to fix it."""
+
+
+def kT_in_kj_per_mol(temperature_kelvin: float) -> float:
+    """k_B T in kJ/mol for a temperature in kelvin (the one place where the gas constant is used)."""
+    return (unit.MOLAR_GAS_CONSTANT_R * temperature_kelvin * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
+
+
+@dataclass
+class MolecularSystem:
+    """Everything downstream needs to know about a molecule.
+
+    Attributes:
+        name: a short label (the shipped name or the file stem).
+        topology: ``openmm.app.Topology``.
+        system: ``openmm.System`` (the force field; never modified by the package).
+        positions: (n_atoms, 3) float64 array in nm.
+        temperature: temperature in kelvin.
+        cvs: collective variables of interest, e.g. ``{"phi": {"kind": "dihedral", "atoms": [4, 6, 8, 14]}}``.
+        description: free text.
+    """
+
+    name: str
+    topology: app.Topology
+    system: openmm.System
+    positions: np.ndarray
+    temperature: float
+    cvs: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def kT(self) -> float:
+        """k_B T in kJ/mol."""
+        return kT_in_kj_per_mol(self.temperature)
+
+    @property
+    def n_atoms(self) -> int:
+        return self.system.getNumParticles()
+
+    @property
+    def constrained_pairs(self) -> list[tuple[int, int]]:
+        return [tuple(self.system.getConstraintParameters(i)[:2]) for i in range(self.system.getNumConstraints())]
+
+    @property
+    def is_periodic(self) -> bool:
+        return self.system.usesPeriodicBoundaryConditions()
+
+    def mdtraj_topology(self):
+        import mdtraj
+        return mdtraj.Topology.from_openmm(self.topology)
+
+    def with_temperature(self, temperature: float) -> "MolecularSystem":
+        """The same system at another temperature (the System's forces are unchanged)."""
+        _check_temperature(temperature, "temperature")
+        return MolecularSystem(self.name, self.topology, self.system, self.positions, float(temperature),
+                               dict(self.cvs), self.description)
+
+    def write_pdb(self, path, positions=None) -> None:
+        """Write the topology with ``positions`` (n_atoms, 3) nm (default: the system's) as a PDB file."""
+        pos = self.positions if positions is None else np.asarray(positions)
+        with open(path, "w") as handle:
+            app.PDBFile.writeFile(self.topology, pos * unit.nanometer, handle, keepIds=True)
+
+
+def shipped_systems() -> list[str]:
+    """Names of the systems shipped in ``systems/``."""
+    return sorted(p.name for p in SHIPPED_DIR.iterdir() if (p / "metadata.yaml").is_file())
+
+
+def load_system(source, *, pdb=None, forcefield=None, implicit=None, temperature=None) -> MolecularSystem:
+    """Load a system from a shipped name, a folder, a PDB (+ force field), a System XML (+ PDB) or a prmtop.
+
+    Args:
+        source: shipped name, folder with ``metadata.yaml``, ``*.pdb``, ``*.xml`` (serialized System) or
+            ``*.prmtop``.
+        pdb: structure for a System XML, or ``.inpcrd`` coordinates for a prmtop.
+        forcefield: force-field XML names for a PDB (default ``["amber14-all.xml"]``).
+        implicit: implicit-solvent model for a PDB or prmtop: one of obc1, obc2, gbn, gbn2, hct.
+        temperature: kelvin; required unless the source's metadata gives it (default 300 K otherwise).
+    """
+    if temperature is not None:
+        _check_temperature(temperature, "--temperature")
+    source_str = os.fspath(source)
+    path = Path(source_str)
+    if source_str in shipped_systems():
+        path = SHIPPED_DIR / source_str
+    if path.is_dir():
+        return _load_folder(path, temperature)
+    if not path.exists():
+        raise SystemLoadError(
+            f"{source_str!r} is neither a shipped system ({', '.join(shipped_systems())}) nor an existing file")
+    suffix = path.suffix.lower()
+    if suffix == ".pdb":
+        if pdb is not None:
+            raise SystemLoadError("a PDB source takes --forcefield, not a second structure (pdb=...)")
+        return _from_pdb_and_forcefield(path, forcefield, implicit, temperature)
+    if suffix == ".xml":
+        if pdb is None:
+            raise SystemLoadError(f"System XML {path} needs a structure: pass pdb=... (--pdb) for its topology")
+        return _from_system_xml(path, Path(pdb), temperature)
+    if suffix in (".prmtop", ".parm7"):
+        if pdb is None:
+            raise SystemLoadError(f"Amber topology {path} needs coordinates: pass the .inpcrd as pdb=... (--pdb)")
+        return _from_prmtop(path, Path(pdb), implicit, temperature)
+    raise SystemLoadError(f"{path}: unknown kind of file {suffix!r}; expected .pdb, .xml (System), .prmtop "
+                          "or a folder with metadata.yaml")
+
+
+def _check_temperature(temperature, what) -> None:
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise SystemLoadError(f"{what} must be a positive number of kelvin, got {temperature!r}")
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise SystemLoadError(f"{what} not found: {path}")
+
+
+def _read_pdb(path: Path) -> app.PDBFile:
+    _require_file(path, "structure file")
+    try:
+        return app.PDBFile(str(path))
+    except Exception as err:  # openmm raises bare Exceptions / ValueErrors for malformed files
+        raise SystemLoadError(f"could not read PDB {path}: {err}") from err
+
+
+def _positions_nm(quantity) -> np.ndarray:
+    return np.asarray(quantity.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 3)
+
+
+def _load_folder(folder: Path, temperature) -> MolecularSystem:
+    meta_path = folder / "metadata.yaml"
+    _require_file(meta_path, "metadata file")
+    with open(meta_path) as handle:
+        meta = yaml.safe_load(handle) or {}
+    for key in ("structure", "system"):
+        if key not in meta:
+            raise SystemLoadError(f"{meta_path}: field {key!r} is missing (a file name inside {folder})")
+    mol = _from_system_xml(folder / meta["system"], folder / meta["structure"],
+                           temperature if temperature is not None else meta.get("temperature_kelvin"))
+    mol.name = meta.get("name", folder.name)
+    mol.cvs = dict(meta.get("cvs") or {})
+    mol.description = " ".join(str(meta.get("description", "")).split())
+    return mol
+
+
+def _from_system_xml(xml_path: Path, pdb_path: Path, temperature) -> MolecularSystem:
+    _require_file(xml_path, "System XML")
+    pdb = _read_pdb(pdb_path)
+    try:
+        with open(xml_path) as handle:
+            system = openmm.XmlSerializer.deserialize(handle.read())
+    except Exception as err:
+        raise SystemLoadError(f"could not deserialize System XML {xml_path}: {err}") from err
+    if not isinstance(system, openmm.System):
+        raise SystemLoadError(f"{xml_path} holds a serialized {type(system).__name__}, not an openmm.System")
+    return _finish(xml_path.stem if xml_path.stem != "system" else xml_path.parent.name,
+                   pdb.topology, system, _positions_nm(pdb.positions), temperature, f"{xml_path} + {pdb_path}")
+
+
+def _from_pdb_and_forcefield(pdb_path: Path, forcefield, implicit, temperature) -> MolecularSystem:
+    pdb = _read_pdb(pdb_path)
+    files = list(forcefield) if forcefield else ["amber14-all.xml"]
+    if implicit is not None:
+        key = implicit.lower()
+        if key not in IMPLICIT_MODELS:
+            raise SystemLoadError(f"unknown implicit-solvent model {implicit!r}; choose one of "
+                                  f"{', '.join(IMPLICIT_MODELS)}")
+        files.append(IMPLICIT_MODELS[key])
+    try:
+        ff = app.ForceField(*files)
+    except Exception as err:
+        raise SystemLoadError(f"could not load force field {files}: {err}") from err
+    unmatched = ff.getUnmatchedResidues(pdb.topology)
+    if unmatched:
+        names = ", ".join(sorted({f"{r.name} (residue {r.id}, chain {r.chain.id})" for r in unmatched}))
+        raise SystemLoadError(f"{pdb_path}: no template in {files} for residue(s) {names}; add a force-field XML "
+                              "that defines them (--forcefield), or fix the residue names / missing atoms")
+    try:
+        system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, constraints=None,
+                                 rigidWater=False, removeCMMotion=False)
+    except Exception as err:
+        raise SystemLoadError(f"{pdb_path}: force field {files} could not build a System: {err}") from err
+    return _finish(pdb_path.stem, pdb.topology, system, _positions_nm(pdb.positions), temperature, str(pdb_path))
+
+
+def _from_prmtop(prmtop_path: Path, inpcrd_path: Path, implicit, temperature) -> MolecularSystem:
+    _require_file(prmtop_path, "Amber topology")
+    _require_file(inpcrd_path, "Amber coordinates")
+    try:
+        prmtop = app.AmberPrmtopFile(str(prmtop_path))
+        inpcrd = app.AmberInpcrdFile(str(inpcrd_path))
+    except Exception as err:
+        raise SystemLoadError(f"could not read Amber files {prmtop_path}, {inpcrd_path}: {err}") from err
+    solvent = None
+    if implicit is not None:
+        solvent = {"obc1": app.OBC1, "obc2": app.OBC2, "gbn": app.GBn, "gbn2": app.GBn2, "hct": app.HCT}.get(
+            implicit.lower())
+        if solvent is None:
+            raise SystemLoadError(f"unknown implicit-solvent model {implicit!r}; choose one of "
+                                  f"{', '.join(IMPLICIT_MODELS)}")
+    system = prmtop.createSystem(nonbondedMethod=app.NoCutoff, constraints=None, implicitSolvent=solvent,
+                                 removeCMMotion=False)
+    return _finish(prmtop_path.stem, prmtop.topology, system, _positions_nm(inpcrd.positions), temperature,
+                   f"{prmtop_path} + {inpcrd_path}")
+
+
+def _finish(name, topology, system, positions, temperature, origin) -> MolecularSystem:
+    n_top, n_sys = topology.getNumAtoms(), system.getNumParticles()
+    if n_top != n_sys:
+        raise SystemLoadError(f"{origin}: particle count mismatch: the structure has {n_top} atoms, the System "
+                              f"{n_sys} particles; use the structure the System was built from")
+    if positions.shape != (n_sys, 3):
+        raise SystemLoadError(f"{origin}: {positions.shape[0]} positions for {n_sys} particles")
+    if not np.all(np.isfinite(positions)):
+        raise SystemLoadError(f"{origin}: the structure has non-finite coordinates")
+    if temperature is None:
+        temperature = 300.0
+    _check_temperature(temperature, "temperature")
+    return MolecularSystem(name=name, topology=topology, system=system, positions=positions,
+                           temperature=float(temperature))
