@@ -1,0 +1,197 @@
+"""Free-energy differences between states from importance-weighted samples, with bootstrap intervals.
+
+With self-normalized weights w, the probability of a state is P_A = sum_{i in A} w_i / sum_i w_i and
+
+    delta_f = -ln(sum_A w / sum_B w) = F_A - F_B      (in kT; positive when A is less probable than B).
+
+The bootstrap resamples frames (or blocks of consecutive frames for correlated MD data) with replacement
+and recomputes delta_f; the interval is the percentile interval of the replicates. pymbar's EXP estimator,
+applied to each state's log partition function (work = -log w inside the state, +inf outside), gives an
+independent evaluation of the same point estimate and an analytic error estimate.
+"""
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ..weights import kish_ess
+from .cvs import compute_cvs
+from .errors import EmptyStateError
+from .states import State, parse_state
+
+__all__ = ["FreeEnergyResult", "free_energy_difference", "state_free_energy", "bootstrap_indices",
+           "pymbar_exp_delta_f"]
+
+
+@dataclass(frozen=True)
+class FreeEnergyResult:
+    """delta_f = F_A - F_B with its bootstrap interval, per-state sample counts and Kish ESS.
+
+    Energies are in kT; the ``*_kj_per_mol`` properties need ``kT`` (kJ/mol) to be set.
+    ``n_bootstrap_degenerate`` counts replicates in which a state received no weight (infinite delta_f);
+    when it is not zero the interval may be unbounded: collect more samples.
+    """
+
+    label_a: str
+    label_b: str
+    delta_f: float
+    ci_low: float
+    ci_high: float
+    std: float
+    confidence: float
+    n_bootstrap: int
+    n_bootstrap_degenerate: int
+    n_a: int
+    n_b: int
+    n_total: int
+    ess_a: float
+    ess_b: float
+    ess_total: float
+    population_a: float
+    population_b: float
+    exp_delta_f: float
+    exp_std: float
+    kT: float | None = None
+
+    def _kj(self, value: float) -> float:
+        if self.kT is None:
+            raise ValueError("kT (kJ/mol) is unknown: pass kT=... to report kJ/mol")
+        return value * self.kT
+
+    @property
+    def delta_f_kj_per_mol(self) -> float:
+        return self._kj(self.delta_f)
+
+    @property
+    def ci_kj_per_mol(self) -> tuple[float, float]:
+        return self._kj(self.ci_low), self._kj(self.ci_high)
+
+    def to_dict(self) -> dict:
+        """Plain dictionary for JSON (kJ/mol fields included when kT is known)."""
+        out = asdict(self)
+        if self.kT is not None:
+            out["delta_f_kj_per_mol"] = self.delta_f_kj_per_mol
+            out["ci_low_kj_per_mol"], out["ci_high_kj_per_mol"] = self.ci_kj_per_mol
+            out["std_kj_per_mol"] = self._kj(self.std)
+        return out
+
+    def summary(self) -> str:
+        """One human-readable line, e.g. ``dF(A-B) = 1.23 kT [1.1, 1.4] (95%) = 3.07 kJ/mol ...``."""
+        text = (f"dF({self.label_a} - {self.label_b}) = {self.delta_f:.3f} kT "
+                f"[{self.ci_low:.3f}, {self.ci_high:.3f}] ({self.confidence:.0%} bootstrap)")
+        if self.kT is not None:
+            low, high = self.ci_kj_per_mol
+            text += f" = {self.delta_f_kj_per_mol:.3f} kJ/mol [{low:.3f}, {high:.3f}]"
+        return text + (f"; ESS {self.label_a}: {self.ess_a:.1f} of {self.n_a}, "
+                       f"{self.label_b}: {self.ess_b:.1f} of {self.n_b}")
+
+
+def bootstrap_indices(n: int, n_replicates: int, rng: np.random.Generator, block_length: int = 1) -> np.ndarray:
+    """(n_replicates, n) frame indices drawn with replacement, in moving blocks of ``block_length`` frames."""
+    if block_length < 1 or block_length > n:
+        raise ValueError(f"block_length must be between 1 and the number of frames {n}, got {block_length}")
+    n_blocks = -(-n // block_length)
+    starts = rng.integers(0, n - block_length + 1, size=(n_replicates, n_blocks))
+    return (starts[:, :, None] + np.arange(block_length)).reshape(n_replicates, -1)[:, :n]
+
+
+def _bootstrap_delta_f(weights_a, weights_b, n_bootstrap, rng, block_length):
+    n = len(weights_a)
+    chunk = max(1, 4_000_000 // n)
+    replicates = []
+    with np.errstate(divide="ignore"):
+        for start in range(0, n_bootstrap, chunk):
+            index = bootstrap_indices(n, min(chunk, n_bootstrap - start), rng, block_length)
+            replicates.append(np.log(weights_b[index].sum(1)) - np.log(weights_a[index].sum(1)))
+    return np.concatenate(replicates)
+
+
+def pymbar_exp_delta_f(log_weights, in_a, in_b) -> tuple[float, float]:
+    """F_A - F_B and its analytic standard error from pymbar's EXP estimator (covariance ignored)."""
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+        from pymbar.other_estimators import exp  # prints an advertisement for JAX on import
+    log_w = np.asarray(log_weights, dtype=np.float64)
+    f_a = exp(np.where(in_a, -log_w, np.inf))
+    f_b = exp(np.where(in_b, -log_w, np.inf))
+    return float(f_a["Delta_f"] - f_b["Delta_f"]), float(math.hypot(f_a["dDelta_f"], f_b["dDelta_f"]))
+
+
+def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: float | None = None,
+                           n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
+                           block_length: int = 1) -> FreeEnergyResult:
+    """delta_f = F_A - F_B = -ln(sum_A w / sum_B w) with a bootstrap percentile interval.
+
+    Args:
+        log_weights: (n,) float log importance weights (finite; any additive constant).
+        in_a, in_b: (n,) boolean masks of the frames in each state.
+        labels: state names for messages and reports.
+        kT: k_B T in kJ/mol, to report kJ/mol as well.
+        n_bootstrap: bootstrap replicates (>= 10).
+        confidence: two-sided level of the interval, e.g. 0.95.
+        seed: seed of the bootstrap's ``numpy.random.Generator``.
+        block_length: frames per resampled block; > 1 for correlated (MD) frames.
+    Raises:
+        EmptyStateError: a state holds no samples.
+    """
+    log_w = np.asarray(log_weights, dtype=np.float64)
+    in_a, in_b = np.asarray(in_a, dtype=bool), np.asarray(in_b, dtype=bool)
+    if log_w.ndim != 1 or in_a.shape != log_w.shape or in_b.shape != log_w.shape:
+        raise ValueError(f"log_weights {log_w.shape} and the state masks {in_a.shape}, {in_b.shape} must be "
+                         "1-D of equal length")
+    if not np.all(np.isfinite(log_w)):
+        raise ValueError(f"log_weights are not finite at frames {np.flatnonzero(~np.isfinite(log_w))[:5]}")
+    if n_bootstrap < 10 or not 0 < confidence < 1:
+        raise ValueError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
+    for label, mask in zip(labels, (in_a, in_b)):
+        if not mask.any():
+            raise EmptyStateError(f"state {label!r} has no samples among {len(log_w)} frames; widen its "
+                                  "definition or draw more samples")
+    weights = np.exp(log_w - log_w.max())
+    delta_f = float(np.log(weights[in_b].sum()) - np.log(weights[in_a].sum()))
+    replicates = _bootstrap_delta_f(weights * in_a, weights * in_b, n_bootstrap,
+                                    np.random.default_rng(seed), block_length)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(replicates, [tail, 1 - tail], method="inverted_cdf")
+    degenerate = int(np.sum(~np.isfinite(replicates)))
+    exp_delta_f, exp_std = pymbar_exp_delta_f(log_w, in_a, in_b)
+    return FreeEnergyResult(
+        label_a=labels[0], label_b=labels[1], delta_f=delta_f, ci_low=float(low), ci_high=float(high),
+        std=float(np.std(replicates)) if degenerate == 0 else math.inf, confidence=confidence,
+        n_bootstrap=n_bootstrap, n_bootstrap_degenerate=degenerate, n_a=int(in_a.sum()), n_b=int(in_b.sum()),
+        n_total=len(log_w), ess_a=kish_ess(log_w[in_a]), ess_b=kish_ess(log_w[in_b]), ess_total=kish_ess(log_w),
+        population_a=float(weights[in_a].sum() / weights.sum()),
+        population_b=float(weights[in_b].sum() / weights.sum()),
+        exp_delta_f=exp_delta_f, exp_std=exp_std, kT=kT)
+
+
+def _describe_ranges(values: dict) -> str:
+    return ", ".join(f"{name} in [{np.min(v):.3g}, {np.max(v):.3g}]" for name, v in values.items())
+
+
+def state_free_energy(traj, log_weights, state_a, state_b, *, cvs: dict | None = None, reference=None,
+                      **options) -> FreeEnergyResult:
+    """delta_f between two states given as strings (``"A: phi < 0"``) or :class:`State` objects.
+
+    Args:
+        traj: ``mdtraj.Trajectory`` aligned with ``log_weights`` (n_frames,).
+        state_a, state_b: state definitions; their CVs are resolved by :func:`~.cvs.compute_cv`.
+        cvs: named CV definitions (e.g. ``MolecularSystem.cvs`` plus user ``--cv`` definitions).
+        reference: RMSD reference (``mdtraj.Trajectory``), if a state uses an RMSD.
+        options: passed to :func:`free_energy_difference` (kT, n_bootstrap, confidence, seed, block_length).
+    Raises:
+        StateError, CVError, EmptyStateError (with the CV ranges seen in the data).
+    """
+    states = [s if isinstance(s, State) else parse_state(s) for s in (state_a, state_b)]
+    names = sorted(set(states[0].cv_names) | set(states[1].cv_names))
+    values = compute_cvs(traj, names, cvs=cvs, reference=reference)
+    masks = [state.mask(values) for state in states]
+    for state, mask in zip(states, masks):
+        if not mask.any():
+            raise EmptyStateError(f"state {str(state)!r} has no samples among {traj.n_frames} frames (the data "
+                                  f"have {_describe_ranges(values)}); widen it or draw more samples")
+    return free_energy_difference(log_weights, masks[0], masks[1], labels=(states[0].label, states[1].label),
+                                  **options)
