@@ -1,0 +1,43 @@
+"""Choose an OpenMM platform and its properties (the one place that knows platform names).
+
+``make_platform(None)`` picks the fastest available: CUDA, then OpenCL, then CPU, then Reference.
+CUDA/OpenCL take ``precision`` ("mixed" by default, "double" or "single"); CPU takes ``threads``.
+"""
+from __future__ import annotations
+
+import openmm
+
+__all__ = ["available_platforms", "make_platform"]
+
+_PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
+
+
+def available_platforms() -> list[str]:
+    """Names of the OpenMM platforms that loaded on this machine."""
+    return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
+
+
+def make_platform(name: str | None = None, *, precision: str = "mixed", threads: int | None = None,
+                  device_index: int | None = None) -> tuple[openmm.Platform, dict]:
+    """Return (platform, properties) for ``openmm.Context(system, integrator, platform, properties)``.
+
+    Raises ValueError naming the available platforms when ``name`` is not one of them.
+    """
+    available = available_platforms()
+    if name is None:
+        name = next(p for p in _PREFERENCE if p in available)
+    match = {p.lower(): p for p in available}.get(str(name).lower())
+    if match is None:
+        raise ValueError(f"OpenMM platform {name!r} is not available here; available: {', '.join(available)}")
+    properties = {}
+    if match in ("CUDA", "OpenCL"):
+        if precision not in ("mixed", "double", "single"):
+            raise ValueError(f"precision must be mixed, double or single, got {precision!r}")
+        properties["Precision"] = precision
+        if device_index is not None:
+            properties["DeviceIndex"] = str(device_index)
+    if match == "CPU" and threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        properties["Threads"] = str(int(threads))
+    return openmm.Platform.getPlatformByName(match), properties
