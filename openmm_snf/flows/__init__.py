@@ -1,0 +1,19 @@
+"""Flow blocks, stochastic blocks and the SNF sequence (see :mod:`openmm_snf.flows.base`)."""
+from .augment import MarginalizeAuxiliary
+from .base import Block, InverseBlock, push_forward, wrap_angle
+from .builder import PAPER_ALANINE_DIPEPTIDE, PAPER_DOUBLE_WELL, build_snf, build_snf_from_config
+from .couplings import MLP, AffineCoupling, SplineCoupling
+from .elementwise import ActNorm, Permute
+from .energies import (DoubleWellEnergy, GaussianEnergy, InterpolatedEnergy, PulledBackEnergy,
+                       energy_and_gradient)
+from .priors import Prior
+from .snf import SNF, SNFSample
+from .splines import rq_spline
+from .stochastic import MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
+
+__all__ = ["Block", "InverseBlock", "push_forward", "wrap_angle", "Prior", "MLP", "AffineCoupling",
+           "SplineCoupling", "ActNorm", "Permute", "MarginalizeAuxiliary", "MetropolisBlock",
+           "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "PulledBackEnergy",
+           "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy", "energy_and_gradient", "SNF",
+           "SNFSample", "build_snf", "build_snf_from_config", "rq_spline", "PAPER_ALANINE_DIPEPTIDE",
+           "PAPER_DOUBLE_WELL"]

@@ -1,0 +1,222 @@
+"""Invariants of every deterministic block (parametrized), spline details, and single stochastic blocks."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from openmm_snf.flows import (ActNorm, AffineCoupling, GaussianEnergy, InterpolatedEnergy, MetropolisBlock,
+                              OverdampedLangevinBlock, Permute, Prior, SNF, SplineCoupling,
+                              UnderdampedLangevinBlock, rq_spline, wrap_angle)
+from openmm_snf.weights import log_mean_exp
+
+DIM = 4
+PERIODIC = torch.tensor([False, True, False, True])
+HALF = torch.tensor([True, True, False, False])
+ALTERNATE = torch.tensor([True, False, True, False])
+
+
+def randomize(module, std=0.3, seed=0):
+    """Replace all parameters by random values, so blocks are far from the identity."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
+    return module
+
+
+def inputs(periodic, n=6, spread=1.5, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, DIM, generator=gen, dtype=torch.float64) * spread
+    if periodic is not None:
+        angles = (torch.rand(n, DIM, generator=gen, dtype=torch.float64) * 2 - 1) * math.pi * 0.98
+        x = torch.where(periodic, angles, x)
+    return x
+
+
+def actnorm():
+    block = ActNorm(DIM, PERIODIC)
+    block.initialize(torch.randn(100, DIM, generator=torch.Generator().manual_seed(3)) * 2 + 1)
+    return block
+
+
+BLOCKS = {
+    "affine": (lambda: AffineCoupling(HALF, None, hidden=(16, 16)), None),
+    "affine_periodic": (lambda: AffineCoupling(ALTERNATE, PERIODIC, hidden=(16, 16)), PERIODIC),
+    "affine_periodic_cond": (lambda: AffineCoupling(~ALTERNATE, PERIODIC, hidden=(16,)), PERIODIC),
+    "spline": (lambda: SplineCoupling(HALF, None, hidden=(16, 16), n_bins=6, bound=2.0), None),
+    "spline_periodic": (lambda: SplineCoupling(ALTERNATE, PERIODIC, hidden=(16, 16), n_bins=5), PERIODIC),
+    "spline_mixed": (lambda: SplineCoupling(HALF, PERIODIC, hidden=(16,), n_bins=4, bound=2.0), PERIODIC),
+    "permute": (lambda: Permute([2, 0, 3, 1]), None),
+    "swap": (lambda: Permute.swap(DIM), None),
+    "actnorm": (actnorm, PERIODIC),
+    "inverse_of_affine": (lambda: AffineCoupling(HALF, None, hidden=(16,)).inv, None),
+}
+
+
+@pytest.fixture(params=sorted(BLOCKS))
+def block_case(request):
+    factory, periodic = BLOCKS[request.param]
+    block = randomize(factory()).double()
+    return block, periodic
+
+
+def test_round_trip_and_logdets_cancel(block_case):
+    block, periodic = block_case
+    x = inputs(periodic)
+    y, ld_forward = block(x)
+    x_back, ld_inverse = block.inverse(y)
+    assert y.shape == x.shape and ld_forward.shape == (x.shape[0],)
+    torch.testing.assert_close(x_back, x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ld_forward, -ld_inverse, atol=1e-9, rtol=0)
+    assert not torch.allclose(y, x)
+
+
+def test_logdet_matches_autograd_jacobian(block_case):
+    block, periodic = block_case
+    x = inputs(periodic, n=3)
+    for direction in ("forward", "inverse"):
+        fn = block if direction == "forward" else block.inverse
+        _, logdet = fn(x)
+        jac = torch.autograd.functional.jacobian(lambda t: fn(t)[0], x)
+        for b in range(x.shape[0]):
+            expected = torch.linalg.slogdet(jac[b, :, b, :]).logabsdet
+            torch.testing.assert_close(logdet[b], expected, atol=1e-8, rtol=1e-8)
+
+
+def test_periodic_dims_stay_on_the_circle(block_case):
+    block, periodic = block_case
+    if periodic is None or isinstance(block, Permute):
+        pytest.skip("no periodic dims")
+    y, _ = block(inputs(periodic, n=200, spread=3.0))
+    assert (y[:, periodic] >= -math.pi).all() and (y[:, periodic] < math.pi + 1e-12).all()
+
+
+def test_fresh_couplings_are_identity():
+    x = inputs(PERIODIC)
+    for block in (AffineCoupling(HALF, PERIODIC), SplineCoupling(ALTERNATE, PERIODIC)):
+        y, logdet = block.double()(x)
+        torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logdet, torch.zeros_like(logdet), atol=1e-6, rtol=0)
+
+
+def test_spline_is_identity_outside_bound_and_monotone_inside():
+    gen = torch.Generator().manual_seed(0)
+    widths, heights = torch.randn(1, 7, generator=gen).double(), torch.randn(1, 7, generator=gen).double()
+    derivs = torch.randn(1, 6, generator=gen).double()
+    x = torch.linspace(-4, 4, 801, dtype=torch.float64)[:, None]
+    y, logdet = rq_spline(x, widths.expand(801, 1, 7), heights.expand(801, 1, 7), derivs.expand(801, 1, 6),
+                          bound=3.0)
+    outside = x.abs() > 3
+    torch.testing.assert_close(y[outside], x[outside])
+    assert (logdet[outside] == 0).all()
+    assert (torch.diff(y[:, 0]) > 0).all()
+
+
+def test_circular_spline_matches_ends():
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(2, 1, 5, generator=gen).double() for _ in range(3)]
+    x = torch.tensor([[-math.pi], [math.pi - 1e-12]], dtype=torch.float64)
+    y, logdet = rq_spline(x, *params, circular=True)
+    torch.testing.assert_close(wrap_angle(y[0]), wrap_angle(y[1] + 1e-12), atol=1e-9, rtol=0)
+
+
+def test_block_validation_messages():
+    with pytest.raises(ValueError, match="some but not all"):
+        AffineCoupling(torch.ones(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="expects"):
+        AffineCoupling(HALF)(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="permutation"):
+        Permute([0, 0, 1])
+    with pytest.raises(ValueError, match="lambda"):
+        InterpolatedEnergy(None, None, 1.5)
+
+
+# --- single stochastic blocks: exact weights on a Gaussian with known normalizer -----------------
+
+TARGET = GaussianEnergy([0.6, -0.4], [[1.4, 0.3], [0.3, 0.7]])
+N = 20000
+
+
+def importance_check(snf, target, seed, n=N, n_sigma=4.0):
+    """Check the IS estimates of log Z and <x> against the exact values within n_sigma errors."""
+    sample = snf.sample(n, generator=torch.Generator().manual_seed(seed))
+    lw = sample.log_weights
+    w = torch.exp(lw - lw.max())
+    log_z = log_mean_exp(lw)
+    se_log_z = float(w.std() / (w.mean() * math.sqrt(n)))
+    assert se_log_z < 0.05, f"weights too degenerate for a meaningful test (se={se_log_z})"
+    assert abs(log_z - target.log_z) < n_sigma * se_log_z, (log_z, target.log_z, se_log_z)
+    wn = w / w.sum()
+    x = sample.x.to(torch.float64)
+    mean = (wn[:, None] * x).sum(0)
+    se_mean = torch.sqrt((wn[:, None] ** 2 * (x - mean) ** 2).sum(0))
+    assert ((mean - target.mean).abs() < n_sigma * se_mean).all(), (mean, target.mean, se_mean)
+    return log_z, se_log_z
+
+
+STOCHASTIC = {
+    "mc": lambda e: MetropolisBlock(e, n_steps=10, step_size=0.5),
+    "overdamped": lambda e: OverdampedLangevinBlock(e, n_steps=10, step_size=0.05),
+    "underdamped": lambda e: UnderdampedLangevinBlock(e, n_steps=10, step_size=0.2, friction=2.0),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(STOCHASTIC))
+@pytest.mark.parametrize("lam", [0.5, 1.0])
+def test_single_stochastic_block_gives_exact_weights(kind, lam):
+    torch.set_default_dtype(torch.float64)
+    try:
+        prior = Prior(2)
+        block = STOCHASTIC[kind](InterpolatedEnergy(prior.energy, TARGET, lam))
+        snf = SNF(prior, [block], TARGET)
+        importance_check(snf, TARGET, seed=11)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_dropping_the_path_term_is_detected():
+    """Negative control: the same check fails when a Langevin block's ΔS is ignored."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        prior = Prior(2)
+        block = OverdampedLangevinBlock(InterpolatedEnergy(prior.energy, TARGET, 1.0), n_steps=10, step_size=0.05)
+        original = block._run
+        block._run = lambda y, gen: (original(y, gen)[0], torch.zeros(y.shape[0]))
+        with pytest.raises(AssertionError):
+            importance_check(SNF(prior, [block], TARGET), TARGET, seed=11)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# --- Metropolis at lambda = 1 leaves the target invariant (1-D, exact input samples) -------------
+
+def quartic(x):
+    return 0.25 * x[:, 0] ** 4 - x[:, 0] ** 2 + 0.3 * x[:, 0]
+
+
+def exact_quartic_samples(n, seed):
+    grid = np.linspace(-4, 4, 200001)
+    p = np.exp(-(0.25 * grid ** 4 - grid ** 2 + 0.3 * grid))
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    u = np.random.default_rng(seed).random(n)
+    return torch.as_tensor(np.interp(u, cdf, grid), dtype=torch.float64)[:, None], grid, p / p.sum()
+
+
+def test_metropolis_preserves_target_and_detailed_balance():
+    n = 40000
+    x_in, grid, p = exact_quartic_samples(n, seed=5)
+    block = MetropolisBlock(quartic, n_steps=3, step_size=1.0)
+    x_out, delta_s = block(x_in, generator=torch.Generator().manual_seed(6))
+    assert 0.2 < block.last_acceptance < 0.9
+    torch.testing.assert_close(delta_s, quartic(x_out) - quartic(x_in))
+    a, b = x_in[:, 0], x_out[:, 0]
+    for k in (1, 2, 3):
+        exact = float((p * grid ** k).sum())
+        est, se = float((b ** k).mean()), float((b ** k).std() / math.sqrt(n))
+        assert abs(est - exact) < 4 * se, (k, est, exact, se)
+    # Detailed balance: the pair (in, out) is exchangeable, so E[f(in) g(out)] = E[g(in) f(out)].
+    d = a * b ** 2 - a ** 2 * b
+    assert abs(float(d.mean())) < 4 * float(d.std() / math.sqrt(n))
+    assert float((a != b).double().mean()) > 0.3
