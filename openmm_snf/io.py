@@ -73,6 +73,12 @@ def check_outputs_free(paths, force: bool = False) -> None:
             raise InputError(f"cannot write {path}: folder {Path(path).parent} does not exist")
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_outputs(paths, force: bool = False):
     """Context manager yielding temporary paths (same folder and suffix) for the final ``paths``.
@@ -90,7 +96,9 @@ def atomic_outputs(paths, force: bool = False):
             os.close(handle)
             temps.append(Path(name))
         yield temps
+        mode = _default_file_mode()
         for temp, final in zip(temps, finals):
+            os.chmod(temp, mode)  # mkstemp creates 0600; give the file the mode open() would have
             os.replace(temp, final)
     finally:
         for temp in temps:

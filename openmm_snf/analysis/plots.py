@@ -159,11 +159,11 @@ def plot_free_energy_profile(path, profile: FreeEnergyProfile, *, reference: Fre
         if prof is None:
             continue
         x = prof.centers[0]
-        shown = np.isfinite(prof.free_energy)
-        ax.plot(x[shown], prof.free_energy[shown], color=color, lw=1.5, label=name)
+        shown = np.isfinite(prof.free_energy)  # empty bins break the line instead of being bridged
+        ax.plot(x, np.where(shown, prof.free_energy, np.nan), color=color, lw=1.5, marker=".", ms=3, label=name)
         band = shown & np.isfinite(prof.upper)
-        ax.fill_between(x[band], prof.lower[band], prof.upper[band], color=color, alpha=0.25,
-                        label=f"{name}: {prof.confidence:.0%} bootstrap band")
+        ax.fill_between(x, np.where(band, prof.lower, np.nan), np.where(band, prof.upper, np.nan), where=band,
+                        color=color, alpha=0.25, label=f"{name}: {prof.confidence:.0%} bootstrap band")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("free energy (kT)")
     ax.set_title(title)
