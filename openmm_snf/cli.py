@@ -1,0 +1,160 @@
+"""The ``openmm-snf`` command line: md, train, sample, free-energy, report, demo.
+
+Every command is a thin layer over the Python API; ``main(argv)`` is testable without a subprocess.
+Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+EPILOG = "Run 'openmm-snf COMMAND --help' for the options of one command."
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("system", metavar="SYSTEM",
+                        help="a shipped system (alanine_dipeptide_vacuum, alanine_dipeptide_implicit, double_well), "
+                             "a folder with metadata.yaml, a PDB file (with --forcefield/--implicit), a serialized "
+                             "System .xml (with --pdb) or an Amber .prmtop (with --pdb FILE.inpcrd)")
+    parser.add_argument("--pdb", help="structure for a System XML, or coordinates (.inpcrd) for a prmtop")
+    parser.add_argument("--forcefield", nargs="+", metavar="XML",
+                        help="force-field XML names for a PDB SYSTEM (default: amber14-all.xml)")
+    parser.add_argument("--implicit", choices=["obc1", "obc2", "gbn", "gbn2", "hct"],
+                        help="implicit-solvent model for a PDB or prmtop SYSTEM (default: vacuum)")
+    parser.add_argument("--temperature", type=float,
+                        help="temperature in kelvin (default: the system's own, 300 K if it has none)")
+
+
+def _load(args):
+    from .systems import load_system
+    return load_system(args.system, pdb=args.pdb, forcefield=args.forcefield, implicit=args.implicit,
+                       temperature=args.temperature)
+
+
+def _add_md(sub) -> None:
+    p = sub.add_parser("md", formatter_class=_Formatter, help="reference Langevin MD (training data, reference)",
+                       description="Langevin MD (LangevinMiddleIntegrator) of many independent replicas in one "
+                                   "OpenMM Context. Writes OUT (DCD, replica after replica) and the PDB topology "
+                                   "beside it; mdtraj.load(OUT, top=OUT.pdb) reads it.")
+    _add_system_arguments(p)
+    p.add_argument("--out", required=True, help="output .dcd (the .pdb topology is written beside it)")
+    p.add_argument("--frames", type=int, default=1000, help="frames saved per replica")
+    p.add_argument("--steps-per-frame", type=int, default=250, help="integration steps between saved frames")
+    p.add_argument("--replicas", type=int, default=16, help="independent replicas integrated together")
+    p.add_argument("--equilibration", type=int, default=5000, help="steps before the first saved frame")
+    p.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
+    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction in 1/ps")
+    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
+    p.add_argument("--platform", help="OpenMM platform (CUDA, OpenCL, CPU, Reference; default CPU)", default="CPU")
+    p.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=_run_md)
+
+
+def _run_md(args) -> int:
+    from .io import check_outputs_free, trajectory_paths, write_trajectory
+    from .md import MDSettings, run_md
+    mol = _load(args)
+    paths = trajectory_paths(args.out)
+    check_outputs_free([paths.dcd, paths.pdb], args.force)
+    settings = MDSettings(n_frames=args.frames, steps_per_frame=args.steps_per_frame, n_replicas=args.replicas,
+                          timestep=args.timestep, friction=args.friction, equilibration_steps=args.equilibration,
+                          seed=args.seed)
+    frames = run_md(mol, settings, platform=args.platform, threads=args.threads)
+    write_trajectory(paths.dcd, mol, frames.reshape(-1, mol.n_atoms, 3), force=args.force)
+    print(f"wrote {paths.dcd} ({frames.shape[0]} replicas x {frames.shape[1]} frames, "
+          f"{frames.shape[1] * args.steps_per_frame * args.timestep / 1000:.1f} ps each) and {paths.pdb}")
+    return 0
+
+
+def _add_free_energy(sub) -> None:
+    p = sub.add_parser("free-energy", formatter_class=_Formatter, help="free-energy difference between two states",
+                       description="dF_AB = F_A - F_B = -ln(sum_A w / sum_B w) from a weighted DCD (weights from "
+                                   "its .weights.npz sidecar; a DCD without sidecar counts as unweighted MD), with "
+                                   "a bootstrap interval, the effective sample size per state and pymbar's EXP "
+                                   "estimate as a cross-check.",
+                       epilog='Example: openmm-snf free-energy samples.dcd --states "A: phi < 0" "B: phi > 0"\n'
+                              "CVs: phi, psi, omega, chi1..4 (from the topology), names stored by 'sample', or "
+                              "your own with --cv NAME=SPEC, SPEC one of dihedral:i,j,k,l angle:i,j,k "
+                              "distance:i,j position:i,x rmsd[:selection] (atoms 0-based, angles in radians).")
+    p.add_argument("samples", help="weighted (or MD) .dcd; its topology is the .pdb beside it unless --top")
+    p.add_argument("--states", nargs=2, required=True, metavar="STATE",
+                   help='two states "LABEL: condition", e.g. "A: phi < 0" "B: phi > 0"; conditions combine '
+                        "comparisons with and/or/not")
+    p.add_argument("--cv", action="append", default=[], metavar="NAME=SPEC", help="define a CV (repeatable)")
+    p.add_argument("--top", help="topology file (default: the .pdb beside the DCD)")
+    p.add_argument("--reference", help="reference structure (PDB) for rmsd CVs")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--block-length", type=int, default=1,
+                   help="frames per bootstrap block (use > 1 for time-correlated MD frames)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(run=_run_free_energy)
+
+
+def _read_samples(path, top):
+    """A weighted trajectory, or an unweighted one (MD) when no sidecar is beside the DCD."""
+    from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths
+    if trajectory_paths(path).npz.is_file():
+        return read_weighted_trajectory(path, top)
+    print(f"note: no weights sidecar beside {path}: treating it as unweighted (MD) frames", file=sys.stderr)
+    return WeightedTrajectory.unweighted(read_trajectory(path, top))
+
+
+def _run_free_energy(args) -> int:
+    import mdtraj
+    from .analysis import parse_cv_definition, state_free_energy
+    samples = _read_samples(args.samples, args.top)
+    cvs = json.loads(str(samples.extra["cvs_json"])) if "cvs_json" in samples.extra else {}
+    cvs.update(dict(parse_cv_definition(text) for text in args.cv))
+    kT = float(samples.extra["kT"]) if "kT" in samples.extra else None
+    reference = mdtraj.load(args.reference) if args.reference else None
+    result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
+                               kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.summary())
+        print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT; total ESS "
+              f"{result.ess_total:.1f} of {result.n_total} samples")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openmm-snf", formatter_class=_Formatter, epilog=EPILOG,
+        description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
+                    "importance weights, free-energy differences and plots.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (_add_md, _add_free_energy):
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of ``openmm-snf``; returns the exit status."""
+    from .analysis import AnalysisError
+    from .io import TrajectoryIOError
+    from .systems import SystemLoadError
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (SystemLoadError, TrajectoryIOError, AnalysisError, ValueError, FileNotFoundError) as err:
+        print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"openmm-snf {args.command}: interrupted; finished outputs are complete, unfinished ones were not "
+              "written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
