@@ -117,8 +117,15 @@ def _mdtraj_topology(topology):
     raise TypeError(f"expected a MolecularSystem, openmm.app.Topology or mdtraj.Topology, got {type(topology)}")
 
 
+def _to_numpy(values) -> np.ndarray:
+    """numpy view of an array-like or a torch tensor (detached, on the CPU)."""
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
 def _checked_xyz(xyz, n_atoms: int) -> np.ndarray:
-    xyz = np.asarray(xyz, dtype=np.float64)
+    xyz = _to_numpy(xyz).astype(np.float64)
     if xyz.ndim == 2:
         xyz = xyz[None]
     if xyz.ndim != 3 or xyz.shape[1:] != (n_atoms, 3) or xyz.shape[0] == 0:
@@ -152,7 +159,7 @@ def _first_frames(indices, limit: int = 5) -> str:
 
 
 def _checked_per_frame(values, n_frames: int, name: str, origin: str) -> np.ndarray:
-    values = np.asarray(values, dtype=np.float64)
+    values = _to_numpy(values).astype(np.float64)
     if values.shape != (n_frames,):
         raise InputError(f"{origin}: {name} has shape {values.shape}, expected ({n_frames},) - one value per "
                          f"frame of the trajectory")
@@ -202,7 +209,7 @@ def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_ener
     Args:
         path_dcd: output ``.dcd`` path.
         topology: MolecularSystem, ``openmm.app.Topology`` or ``mdtraj.Topology``.
-        xyz: (n_frames, n_atoms, 3) float array in nm.
+        xyz: (n_frames, n_atoms, 3) float array in nm (numpy or torch).
         log_weights: (n_frames,) importance log weights (any additive constant), finite.
         reduced_energies: (n_frames,) target reduced energies u = U/kT, finite.
         force: overwrite existing outputs.
@@ -219,7 +226,10 @@ def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_ener
     for key, value in (extra or {}).items():
         if key in arrays:
             raise InputError(f"extra key {key!r} would shadow a standard sidecar field")
-        arrays[key] = np.asarray(value)
+        arrays[key] = _to_numpy(value)
+        if arrays[key].dtype.kind not in "biufcUS":
+            raise InputError(f"extra field {key!r} must be numeric or text for the npz sidecar, got "
+                             f"{arrays[key].dtype} ({type(value).__name__})")
     columns = {k: v for k, v in arrays.items() if v.ndim == 1 and v.shape[0] == n and v.dtype.kind in "biuf"}
     with atomic_outputs([paths.npz, paths.csv, paths.pdb, paths.dcd], force) as (t_npz, t_csv, t_pdb, t_dcd):
         with open(t_npz, "wb") as handle:

@@ -73,6 +73,24 @@ def test_weighted_round_trip_through_mdtraj(tmp_path, aldp):
     np.testing.assert_array_equal([float(r["log_weights"]) for r in rows], log_w)  # %.17g is exact
 
 
+def test_torch_inputs_are_accepted(tmp_path, aldp):
+    import torch
+    xyz = torch.tensor(_frames(aldp, 3), dtype=torch.float32, requires_grad=True)
+    log_w = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    write_weighted_trajectory(tmp_path / "t.dcd", aldp, xyz, log_w, torch.ones(3), extra={"beta": torch.ones(3)})
+    loaded = read_weighted_trajectory(tmp_path / "t.dcd")
+    np.testing.assert_allclose(loaded.traj.xyz, xyz.detach().numpy(), atol=1e-5)
+    np.testing.assert_array_equal(loaded.extra["beta"], np.ones(3))
+
+
+def test_extra_fields_must_be_plain_arrays(tmp_path, aldp):
+    with pytest.raises(InputError, match=r"extra field 'config' must be numeric or text"):
+        _write_samples(tmp_path / "s.dcd", aldp, extra={"config": {"a": 1}})
+    with pytest.raises(InputError, match=r"extra key 'weights' would shadow"):
+        _write_samples(tmp_path / "s.dcd", aldp, extra={"weights": np.zeros(7)})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_one_particle_system_round_trip(tmp_path, double_well):
     xyz, log_w, _ = _write_samples(tmp_path / "dw.dcd", double_well, n=5)
     loaded = read_weighted_trajectory(tmp_path / "dw.dcd")
@@ -124,7 +142,8 @@ def test_interrupted_write_leaves_nothing(tmp_path):
 @pytest.mark.parametrize("change, message", [
     (lambda xyz, lw, e: (xyz[:, :21], lw, e), r"shape \(n_frames, 22, 3\)"),
     (lambda xyz, lw, e: (xyz, lw[:-1], e), r"log_weights has shape \(6,\), expected \(7,\)"),
-    (lambda xyz, lw, e: (xyz, np.where(np.arange(7) == 3, np.nan, lw), e), r"log_weights is not finite .* frame\(s\) 3"),
+    (lambda xyz, lw, e: (xyz, np.where(np.arange(7) == 3, np.nan, lw), e),
+     r"log_weights is not finite .* frame\(s\) 3"),
     (lambda xyz, lw, e: (xyz, lw, np.where(np.arange(7) == 5, np.inf, e)), r"reduced_energies is not finite .* 5"),
 ])
 def test_bad_arrays_are_refused_before_writing(tmp_path, aldp, change, message):
@@ -142,6 +161,8 @@ def test_missing_files(tmp_path, aldp):
     (tmp_path / "md.pdb").unlink()
     with pytest.raises(InputError, match=r"topology file not found: .*md\.pdb \(expected beside the DCD"):
         read_trajectory(tmp_path / "md.dcd")
+    with pytest.raises(InputError, match=r"folder .*no_such_folder does not exist"):
+        write_trajectory(tmp_path / "no_such_folder" / "md.dcd", aldp, _frames(aldp, 2))
 
 
 def test_atom_count_mismatch(tmp_path, aldp, double_well):
@@ -162,7 +183,8 @@ def _tamper_weights(path, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     ({"log_weights": np.zeros(6)}, r"log_weights has shape \(6,\), expected \(7,\)"),
-    ({"log_weights": np.array([0, 0, np.inf, 0, np.nan, 0, 0.0])}, r"log_weights is not finite \(nan or inf\) at frame\(s\) 2, 4"),
+    ({"log_weights": np.array([0, 0, np.inf, 0, np.nan, 0, 0.0])},
+     r"log_weights is not finite \(nan or inf\) at frame\(s\) 2, 4"),
     ({"reduced_energies": np.zeros(9)}, r"reduced_energies has shape \(9,\)"),
 ])
 def test_bad_weights_file(tmp_path, aldp, changes, message):
