@@ -177,3 +177,29 @@ def test_kl_divergence():
     c, d = rng.normal(size=(2, 100000))
     two_d = histogram_kl_divergence(np.c_[a, c], np.c_[b, d], bins=16, limits=(-5, 5))
     assert two_d == pytest.approx(0.125, abs=0.02)
+
+
+def test_double_well_through_weighted_files(tmp_path):
+    """Importance samples of the shipped double well, written and read back, give the quadrature answer."""
+    from scipy.integrate import quad
+
+    from openmm_snf.io import read_weighted_trajectory, write_weighted_trajectory
+
+    def u_x(x):
+        return x ** 4 - 6 * x ** 2 - 0.5 * x
+
+    mol = load_system("double_well")
+    rng = np.random.default_rng(13)
+    xyz = rng.normal(0.0, 1.0, (6000, 1, 3))
+    xyz[:, 0, 0] *= 1.5  # proposal N(0, 1.5^2) along x; y and z already follow the target
+    x = xyz[:, 0, 0]
+    log_w = -u_x(x) - norm.logpdf(x, 0.0, 1.5)
+    energies = u_x(x) + 0.5 * (xyz[:, 0, 1] ** 2 + xyz[:, 0, 2] ** 2)
+    write_weighted_trajectory(tmp_path / "dw.dcd", mol, xyz, log_w, energies)
+    loaded = read_weighted_trajectory(tmp_path / "dw.dcd")
+    result = state_free_energy(loaded.traj, loaded.log_weights, "A: x < 0", "B: x > 0", cvs=mol.cvs, kT=mol.kT,
+                               n_bootstrap=300)
+    left, right = (quad(lambda s: math.exp(-u_x(s)), *limits)[0] for limits in ((-np.inf, 0), (0, np.inf)))
+    exact = -math.log(left / right)
+    assert result.ci_low < exact < result.ci_high
+    assert abs(result.delta_f - exact) < 4 * result.std < 0.4
