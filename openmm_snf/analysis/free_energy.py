@@ -20,7 +20,7 @@ import numpy as np
 
 from ..weights import kish_ess
 from .cvs import compute_cvs
-from .errors import EmptyStateError
+from .errors import AnalysisError, EmptyStateError
 from .states import State, parse_state
 
 __all__ = ["FreeEnergyResult", "free_energy_difference", "state_free_energy", "bootstrap_indices",
@@ -59,7 +59,7 @@ class FreeEnergyResult:
 
     def _kj(self, value: float) -> float:
         if self.kT is None:
-            raise ValueError("kT (kJ/mol) is unknown: pass kT=... to report kJ/mol")
+            raise AnalysisError("kT (kJ/mol) is unknown: pass kT=... to report kJ/mol")
         return value * self.kT
 
     @property
@@ -93,7 +93,7 @@ class FreeEnergyResult:
 def bootstrap_indices(n: int, n_replicates: int, rng: np.random.Generator, block_length: int = 1) -> np.ndarray:
     """(n_replicates, n) frame indices drawn with replacement, in moving blocks of ``block_length`` frames."""
     if block_length < 1 or block_length > n:
-        raise ValueError(f"block_length must be between 1 and the number of frames {n}, got {block_length}")
+        raise AnalysisError(f"block_length must be between 1 and the number of frames {n}, got {block_length}")
     n_blocks = -(-n // block_length)
     starts = rng.integers(0, n - block_length + 1, size=(n_replicates, n_blocks))
     return (starts[:, :, None] + np.arange(block_length)).reshape(n_replicates, -1)[:, :n]
@@ -140,12 +140,12 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
     log_w = np.asarray(log_weights, dtype=np.float64)
     in_a, in_b = np.asarray(in_a, dtype=bool), np.asarray(in_b, dtype=bool)
     if log_w.ndim != 1 or in_a.shape != log_w.shape or in_b.shape != log_w.shape:
-        raise ValueError(f"log_weights {log_w.shape} and the state masks {in_a.shape}, {in_b.shape} must be "
+        raise AnalysisError(f"log_weights {log_w.shape} and the state masks {in_a.shape}, {in_b.shape} must be "
                          "1-D of equal length")
     if not np.all(np.isfinite(log_w)):
-        raise ValueError(f"log_weights are not finite at frames {np.flatnonzero(~np.isfinite(log_w))[:5]}")
+        raise AnalysisError(f"log_weights are not finite at frames {np.flatnonzero(~np.isfinite(log_w))[:5]}")
     if n_bootstrap < 10 or not 0 < confidence < 1:
-        raise ValueError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
+        raise AnalysisError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
     for label, mask in zip(labels, (in_a, in_b)):
         if not mask.any():
             raise EmptyStateError(f"state {label!r} has no samples among {len(log_w)} frames; widen its "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..weights import normalized_weights
+from .errors import AnalysisError
 from .free_energy import bootstrap_indices
 
 __all__ = ["FreeEnergyProfile", "free_energy_profile", "histogram_kl_divergence", "ANGLE_RANGE"]
@@ -53,16 +54,16 @@ def _as_samples(values) -> np.ndarray:
     values = np.asarray(values, dtype=np.float64)
     values = values[:, None] if values.ndim == 1 else values
     if values.ndim != 2 or values.shape[1] not in (1, 2) or len(values) == 0:
-        raise ValueError(f"values must be (n,) or (n, 2) with n >= 1, got shape {np.shape(values)}")
+        raise AnalysisError(f"values must be (n,) or (n, 2) with n >= 1, got shape {np.shape(values)}")
     if not np.all(np.isfinite(values)):
-        raise ValueError("values contain nan or inf")
+        raise AnalysisError("values contain nan or inf")
     return values
 
 
 def _ranges(limits, n_dims: int) -> list[tuple[float, float]]:
     ranges = [tuple(limits)] * n_dims if np.ndim(limits) == 1 else [tuple(r) for r in limits]
     if len(ranges) != n_dims or any(len(r) != 2 or not r[0] < r[1] for r in ranges):
-        raise ValueError(f"range limits must be (low, high) or one (low, high) per dimension, got {limits}")
+        raise AnalysisError(f"range limits must be (low, high) or one (low, high) per dimension, got {limits}")
     return ranges
 
 
@@ -105,11 +106,11 @@ def free_energy_profile(values, log_weights=None, *, bins: int = 64, limits=ANGL
     n, n_dims = samples.shape
     weights = np.full(n, 1.0 / n) if log_weights is None else normalized_weights(log_weights)
     if weights.shape != (n,):
-        raise ValueError(f"log_weights has shape {np.shape(log_weights)}, expected ({n},)")
+        raise AnalysisError(f"log_weights has shape {np.shape(log_weights)}, expected ({n},)")
     ranges = _ranges(limits, n_dims)
     index = _bin_index(samples, bins, ranges)
     if np.all(index < 0):
-        raise ValueError(f"no sample lies inside the histogram range {ranges}")
+        raise AnalysisError(f"no sample lies inside the histogram range {ranges}")
     n_bins = bins ** n_dims
     shape = (bins,) * n_dims
     histogram = _weighted_histogram(index, weights, n_bins)
@@ -153,11 +154,11 @@ def histogram_kl_divergence(reference, samples, *, reference_log_weights=None, l
         data = _as_samples(values)
         weights = np.full(len(data), 1.0 / len(data)) if log_w is None else normalized_weights(log_w)
         if weights.shape != (len(data),):
-            raise ValueError(f"log weights of shape {np.shape(log_w)} for {len(data)} samples")
+            raise AnalysisError(f"log weights of shape {np.shape(log_w)} for {len(data)} samples")
         index = _bin_index(data, bins, _ranges(limits, data.shape[1]))
         histogram = _weighted_histogram(index, weights, bins ** data.shape[1]) + eps
         histograms.append(histogram / histogram.sum())
     p, q = histograms
     if p.shape != q.shape:
-        raise ValueError("reference and samples must have the same number of CVs")
+        raise AnalysisError("reference and samples must have the same number of CVs")
     return float(np.sum(p * np.log(p / q)))
