@@ -1,0 +1,127 @@
+"""Trainer: losses go down, non-finite steps are skipped, checkpoints are atomic and resume exactly."""
+import json
+
+import pytest
+import torch
+
+from openmm_snf.flows import DoubleWellEnergy, build_snf
+from openmm_snf.train import TrainConfig, Trainer, learning_rate_at, load_checkpoint, load_snf
+
+
+def double_well_data(n=2000, seed=0):
+    """Exact-ish samples of the double well: x by inverse CDF on a grid, y ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.linspace(-3.5, 3.5, 20001, dtype=torch.float64)
+    p = torch.exp(-DoubleWellEnergy()(torch.stack([grid, torch.zeros_like(grid)], 1)))
+    cdf = torch.cumsum(p, 0) / p.sum()
+    x = grid[torch.searchsorted(cdf, torch.rand(n, generator=gen, dtype=torch.float64)).clamp(max=20000)]
+    return torch.stack([x, torch.randn(n, generator=gen, dtype=torch.float64)], 1).float()
+
+
+def small_snf(stochastic="mc", seed=0):
+    torch.manual_seed(seed)
+    step_size = 0.3 if stochastic == "mc" else 0.005
+    return build_snf(2, None, DoubleWellEnergy(), n_blocks=2, hidden=(32, 32), stochastic=stochastic,
+                     n_steps=5, step_size=step_size)
+
+
+def mean_loss(history, key, n=20):
+    values = [m[key] for m in history if key in m]
+    return sum(values[:n]) / n, sum(values[-n:]) / n
+
+
+def test_forward_kl_training_lowers_the_loss():
+    snf = small_snf()
+    cfg = TrainConfig(n_iterations=80, batch_size=128, learning_rate=3e-3, ess_every=0)
+    history = Trainer(snf, cfg, data=double_well_data(), progress=False).train()
+    first, last = mean_loss(history, "loss_forward")
+    assert last < first - 0.3, (first, last)
+
+
+def test_reverse_kl_training_lowers_the_loss_and_reports_ess_and_acceptance():
+    snf = small_snf()
+    cfg = TrainConfig(n_iterations=80, batch_size=128, learning_rate=3e-3, weight_forward=0.0,
+                      weight_reverse=1.0)
+    history = Trainer(snf, cfg, progress=False).train()
+    first, last = mean_loss(history, "loss_reverse")
+    assert last < first - 0.3, (first, last)
+    assert 0 < history[-1]["ess_fraction"] <= 1
+    assert set(history[-1]["acceptance"]) == {"block2", "block5"}
+
+
+class FlakyEnergy(torch.nn.Module):
+    """The double well, but NaN on chosen calls (counted per forward)."""
+
+    def __init__(self, bad_calls):
+        super().__init__()
+        self.calls, self.bad_calls, self.inner = 0, set(bad_calls), DoubleWellEnergy()
+
+    def forward(self, x):
+        self.calls += 1
+        u = self.inner(x)
+        return u * float("nan") if self.calls in self.bad_calls else u
+
+
+def test_non_finite_steps_are_skipped_and_counted():
+    energy = FlakyEnergy(bad_calls={2, 3})
+    torch.manual_seed(0)
+    snf = build_snf(2, None, energy, n_blocks=1, hidden=(8,), stochastic=None)
+    cfg = TrainConfig(n_iterations=4, batch_size=16, weight_forward=0.0, weight_reverse=1.0)
+    trainer = Trainer(snf, cfg, progress=False)
+    before = [p.detach().clone() for p in snf.parameters()]
+    trainer.step()
+    after_good = [p.detach().clone() for p in snf.parameters()]
+    metrics = [trainer.step(), trainer.step()]
+    assert [m["skipped"] for m in metrics] == [True, True] and trainer.n_skipped == 2
+    for p, q in zip(after_good, snf.parameters()):
+        torch.testing.assert_close(p, q.detach())
+    assert any(not torch.equal(p, q) for p, q in zip(before, after_good))
+    assert trainer.step()["skipped"] is False
+
+
+def test_checkpoint_resume_matches_an_uninterrupted_run(tmp_path):
+    cfg = TrainConfig(n_iterations=8, batch_size=32, weight_forward=1.0, weight_reverse=0.5, seed=3,
+                      checkpoint_every=0, lr_schedule="cosine")
+    data = double_well_data(500)
+    straight = small_snf(seed=1)
+    Trainer(straight, cfg, data=data, progress=False).train()
+
+    resumed = small_snf(seed=1)
+    path, log = tmp_path / "ckpt.pt", tmp_path / "metrics.jsonl"
+    Trainer(resumed, cfg, data=data, checkpoint_path=path, metrics_path=log, progress=False).train(4)
+    assert load_checkpoint(path)["iteration"] == 4
+    fresh = small_snf(seed=99)  # different init: everything must come from the checkpoint
+    trainer = Trainer(fresh, cfg, data=data, checkpoint_path=path, metrics_path=log, progress=False)
+    assert trainer.iteration == 4
+    trainer.train()
+    for (name, a), b in zip(straight.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [m["iteration"] for m in lines] == list(range(1, 9))
+    assert {"loss", "lr", "grad_norm", "skipped", "n_skipped", "loss_forward", "loss_reverse"} <= set(lines[0])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_loaded_model_reproduces_samples(tmp_path):
+    snf = small_snf(stochastic="langevin")
+    cfg = TrainConfig(n_iterations=3, batch_size=16, checkpoint_every=2)
+    Trainer(snf, cfg, data=double_well_data(100), checkpoint_path=tmp_path / "c.pt", progress=False).train()
+    clone = load_snf(tmp_path / "c.pt", DoubleWellEnergy())
+    a = snf.sample(20, generator=torch.Generator().manual_seed(7))
+    b = clone.sample(20, generator=torch.Generator().manual_seed(7))
+    assert torch.isfinite(a.log_weights).all()
+    torch.testing.assert_close(a.x, b.x)
+    torch.testing.assert_close(a.log_weights, b.log_weights)
+
+
+def test_config_validation_and_schedule():
+    with pytest.raises(ValueError, match="unknown training option"):
+        TrainConfig.from_dict({"lr": 1e-3})
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="warm")
+    with pytest.raises(ValueError, match="needs data"):
+        Trainer(small_snf(), TrainConfig(), progress=False)
+    cfg = TrainConfig(n_iterations=11, learning_rate=1.0, lr_schedule="exponential", lr_final_factor=0.01)
+    assert learning_rate_at(cfg, 0) == 1.0 and abs(learning_rate_at(cfg, 10) - 0.01) < 1e-12
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint("/nonexistent/ckpt.pt")
