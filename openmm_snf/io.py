@@ -369,12 +369,12 @@ def resample(log_weights, n: int, rng: np.random.Generator, method: str = "syste
     if isinstance(log_weights, WeightedTrajectory):
         log_weights = log_weights.log_weights
     if not (isinstance(n, (int, np.integer)) and n >= 1):
-        raise ValueError(f"number of resampled frames must be a positive integer, got {n!r}")
+        raise InputError(f"number of resampled frames must be a positive integer, got {n!r}")
     probabilities = normalized_weights(log_weights)
     if method == "multinomial":
         return rng.choice(len(probabilities), size=n, p=probabilities).astype(np.int64)
     if method != "systematic":
-        raise ValueError(f"unknown resampling method {method!r}; use 'systematic' or 'multinomial'")
+        raise InputError(f"unknown resampling method {method!r}; use 'systematic' or 'multinomial'")
     positions = (rng.random() + np.arange(n)) / n
     cumulative = np.cumsum(probabilities)
     cumulative[-1] = 1.0
