@@ -43,16 +43,18 @@ def dihedrals(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor
 
 
 def place_atoms(b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bond: torch.Tensor, angle: torch.Tensor,
-                torsion: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                torsion: torch.Tensor, eps: float, degenerate_sin: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions a with |a-b| = bond, angle a-b-c = angle, dihedral a-b-c-d = torsion (NeRF).
 
     Args:
         b, c, d: (..., 3) reference positions; bond, angle, torsion: (...).
         eps: floor of the norms used to build the local frame (coincident or collinear references).
+        degenerate_sin: a frame counts as degenerate where the sine of the angle between c - d and b - c
+            is below this (the torsion is then ill-conditioned).
 
     Returns:
         a: (..., 3); degenerate: (...) bool, True where b, c, d are (nearly) collinear or coincident, so
-        that the torsion is ill-defined (the atom is then placed as if the torsion were 0 or pi).
+        that the torsion is ill-defined (exactly collinear: the atom is placed as if the torsion were 0 or pi).
 
     For fixed b, c, d the map (bond, angle, torsion) -> a is spherical coordinates about b with polar axis
     c - b, so |det d a / d(bond, angle, torsion)| = bond**2 * sin(angle).
@@ -60,7 +62,7 @@ def place_atoms(b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bond: torch.T
     axis = _unit(b - c, eps)
     normal = torch.linalg.cross(c - d, axis)
     normal_norm = normal.norm(dim=-1, keepdim=True)
-    degenerate = normal_norm.squeeze(-1) < eps
+    degenerate = normal_norm.squeeze(-1) < degenerate_sin * (c - d).norm(dim=-1).clamp_min(eps)
     normal = normal / normal_norm.clamp_min(eps)
     in_plane = torch.linalg.cross(normal, axis)
     sin_angle = torch.sin(angle)

@@ -37,7 +37,8 @@ textbook Σ log(r² sin θ); mixed scheme: V = |det(Q^T G(y))| (see :class:`.rig
 
 Numerical guards (counted in :attr:`statistics`, never NaN): bonds are floored at ``min_bond`` nm, angles
 clamped to [``min_angle``, pi - ``min_angle``] for placement and for log sin θ; placements whose torsion
-references are collinear or coincident are counted as degenerate. A clamped sample's logdet is that of the
+references are (nearly) collinear or coincident (sine of the reference angle below 1e-4) are counted as
+degenerate. A clamped sample's logdet is that of the
 clamped point, so its weight is not exact: the counters say how often this happened.
 
 Constraints: this transform treats every bond length as a degree of freedom. Systems with constraints are
