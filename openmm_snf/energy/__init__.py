@@ -5,8 +5,10 @@
 """
 from .base import BadSample, EnergyEvaluationError, EnergyModel, OpenMMEnergyFunction
 from .batched import OpenMMEnergy
+from .regularize import clip_forces, linlogcut
 from .replicate import build_replicated_system, default_spacing, grid_offsets, max_copy_radius
 from .sequential import SequentialEnergy
 
 __all__ = ["BadSample", "EnergyEvaluationError", "EnergyModel", "OpenMMEnergy", "OpenMMEnergyFunction",
-           "SequentialEnergy", "build_replicated_system", "default_spacing", "grid_offsets", "max_copy_radius"]
+           "SequentialEnergy", "build_replicated_system", "clip_forces", "default_spacing", "grid_offsets",
+           "linlogcut", "max_copy_radius"]

@@ -152,7 +152,7 @@ class NonbondedTerm(_IndexedTerm):
     @staticmethod
     def _lj(p, r):
         s6 = (p["sigma"] / r) ** 6
-        return 4.0 * p["eps"] * (s6 * s6 - s6)
+        return 4.0 * p["eps"] * s6 * (s6 - 1.0)  # +inf (not inf - inf) for overlapping atoms
 
     def __call__(self, x):
         (i, j), p = self._on(x.device)
