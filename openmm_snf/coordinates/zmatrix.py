@@ -30,12 +30,13 @@ class ZMatrix:
     """Placement rows of a molecule plus the rigid block of the mixed scheme.
 
     Args:
-        rows: (n_rows, 4) integers ``[atom, bond_ref, angle_ref, torsion_ref]``, ``-1`` for missing.
+        rows: (n_rows, 4) integers ``[atom, bond_ref, angle_ref, torsion_ref]``, ``-1`` for missing; in any
+            order (they are reordered so that references are placed first, keeping the given order otherwise).
         rigid: atoms of the mixed scheme's Cartesian block (at least 3, or empty for global only).
         n_atoms: number of atoms of the molecule (default: inferred from rows and rigid).
 
     Attributes:
-        rows: (n_rows, 4) int64 array, the given order (references always precede their users).
+        rows: (n_rows, 4) int64 array, in placement order (references precede their users).
         rigid: (n_rigid,) int64 array, sorted.
         n_atoms: int.
         supports_mixed, supports_global: which transform schemes this z-matrix can serve.
@@ -60,7 +61,7 @@ class ZMatrix:
             refs = [int(r) for r in row[1:] if r >= 0]
             if row[0] in refs or len(set(refs)) != len(refs):
                 raise ZMatrixError(f"z-matrix row {row.tolist()} repeats an atom")
-        self.rows, self.rigid, self.n_atoms = rows, rigid, int(n_atoms)
+        self.rows, self.rigid, self.n_atoms = _dependency_order(rows, rigid), rigid, int(n_atoms)
         self._mixed_error = self._check_mixed()
         self._global_error = self._check_global()
         if self._mixed_error and self._global_error:
@@ -183,18 +184,37 @@ class ZMatrix:
         n_head = max(len(block), 3)
         position = {atom: k for k, atom in enumerate(order)}
         tail = sorted(rows[n_head:], key=lambda row: (graph.is_hydrogen[row[0]], position[row[0]]))
-        if not _references_precede(rows[:n_head] + tail):
+        if not _references_precede(rows[:n_head] + tail, set()):
             tail = rows[n_head:]  # an unusual graph (e.g. a hydrogen with two bonds): keep breadth-first order
         return cls(rows[:n_head] + tail, rigid=block if len(block) >= 3 else (), n_atoms=graph.n_atoms)
 
 
-def _references_precede(rows) -> bool:
-    placed: set[int] = set()
+def _references_precede(rows, placed: set[int]) -> bool:
+    placed = set(placed)
     for row in rows:
         if any(r >= 0 and r not in placed for r in row[1:]):
             return False
         placed.add(row[0])
     return True
+
+
+def _dependency_order(rows: np.ndarray, rigid: np.ndarray) -> np.ndarray:
+    """Rows in an order where every reference is placed (by an earlier row, or as a block atom without a
+    row) before it is used: the given order if it is one, else a stable reordering by placement rounds.
+    Rows that can never be placed are left at the end, for validation to report."""
+    placed = set(rigid.tolist()) - set(rows[:, 0].tolist())
+    if _references_precede(rows.tolist(), placed):
+        return rows
+    remaining, ordered = list(range(len(rows))), []
+    while remaining:
+        ready = [k for k in remaining if all(r < 0 or r in placed for r in rows[k, 1:])]
+        if not ready:
+            break
+        ordered += ready
+        placed.update(rows[ready, 0].tolist())
+        ready_set = set(ready)
+        remaining = [k for k in remaining if k not in ready_set]
+    return rows[ordered + remaining]
 
 
 def _breadth_first(root: int, adjacency, priority) -> tuple[list[int], dict[int, int]]:
