@@ -26,6 +26,10 @@ atoms. With ``orbit_correction=False`` (the paper's bookkeeping), logdet = log|d
 third in the xy-plane (y > 0): dim = 3N - 6. Reduced coordinates are x of atom 2, x and y of atom 3 and all
 coordinates of the others; logdet (uncorrected) = Σ log std + log r₃ + Σ_rows≥4 log(r² sin θ).
 
+``inverse`` accepts any pose: the mixed scheme Kabsch-aligns the block onto T (so ICs are invariant under
+rigid motions), the global scheme only measures distances and angles. ``inverse(forward(ic)) == ic`` whenever
+the alignment's optimum is the identity, which holds for blocks near T (tested for whitened values up to 4).
+
 ``orbit_correction=True`` (default) adds log V(x), the volume factor of the 6 removed degrees of freedom, so
 that logdet = log|det ∂(x_full)/∂(ic, t, ω)| at t = ω = 0 for the full square 3N x 3N map
 (ic, t, ω) -> exp(ω×) forward(ic) + t (translation t in nm, rotation vector ω in radians). Hence, for a
