@@ -20,6 +20,8 @@ How a batch is evaluated (see DESIGN.md, "The energy bridge"):
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import openmm
 import torch
@@ -27,7 +29,7 @@ import torch
 from .base import BadSample, EnergyEvaluationError, EnergyModel
 from .platforms import make_platform
 from .replicate import build_replicated_system, check_supported, default_spacing, max_copy_radius
-from .terms import build_energy_terms
+from .terms import build_energy_terms, to_components
 
 __all__ = ["OpenMMEnergy", "reported_precision"]
 
@@ -38,6 +40,23 @@ def reported_precision(platform_name: str, precision: str) -> str:
     """The precision a platform really uses: CPU has one fixed mode (single-precision pair forces,
     double accumulation: "mixed"), Reference is always "double", GPU platforms use the setting."""
     return {"CPU": "mixed", "Reference": "double"}.get(platform_name, precision)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run torch's CPU ops on ``n`` threads (None: unchanged), restoring the setting afterwards.
+
+    The energy terms are small element-wise kernels; on a loaded machine torch's OpenMP threads
+    compete with OpenMM's own thread pool and can run 100x slower than on one thread (measured).
+    """
+    previous = torch.get_num_threads()
+    if n is not None and n != previous:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def _reference_context(system: openmm.System) -> openmm.Context:
@@ -138,12 +157,13 @@ class OpenMMEnergy(EnergyModel):
             raise RuntimeError("this OpenMMEnergy was built with per_sample_energies=False; only forces() works")
         step = max(1, _MAX_PAIR_ELEMENTS // max(1, self.n_atoms * self.n_atoms))
         out = []
-        for start in range(0, len(x), step):
-            xt = torch.as_tensor(x[start:start + step], device=device)
-            total = torch.zeros(len(xt), dtype=torch.float64, device=device)
-            for _, term in self.terms:
-                total = total + term(xt)
-            out.append(total.cpu().numpy())
+        with _torch_threads(1 if torch.device(device).type == "cpu" else None):
+            for start in range(0, len(x), step):
+                c = to_components(torch.as_tensor(x[start:start + step], device=device))
+                total = torch.zeros(c.shape[2], dtype=torch.float64, device=device)
+                for _, term in self.terms:
+                    total = total + term(c)
+                out.append(total.cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def _evaluate(self, x: np.ndarray, energies: bool, device):
@@ -185,7 +205,7 @@ class OpenMMEnergy(EnergyModel):
         rng = np.random.default_rng(0)
         xs = positions[None] + np.array([0.0, 0.01, 0.02])[:, None, None] * rng.standard_normal((3, *positions.shape))
         seq = set(range(system.getNumForces())) - {i for i, _ in self.terms if i >= 0}
-        mine = {i: term(torch.as_tensor(xs)).numpy() for i, term in self.terms}
+        mine = {i: term(to_components(torch.as_tensor(xs))).numpy() for i, term in self.terms}
         for b, pos in enumerate(xs):
             context.setPositions(pos)
             for i, _ in self.terms:

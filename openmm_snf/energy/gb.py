@@ -7,6 +7,8 @@ per-copy terms inside OpenMM; here they are recomputed from the force's paramete
   ``openmm.app`` builds) from its computed values and energy terms with the Lepton-expression
   evaluator, over all ordered pairs of a molecule: cost O(B * n_atoms^2) per call.
 * :class:`GBSAOBCTerm` evaluates OpenMM's native GBSAOBCForce (OBC2 with the ACE surface term).
+
+Like the terms of ``terms.py``, they take coordinates (3, n_atoms, B) and return energies (B,) kJ/mol.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class CustomGBTerm:
         n = force.getNumParticles()
         names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
         table = np.array([list(force.getParticleParameters(i)) for i in range(n)], dtype=np.float64).reshape(n, -1)
-        self.params = {name: torch.as_tensor(table[:, k]) for k, name in enumerate(names)}
+        self.params = {name: torch.as_tensor(table[:, k]).unsqueeze(-1) for k, name in enumerate(names)}
         self.globals = {force.getGlobalParameterName(g): force.getGlobalParameterDefaultValue(g)
                         for g in range(force.getNumGlobalParameters())}
         if force.getNumTabulatedFunctions():
@@ -53,41 +55,42 @@ class CustomGBTerm:
         self.cutoff = None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value
         self.n = n
 
-    def _pair_values(self, x, known, ordered, skip):
-        """r (B, P) and per-pair variables with suffixes 1 and 2, for the chosen pair list."""
-        index = self.pair_index[(ordered, skip)].to(x.device)
+    def _pair_values(self, c, known, ordered, skip):
+        """r (P, B) and per-pair variables with suffixes 1 and 2, for the chosen pair list."""
+        index = self.pair_index[(ordered, skip)].to(c.device)
         i, j = index[:, 0], index[:, 1]
-        r = (x[:, j] - x[:, i]).norm(dim=-1)
+        d = c[:, j] - c[:, i]
+        r = torch.sqrt((d * d).sum(0))
         values = dict(self.globals, r=r)
         for name, value in known.items():
-            values[name + "1"] = value[..., i]
-            values[name + "2"] = value[..., j]
+            values[name + "1"] = value[i]
+            values[name + "2"] = value[j]
         return values, i, r
 
     def _cut(self, term, r):
         term = torch.as_tensor(term, dtype=r.dtype, device=r.device).expand_as(r)
         return term if self.cutoff is None else torch.where(r < self.cutoff, term, torch.zeros_like(r))
 
-    def __call__(self, x):
-        batch = x.shape[0]
-        known = {k: v.to(x.device) for k, v in self.params.items()}
-        single = {"x": x[..., 0], "y": x[..., 1], "z": x[..., 2]}
+    def __call__(self, c):
+        batch = c.shape[2]
+        known = {k: v.to(c.device) for k, v in self.params.items()}
+        single = {"x": c[0], "y": c[1], "z": c[2]}
         for name, expression, kind in self.values:
             if kind == _SINGLE:
                 value = expression.evaluate({**self.globals, **known, **single})
             else:
-                values, i, r = self._pair_values(x, known, True, kind == _PAIR)
+                values, i, r = self._pair_values(c, known, True, kind == _PAIR)
                 term = self._cut(expression.evaluate(values), r)
-                value = torch.zeros(batch, self.n, dtype=x.dtype, device=x.device).index_add_(1, i, term)
-            known[name] = torch.as_tensor(value, dtype=x.dtype, device=x.device).expand(batch, self.n)
-        energy = torch.zeros(batch, dtype=x.dtype, device=x.device)
+                value = torch.zeros(self.n, batch, dtype=c.dtype, device=c.device).index_add_(0, i, term)
+            known[name] = torch.as_tensor(value, dtype=c.dtype, device=c.device).expand(self.n, batch)
+        energy = torch.zeros(batch, dtype=c.dtype, device=c.device)
         for expression, kind in self.energies:
             if kind == _SINGLE:
                 term = expression.evaluate({**self.globals, **known, **single})
-                energy = energy + torch.as_tensor(term, dtype=x.dtype, device=x.device).expand(batch, self.n).sum(-1)
+                energy = energy + torch.as_tensor(term, dtype=c.dtype, device=c.device).expand(self.n, batch).sum(0)
             else:
-                values, _, r = self._pair_values(x, known, False, kind == _PAIR)
-                energy = energy + self._cut(expression.evaluate(values), r).sum(-1)
+                values, _, r = self._pair_values(c, known, False, kind == _PAIR)
+                energy = energy + self._cut(expression.evaluate(values), r).sum(0)
         return energy
 
 
@@ -104,41 +107,42 @@ class GBSAOBCTerm:
             raise NotImplementedError("GBSAOBCForce with a cutoff")
         rows = [[getattr(v, "_value", v) for v in force.getParticleParameters(i)]
                 for i in range(force.getNumParticles())]
-        charge, radius, scale = (torch.as_tensor(np.array(c, dtype=np.float64)) for c in zip(*rows))
+        charge, radius, scale = (torch.as_tensor(np.array(c, dtype=np.float64)).unsqueeze(-1) for c in zip(*rows))
         self.charge, self.radius = charge, radius
         self.offset_radius = radius - self.OFFSET
         self.scaled_radius = self.offset_radius * scale
         self.prefactor = -ONE_4PI_EPS0 * (1.0 / force.getSoluteDielectric() - 1.0 / force.getSolventDielectric())
         self.surface = 4.0 * math.pi * getattr(force.getSurfaceAreaEnergy(), "_value", force.getSurfaceAreaEnergy())
-        n = len(rows)
-        self.ordered = torch.as_tensor(_pairs(n, set(), True, False))
+        self.ordered = torch.as_tensor(_pairs(len(rows), set(), True, False))
 
-    def born_radii(self, x):
-        """(B, n) Born radii in nm."""
-        i, j = self.ordered[:, 0].to(x.device), self.ordered[:, 1].to(x.device)
-        r = (x[:, j] - x[:, i]).norm(dim=-1)
-        or_i, sr_j = self.offset_radius.to(x.device)[i], self.scaled_radius.to(x.device)[j]
+    def born_radii(self, c):
+        """(n, B) Born radii in nm."""
+        i, j = self.ordered[:, 0].to(c.device), self.ordered[:, 1].to(c.device)
+        d = c[:, j] - c[:, i]
+        r = torch.sqrt((d * d).sum(0))
+        or_i, sr_j = self.offset_radius.to(c.device)[i], self.scaled_radius.to(c.device)[j]
         l_inv = 1.0 / torch.maximum(or_i.expand_as(r), (r - sr_j).abs())
         u_inv = 1.0 / (r + sr_j)
         term = (l_inv - u_inv + 0.25 * r * (u_inv ** 2 - l_inv ** 2) + 0.5 / r * torch.log(u_inv / l_inv)
                 + 0.25 * sr_j ** 2 / r * (l_inv ** 2 - u_inv ** 2))
         term = term + torch.where(or_i < sr_j - r, 2.0 * (1.0 / or_i - l_inv), torch.zeros_like(r))
         term = torch.where(or_i < r + sr_j, term, torch.zeros_like(r))
-        total = torch.zeros(x.shape[0], len(self.radius), dtype=x.dtype, device=x.device).index_add_(1, i, term)
-        offset_radius, radius = self.offset_radius.to(x.device), self.radius.to(x.device)
+        total = torch.zeros(len(self.radius), c.shape[2], dtype=c.dtype, device=c.device).index_add_(0, i, term)
+        offset_radius, radius = self.offset_radius.to(c.device), self.radius.to(c.device)
         psi = 0.5 * offset_radius * total
         return 1.0 / (1.0 / offset_radius - torch.tanh(self.ALPHA * psi - self.BETA * psi ** 2
                                                        + self.GAMMA * psi ** 3) / radius)
 
-    def __call__(self, x):
-        born = self.born_radii(x)
-        q, radius = self.charge.to(x.device), self.radius.to(x.device)
-        i, j = self.ordered[:, 0].to(x.device), self.ordered[:, 1].to(x.device)
+    def __call__(self, c):
+        born = self.born_radii(c)
+        q, radius = self.charge.to(c.device), self.radius.to(c.device)
+        i, j = self.ordered[:, 0].to(c.device), self.ordered[:, 1].to(c.device)
         upper = i < j
         i, j = i[upper], j[upper]
-        r2 = ((x[:, j] - x[:, i]) ** 2).sum(-1)
-        bb = born[:, i] * born[:, j]
-        pair = (q[i] * q[j] / torch.sqrt(r2 + bb * torch.exp(-r2 / (4.0 * bb)))).sum(-1)
-        self_term = 0.5 * (q * q / born).sum(-1)
-        ace = (self.surface * (radius + self.PROBE) ** 2 * (radius / born) ** 6).sum(-1)
+        d = c[:, j] - c[:, i]
+        r2 = (d * d).sum(0)
+        bb = born[i] * born[j]
+        pair = (q[i] * q[j] / torch.sqrt(r2 + bb * torch.exp(-r2 / (4.0 * bb)))).sum(0)
+        self_term = 0.5 * (q * q / born).sum(0)
+        ace = (self.surface * (radius + self.PROBE) ** 2 * (radius / born) ** 6).sum(0)
         return self.prefactor * (pair + self_term) + ace

@@ -7,7 +7,9 @@ one force's energy for a whole batch from the force's own parameters, with the f
 into such terms; forces without a vectorized form here go to :class:`SequentialTerm`, which
 evaluates just those forces one sample at a time on a small OpenMM Context (exact, slower).
 
-Every term maps positions (B, n_atoms, 3) float64 nm to energies (B,) float64 kJ/mol.
+Every term maps coordinates ``c`` in component-major layout (3, n_atoms, B) float64 nm (see
+:func:`to_components`; contiguous rows over the batch keep the arithmetic vectorized) to energies
+(B,) float64 kJ/mol.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ import torch
 from .expression import ExpressionError, parse
 from .gb import CustomGBTerm, GBSAOBCTerm
 
-__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "SequentialTerm", "distance", "bond_angle", "dihedral"]
+__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "SequentialTerm", "to_components", "distance", "bond_angle",
+           "dihedral"]
 
 ONE_4PI_EPS0 = 138.93545764438198  # kJ/mol nm / e^2, OpenMM's value
 
@@ -34,34 +37,46 @@ def _tensor(values, dtype=torch.float64):
     return torch.as_tensor(np.asarray(values), dtype=dtype)
 
 
-def distance(x, i, j):
-    """|x[:, j] - x[:, i]| for index tensors i, j: (B, m)."""
-    return (x[:, j] - x[:, i]).norm(dim=-1)
+def to_components(x: torch.Tensor) -> torch.Tensor:
+    """(B, n_atoms, 3) positions -> contiguous (3, n_atoms, B) float64 coordinates."""
+    return x.to(torch.float64).permute(2, 1, 0).contiguous()
 
 
-def bond_angle(x, i, j, k):
-    """Angle (rad) at j between j->i and j->k, (B, m); atan2 keeps it accurate near 0 and pi."""
-    a, b = x[:, i] - x[:, j], x[:, k] - x[:, j]
-    return torch.atan2(torch.linalg.cross(a, b).norm(dim=-1), (a * b).sum(-1))
+def _cross(a, b):
+    return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
 
 
-def dihedral(x, i, j, k, l):
-    """Dihedral angle (rad, in [-pi, pi]) of i-j-k-l with OpenMM's sign convention, (B, m).
+def distance(c, i, j):
+    """|r_j - r_i| for index tensors i, j (m,): (m, B)."""
+    d = c[:, j] - c[:, i]
+    return torch.sqrt((d * d).sum(0))
+
+
+def bond_angle(c, i, j, k):
+    """Angle (rad) at j between j->i and j->k, (m, B); atan2 keeps it accurate near 0 and pi."""
+    a, b = c[:, i] - c[:, j], c[:, k] - c[:, j]
+    n = _cross(a, b)
+    return torch.atan2(torch.sqrt((n * n).sum(0)), (a * b).sum(0))
+
+
+def dihedral(c, i, j, k, l):
+    """Dihedral angle (rad, in [-pi, pi]) of i-j-k-l with OpenMM's sign convention, (m, B).
 
     OpenMM's sign is opposite to the IUPAC/mdtraj one; it matters for phases other than 0 and pi.
     """
-    b1, b2, b3 = x[:, j] - x[:, i], x[:, k] - x[:, j], x[:, l] - x[:, k]
-    n1, n2 = torch.linalg.cross(b1, b2), torch.linalg.cross(b2, b3)
-    m1 = torch.linalg.cross(n1, b2 / b2.norm(dim=-1, keepdim=True))
-    return torch.atan2(-(m1 * n2).sum(-1), (n1 * n2).sum(-1))
+    b1, b2, b3 = c[:, j] - c[:, i], c[:, k] - c[:, j], c[:, l] - c[:, k]
+    n1, n2 = _cross(b1, b2), _cross(b2, b3)
+    m1 = _cross(n1, b2 / torch.sqrt((b2 * b2).sum(0)))
+    return torch.atan2(-(m1 * n2).sum(0), (n1 * n2).sum(0))
 
 
 class _IndexedTerm:
-    """Common storage: atom index columns and per-term parameters, moved to the batch's device lazily."""
+    """Common storage: atom index columns and per-term parameters (shape (m, ..., 1), broadcasting
+    against the batch axis), moved to the batch's device lazily."""
 
     def __init__(self, atoms, params):
         self._cpu = [_tensor(a, torch.long) for a in np.asarray(atoms, dtype=np.int64).reshape(len(atoms), -1).T]
-        self._params = {k: _tensor(v) for k, v in params.items()}
+        self._params = {k: _tensor(v).unsqueeze(-1) for k, v in params.items()}
         self._device = None
 
     def _on(self, device):
@@ -78,9 +93,9 @@ class HarmonicBondTerm(_IndexedTerm):
         super().__init__([t[:2] for t in terms] or np.zeros((0, 2)),
                          {"r0": [_value(t[2]) for t in terms], "k": [_value(t[3]) for t in terms]})
 
-    def __call__(self, x):
-        (i, j), p = self._on(x.device)
-        return (0.5 * p["k"] * (distance(x, i, j) - p["r0"]) ** 2).sum(-1)
+    def __call__(self, c):
+        (i, j), p = self._on(c.device)
+        return (0.5 * p["k"] * (distance(c, i, j) - p["r0"]) ** 2).sum(0)
 
 
 class HarmonicAngleTerm(_IndexedTerm):
@@ -89,9 +104,9 @@ class HarmonicAngleTerm(_IndexedTerm):
         super().__init__([t[:3] for t in terms] or np.zeros((0, 3)),
                          {"theta0": [_value(t[3]) for t in terms], "k": [_value(t[4]) for t in terms]})
 
-    def __call__(self, x):
-        (i, j, k), p = self._on(x.device)
-        return (0.5 * p["k"] * (bond_angle(x, i, j, k) - p["theta0"]) ** 2).sum(-1)
+    def __call__(self, c):
+        (i, j, k), p = self._on(c.device)
+        return (0.5 * p["k"] * (bond_angle(c, i, j, k) - p["theta0"]) ** 2).sum(0)
 
 
 class PeriodicTorsionTerm(_IndexedTerm):
@@ -101,10 +116,10 @@ class PeriodicTorsionTerm(_IndexedTerm):
                          {"n": [t[4] for t in terms], "phase": [_value(t[5]) for t in terms],
                           "k": [_value(t[6]) for t in terms]})
 
-    def __call__(self, x):
-        (i, j, k, l), p = self._on(x.device)
-        phi = dihedral(x, i, j, k, l)
-        return (p["k"] * (1.0 + torch.cos(p["n"] * phi - p["phase"]))).sum(-1)
+    def __call__(self, c):
+        (i, j, k, l), p = self._on(c.device)
+        phi = dihedral(c, i, j, k, l)
+        return (p["k"] * (1.0 + torch.cos(p["n"] * phi - p["phase"]))).sum(0)
 
 
 class RBTorsionTerm(_IndexedTerm):
@@ -113,11 +128,11 @@ class RBTorsionTerm(_IndexedTerm):
         super().__init__([t[:4] for t in terms] or np.zeros((0, 4)),
                          {"c": [[_value(c) for c in t[4:10]] for t in terms] or np.zeros((0, 6))})
 
-    def __call__(self, x):
-        (i, j, k, l), p = self._on(x.device)
-        cos_psi = torch.cos(dihedral(x, i, j, k, l) - math.pi)
-        powers = cos_psi.unsqueeze(-1) ** torch.arange(6, device=x.device, dtype=x.dtype)
-        return (p["c"] * powers).sum((-1, -2))
+    def __call__(self, c):
+        (i, j, k, l), p = self._on(c.device)
+        cos_psi = torch.cos(dihedral(c, i, j, k, l) - math.pi)
+        powers = cos_psi.unsqueeze(1) ** torch.arange(6, device=c.device, dtype=c.dtype).unsqueeze(-1)
+        return (p["c"] * powers).sum((0, 1))
 
 
 class NonbondedTerm(_IndexedTerm):
@@ -154,9 +169,9 @@ class NonbondedTerm(_IndexedTerm):
         s6 = (p["sigma"] / r) ** 6
         return 4.0 * p["eps"] * s6 * (s6 - 1.0)  # +inf (not inf - inf) for overlapping atoms
 
-    def __call__(self, x):
-        (i, j), p = self._on(x.device)
-        r = distance(x, i, j)
+    def __call__(self, c):
+        (i, j), p = self._on(c.device)
+        r = distance(c, i, j)
         if self.cutoff is None:
             pair = ONE_4PI_EPS0 * p["qq"] / r + self._lj(p, r)
         else:
@@ -166,9 +181,9 @@ class NonbondedTerm(_IndexedTerm):
                 t = ((r - self.switch) / (self.cutoff - self.switch)).clamp(min=0.0)
                 lj = lj * (1.0 - t ** 3 * (10.0 - 15.0 * t + 6.0 * t * t))
             pair = torch.where(r < self.cutoff, coulomb + lj, torch.zeros_like(r))
-        (ei, ej), pe = self.exceptions._on(x.device)
-        re = distance(x, ei, ej)
-        return pair.sum(-1) + (ONE_4PI_EPS0 * pe["qq"] / re + self._lj(pe, re)).sum(-1)
+        (ei, ej), pe = self.exceptions._on(c.device)
+        re = distance(c, ei, ej)
+        return pair.sum(0) + (ONE_4PI_EPS0 * pe["qq"] / re + self._lj(pe, re)).sum(0)
 
 
 def _globals(force) -> dict:
@@ -209,25 +224,25 @@ class CustomIndexedTerm(_IndexedTerm):
                          {name: [p[k] for p in params] for k, name in enumerate(names)})
         self.global_values = _globals(force)
 
-    def __call__(self, x):
-        atoms, p = self._on(x.device)
+    def __call__(self, c):
+        atoms, p = self._on(c.device)
         values = dict(self.global_values)
         values.update(p)
         special = None
         if self.kind == "CustomExternalForce":
-            pos = x[:, atoms[0]]
-            values.update(x=pos[..., 0], y=pos[..., 1], z=pos[..., 2])
+            pos = c[:, atoms[0]]
+            values.update(x=pos[0], y=pos[1], z=pos[2])
         elif self.kind == "CustomCompoundBondForce":
             index = {f"p{k + 1}": atoms[k] for k in range(self.particles)}
-            special = {"distance": lambda a, b: distance(x, index[a], index[b]),
-                       "angle": lambda a, b, c: bond_angle(x, index[a], index[b], index[c]),
-                       "dihedral": lambda a, b, c, d: dihedral(x, index[a], index[b], index[c], index[d])}
+            special = {"distance": lambda a, b: distance(c, index[a], index[b]),
+                       "angle": lambda a, b, d: bond_angle(c, index[a], index[b], index[d]),
+                       "dihedral": lambda a, b, d, e: dihedral(c, index[a], index[b], index[d], index[e])}
         elif self.variable == "r":
-            values["r"] = distance(x, *atoms)
+            values["r"] = distance(c, *atoms)
         else:
-            values["theta"] = (bond_angle if self.kind == "CustomAngleForce" else dihedral)(x, *atoms)
+            values["theta"] = (bond_angle if self.kind == "CustomAngleForce" else dihedral)(c, *atoms)
         energy = self.expression.evaluate(values, special)
-        return torch.as_tensor(energy, dtype=x.dtype, device=x.device).expand(x.shape[0], len(atoms[0])).sum(-1)
+        return torch.as_tensor(energy, dtype=c.dtype, device=c.device).expand(len(atoms[0]), c.shape[2]).sum(0)
 
 
 class SequentialTerm:
@@ -246,12 +261,13 @@ class SequentialTerm:
         self.names = [type(f).__name__ for f in forces]
         self.context = openmm.Context(sub, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
 
-    def __call__(self, x):
-        out = torch.empty(x.shape[0], dtype=torch.float64)
-        for b, pos in enumerate(x.detach().cpu().numpy()):
+    def __call__(self, c):
+        positions = c.permute(2, 1, 0).cpu().numpy()
+        out = torch.empty(len(positions), dtype=torch.float64)
+        for b, pos in enumerate(positions):
             self.context.setPositions(pos)
             out[b] = self.context.getState(getEnergy=True).getPotentialEnergy()._value
-        return out.to(x.device)
+        return out.to(c.device)
 
 
 _VECTORIZED = {"HarmonicBondForce": HarmonicBondTerm, "HarmonicAngleForce": HarmonicAngleTerm,
