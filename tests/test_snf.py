@@ -39,9 +39,9 @@ def test_random_flow_with_mc_and_langevin_gives_exact_log_z_and_mean():
 
 def test_spline_flow_with_langevin_gives_exact_log_z():
     prior = Prior(2)
-    blocks = [randomize(SplineCoupling(FIRST, hidden=(16,), n_bins=6, bound=4.0), std=0.3, seed=1),
+    blocks = [randomize(SplineCoupling(FIRST, hidden=(16,), n_bins=6, bound=4.0), std=0.2, seed=1),
               OverdampedLangevinBlock(InterpolatedEnergy(prior.energy, TARGET, 0.5), n_steps=5, step_size=0.05),
-              randomize(SplineCoupling(SECOND, hidden=(16,), n_bins=6, bound=4.0), std=0.3, seed=2),
+              randomize(SplineCoupling(SECOND, hidden=(16,), n_bins=6, bound=4.0), std=0.2, seed=2),
               MetropolisBlock(TARGET, n_steps=5, step_size=0.4)]
     importance_check(SNF(prior, blocks, TARGET), TARGET, seed=22)
 

@@ -3,7 +3,7 @@ from .augment import MarginalizeAuxiliary
 from .base import Block, InverseBlock, push_forward, wrap_angle
 from .builder import PAPER_ALANINE_DIPEPTIDE, PAPER_DOUBLE_WELL, build_snf, build_snf_from_config
 from .couplings import MLP, AffineCoupling, SplineCoupling
-from .elementwise import ActNorm, Permute
+from .elementwise import ActNorm, Permute, Reshape
 from .energies import (DoubleWellEnergy, GaussianEnergy, InterpolatedEnergy, PulledBackEnergy,
                        energy_and_gradient)
 from .priors import Prior
@@ -12,7 +12,7 @@ from .splines import rq_spline
 from .stochastic import MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
 __all__ = ["Block", "InverseBlock", "push_forward", "wrap_angle", "Prior", "MLP", "AffineCoupling",
-           "SplineCoupling", "ActNorm", "Permute", "MarginalizeAuxiliary", "MetropolisBlock",
+           "SplineCoupling", "ActNorm", "Permute", "Reshape", "MarginalizeAuxiliary", "MetropolisBlock",
            "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "PulledBackEnergy",
            "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy", "energy_and_gradient", "SNF",
            "SNFSample", "build_snf", "build_snf_from_config", "rq_spline", "PAPER_ALANINE_DIPEPTIDE",

@@ -4,9 +4,10 @@ A coupling block splits the D dimensions with a boolean ``transformed_mask``: th
 transformed element-wise with parameters predicted by an MLP (the *conditioner*) from the other
 dims, which pass through unchanged. Periodic conditioning dims enter the MLP as (cos, sin).
 
-Periodic transformed dims stay on the circle: the affine coupling applies only a rotation
-(shift mod 2π, log-det 0) to them; the spline coupling applies a circular spline followed by a
-rotation. Conditioners start with a zero last layer, so a fresh block is the identity.
+Periodic transformed dims stay on the circle. An affine map cannot reshape a density on a circle
+(any scaling breaks periodicity), so *both* couplings transform periodic dims with a circular
+rational-quadratic spline followed by a rotation; they differ on ordinary dims (affine vs spline).
+Conditioners start with a zero last layer, so a fresh block is the identity.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch import nn
 
 from .base import Block, wrap_angle
 from .priors import as_periodic_mask
-from .splines import n_derivatives, rq_spline
+from .splines import rq_spline
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
@@ -39,23 +40,32 @@ class MLP(nn.Sequential):
 
 
 class _Coupling(Block):
-    """Shared machinery: index bookkeeping, conditioner features and reassembly."""
+    """Shared machinery: index bookkeeping, conditioner features, circular part and reassembly.
 
-    def __init__(self, transformed_mask, periodic_mask, n_params: int, hidden, activation):
+    Subclasses set ``n_ordinary_params`` and implement ``_transform_ordinary(x, params, inverse)``.
+    """
+
+    n_ordinary_params: int
+
+    def __init__(self, transformed_mask, periodic_mask, hidden, activation, n_bins: int):
         super().__init__()
         transformed = torch.as_tensor(transformed_mask, dtype=torch.bool).flatten()
         dim = transformed.numel()
         if not transformed.any() or transformed.all():
             raise ValueError("transformed_mask must select some but not all dimensions")
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
         periodic = as_periodic_mask(periodic_mask, dim)
-        self.dim = dim
-        self.register_buffer("transformed_idx", torch.nonzero(transformed).flatten())
+        self.dim, self.n_bins = dim, int(n_bins)
         self.register_buffer("condition_idx", torch.nonzero(~transformed).flatten())
         self.register_buffer("condition_periodic", periodic[~transformed])
-        self.register_buffer("transformed_periodic", periodic[transformed])
+        self.register_buffer("ordinary_idx", torch.nonzero(transformed & ~periodic).flatten())
+        self.register_buffer("periodic_idx", torch.nonzero(transformed & periodic).flatten())
+        self.n_periodic_params = 3 * self.n_bins + 1
         n_features = int((~transformed).sum()) + int(periodic[~transformed].sum())
-        self.n_params = n_params
-        self.conditioner = MLP(n_features, int(transformed.sum()) * n_params, hidden, activation)
+        n_out = (self.ordinary_idx.numel() * self.n_ordinary_params
+                 + self.periodic_idx.numel() * self.n_periodic_params)
+        self.conditioner = MLP(n_features, n_out, hidden, activation)
 
     def _features(self, x_cond: torch.Tensor) -> torch.Tensor:
         if not self.condition_periodic.any():
@@ -64,15 +74,30 @@ class _Coupling(Block):
         plain = x_cond[:, ~self.condition_periodic]
         return torch.cat([plain, torch.cos(angles), torch.sin(angles)], dim=-1)
 
+    def _transform_periodic(self, x, params, inverse):
+        """Circular spline then rotation (forward); params (B, n, 3K + 1)."""
+        k = self.n_bins
+        widths, heights, derivs, rotation = params[..., :k], params[..., k:2 * k], params[..., 2 * k:3 * k], params[..., -1]
+        if inverse:
+            x = wrap_angle(x - rotation)
+        y, logdet = rq_spline(x, widths, heights, derivs, inverse=inverse, circular=True)
+        if not inverse:
+            y = wrap_angle(y + rotation)
+        return y, logdet
+
     def _couple(self, x: torch.Tensor, inverse: bool):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects (B, {self.dim}), got {tuple(x.shape)}")
-        x_cond = x[:, self.condition_idx]
-        params = self.conditioner(self._features(x_cond))
-        params = params.view(x.shape[0], self.transformed_idx.numel(), self.n_params)
-        y_t, logdet = self._transform(x[:, self.transformed_idx], params, inverse)
-        y = x.index_copy(1, self.transformed_idx, y_t)
-        return y, logdet.sum(-1)
+        params = self.conditioner(self._features(x[:, self.condition_idx]))
+        n_ord = self.ordinary_idx.numel() * self.n_ordinary_params
+        y, logdet = x, x.new_zeros(x.shape[0])
+        for idx, p, fn in ((self.ordinary_idx, params[:, :n_ord], self._transform_ordinary),
+                           (self.periodic_idx, params[:, n_ord:], self._transform_periodic)):
+            if idx.numel():
+                out, ld = fn(x[:, idx], p.reshape(x.shape[0], idx.numel(), -1), inverse)
+                y = y.index_copy(1, idx, out)
+                logdet = logdet + ld.sum(-1)
+        return y, logdet
 
     def forward(self, x: torch.Tensor):
         return self._couple(x, inverse=False)
@@ -82,32 +107,29 @@ class _Coupling(Block):
 
 
 class AffineCoupling(_Coupling):
-    """RealNVP coupling y = x·exp(s) + t on ordinary dims, y = wrap(x + t) on periodic dims.
+    """RealNVP coupling y = x·exp(s) + t on ordinary dims; circular spline + rotation on periodic dims.
 
     Args:
         transformed_mask: bool (D,), the dims this block changes.
         periodic_mask: bool (D,) or None.
         hidden: conditioner hidden sizes; activation: "relu", "silu", "tanh" or "gelu".
         scale_limit: log-scales are soft-clipped to (−limit, limit) by limit·tanh(s/limit).
+        n_bins: bins of the circular splines on periodic dims.
     """
 
+    n_ordinary_params = 2
+
     def __init__(self, transformed_mask, periodic_mask=None, hidden=(64, 64), activation="relu",
-                 scale_limit: float = 5.0):
-        super().__init__(transformed_mask, periodic_mask, 2, hidden, activation)
+                 scale_limit: float = 5.0, n_bins: int = 8):
+        super().__init__(transformed_mask, periodic_mask, hidden, activation, n_bins)
         self.scale_limit = float(scale_limit)
 
-    def _transform(self, x, params, inverse):
-        raw_scale, shift = params[..., 0], params[..., 1]
-        log_scale = self.scale_limit * torch.tanh(raw_scale / self.scale_limit)
-        log_scale = torch.where(self.transformed_periodic, torch.zeros_like(log_scale), log_scale)
+    def _transform_ordinary(self, x, params, inverse):
+        log_scale = self.scale_limit * torch.tanh(params[..., 0] / self.scale_limit)
+        shift = params[..., 1]
         if inverse:
-            y = (x - shift) * torch.exp(-log_scale)
-            logdet = -log_scale
-        else:
-            y = x * torch.exp(log_scale) + shift
-            logdet = log_scale
-        y = torch.where(self.transformed_periodic, wrap_angle(y), y)
-        return y, logdet
+            return (x - shift) * torch.exp(-log_scale), -log_scale
+        return x * torch.exp(log_scale) + shift, log_scale
 
 
 class SplineCoupling(_Coupling):
@@ -121,30 +143,11 @@ class SplineCoupling(_Coupling):
 
     def __init__(self, transformed_mask, periodic_mask=None, hidden=(64, 64), activation="relu",
                  n_bins: int = 8, bound: float = 5.0):
-        if n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-        super().__init__(transformed_mask, periodic_mask, 3 * n_bins + 1, hidden, activation)
-        self.n_bins = int(n_bins)
+        self.n_ordinary_params = 3 * int(n_bins) - 1
+        super().__init__(transformed_mask, periodic_mask, hidden, activation, n_bins)
         self.bound = float(bound)
 
-    def _transform(self, x, params, inverse):
+    def _transform_ordinary(self, x, params, inverse):
         k = self.n_bins
-        y = torch.empty_like(x)
-        logdet = torch.empty_like(x)
-        for circular in (False, True):
-            cols = self.transformed_periodic == circular
-            if not cols.any():
-                continue
-            p = params[:, cols]
-            widths, heights = p[..., :k], p[..., k:2 * k]
-            derivs = p[..., 2 * k:2 * k + n_derivatives(k, circular)]
-            xs = x[:, cols]
-            if circular and inverse:
-                xs = wrap_angle(xs - p[..., -1])
-            ys, ld = rq_spline(xs, widths, heights, derivs, inverse=inverse, circular=circular,
-                               bound=self.bound)
-            if circular and not inverse:
-                ys = wrap_angle(ys + p[..., -1])
-            y[:, cols] = ys
-            logdet[:, cols] = ld
-        return y, logdet
+        return rq_spline(x, params[..., :k], params[..., k:2 * k], params[..., 2 * k:], inverse=inverse,
+                         bound=self.bound)

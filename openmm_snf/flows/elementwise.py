@@ -7,7 +7,7 @@ from torch import nn
 from .base import Block
 from .priors import as_periodic_mask
 
-__all__ = ["Permute", "ActNorm"]
+__all__ = ["Permute", "ActNorm", "Reshape"]
 
 
 class Permute(Block):
@@ -69,3 +69,27 @@ class ActNorm(Block):
     def inverse(self, y):
         log_scale, shift = self._params(y)
         return (y - shift) * torch.exp(-log_scale), (-log_scale.sum()).expand(y.shape[0])
+
+
+class Reshape(Block):
+    """(B, D) -> (B, *shape) with log-det 0, e.g. a 3-D latent to one particle's (B, 1, 3) in nm."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.dim = 1
+        for s in self.shape:
+            self.dim *= s
+
+    def forward(self, x):
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"Reshape expects (B, {self.dim}), got {tuple(x.shape)}")
+        return x.reshape(x.shape[0], *self.shape), x.new_zeros(x.shape[0])
+
+    def inverse(self, y):
+        if tuple(y.shape[1:]) != self.shape:
+            raise ValueError(f"Reshape.inverse expects (B, {self.shape}), got {tuple(y.shape)}")
+        return y.reshape(y.shape[0], self.dim), y.new_zeros(y.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"

@@ -16,17 +16,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["rq_spline", "n_derivatives"]
+__all__ = ["rq_spline"]
 
 MIN_BIN = 1e-3
 MIN_DERIVATIVE = 1e-3
 # softplus(_DERIVATIVE_OFFSET) = 1 − MIN_DERIVATIVE: zero parameters give unit slopes (the identity)
 _DERIVATIVE_OFFSET = math.log(math.expm1(1 - MIN_DERIVATIVE))
-
-
-def n_derivatives(n_bins: int, circular: bool) -> int:
-    """How many unnormalized derivative parameters a spline of ``n_bins`` bins takes."""
-    return n_bins if circular else n_bins - 1
 
 
 def _knots(unnormalized: torch.Tensor, left: float, right: float) -> tuple[torch.Tensor, torch.Tensor]:
