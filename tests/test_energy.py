@@ -40,10 +40,12 @@ def assert_matches(model, reference, x):
 
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_batched_matches_sequential_reference(mol, platform):
-    model = OpenMMEnergy(mol, platform=platform, chunk_size=8)
+    model = OpenMMEnergy(mol, platform=platform, chunk_size=8, loop_below=0)
     reference = SequentialEnergy(mol, platform="Reference")
     assert_matches(model, reference, perturbed(mol, 13))  # odd size, above the chunk size
     assert_matches(model, reference, perturbed(mol, 1, seed=1))
+    tiny_batches_loop = OpenMMEnergy(mol, platform=platform)  # default: fewer than 16 samples use the loop
+    assert_matches(tiny_batches_loop, reference, perturbed(mol, 3, seed=2))
 
 
 def test_energies_are_translation_and_batch_independent():

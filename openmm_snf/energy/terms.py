@@ -75,7 +75,8 @@ class _IndexedTerm:
     against the batch axis), moved to the batch's device lazily."""
 
     def __init__(self, atoms, params):
-        self._cpu = [_tensor(a, torch.long) for a in np.asarray(atoms, dtype=np.int64).reshape(len(atoms), -1).T]
+        atoms = np.asarray(atoms, dtype=np.int64)
+        self._cpu = [_tensor(a, torch.long) for a in (atoms[:, None] if atoms.ndim == 1 else atoms).T]
         self._params = {k: _tensor(v).unsqueeze(-1) for k, v in params.items()}
         self._device = None
 
@@ -95,7 +96,8 @@ class HarmonicBondTerm(_IndexedTerm):
 
     def __call__(self, c):
         (i, j), p = self._on(c.device)
-        return (0.5 * p["k"] * (distance(c, i, j) - p["r0"]) ** 2).sum(0)
+        stretch = distance(c, i, j) - p["r0"]
+        return (0.5 * p["k"] * stretch * stretch).sum(0)
 
 
 class HarmonicAngleTerm(_IndexedTerm):
@@ -106,19 +108,25 @@ class HarmonicAngleTerm(_IndexedTerm):
 
     def __call__(self, c):
         (i, j, k), p = self._on(c.device)
-        return (0.5 * p["k"] * (bond_angle(c, i, j, k) - p["theta0"]) ** 2).sum(0)
+        bend = bond_angle(c, i, j, k) - p["theta0"]
+        return (0.5 * p["k"] * bend * bend).sum(0)
 
 
 class PeriodicTorsionTerm(_IndexedTerm):
+    """Force fields put several periodicities on one dihedral: each distinct dihedral is computed once."""
+
     def __init__(self, force):
         terms = [force.getTorsionParameters(t) for t in range(force.getNumTorsions())]
-        super().__init__([t[:4] for t in terms] or np.zeros((0, 4)),
-                         {"n": [t[4] for t in terms], "phase": [_value(t[5]) for t in terms],
-                          "k": [_value(t[6]) for t in terms]})
+        quads = np.array([t[:4] for t in terms], dtype=np.int64).reshape(-1, 4)
+        unique, which = np.unique(quads, axis=0, return_inverse=True)
+        super().__init__(unique, {"n": [t[4] for t in terms], "phase": [_value(t[5]) for t in terms],
+                                  "k": [_value(t[6]) for t in terms]})
+        self._which = torch.as_tensor(which.reshape(-1), dtype=torch.long)
 
     def __call__(self, c):
         (i, j, k, l), p = self._on(c.device)
-        phi = dihedral(c, i, j, k, l)
+        self._which = self._which.to(c.device)
+        phi = dihedral(c, i, j, k, l)[self._which]
         return (p["k"] * (1.0 + torch.cos(p["n"] * phi - p["phase"]))).sum(0)
 
 
@@ -151,13 +159,18 @@ class NonbondedTerm(_IndexedTerm):
         pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in excluded],
                          dtype=np.int64).reshape(-1, 2)
         kept = [e for e in exceptions if _value(e[2]) != 0 or _value(e[4]) != 0]
-        super().__init__(pairs, {"qq": q[pairs[:, 0]] * q[pairs[:, 1]],
-                                 "sigma": 0.5 * (sig[pairs[:, 0]] + sig[pairs[:, 1]]),
-                                 "eps": np.sqrt(eps[pairs[:, 0]] * eps[pairs[:, 1]])})
-        self.exceptions = _IndexedTerm(np.array([e[:2] for e in kept], dtype=np.int64).reshape(-1, 2),
-                                       {"qq": [_value(e[2]) for e in kept], "sigma": [_value(e[3]) for e in kept],
-                                        "eps": [_value(e[4]) for e in kept]})
+        params = {"qq": q[pairs[:, 0]] * q[pairs[:, 1]], "sigma": 0.5 * (sig[pairs[:, 0]] + sig[pairs[:, 1]]),
+                  "eps": np.sqrt(eps[pairs[:, 0]] * eps[pairs[:, 1]])}
+        exception_pairs = np.array([e[:2] for e in kept], dtype=np.int64).reshape(-1, 2)
+        exception_params = {"qq": [_value(e[2]) for e in kept], "sigma": [_value(e[3]) for e in kept],
+                            "eps": [_value(e[4]) for e in kept]}
         self.cutoff = None if force.getNonbondedMethod() == 0 else _value(force.getCutoffDistance())
+        if self.cutoff is None:  # same formula for both: one pass over all pairs
+            pairs = np.concatenate([pairs, exception_pairs])
+            params = {k: np.concatenate([v, exception_params[k]]) for k, v in params.items()}
+            exception_pairs, exception_params = np.zeros((0, 2), dtype=np.int64), {k: [] for k in params}
+        super().__init__(pairs, params)
+        self.exceptions = _IndexedTerm(exception_pairs, exception_params)
         if self.cutoff is not None:
             rf = force.getReactionFieldDielectric()
             self.k_rf = (rf - 1.0) / ((2.0 * rf + 1.0) * self.cutoff ** 3)
@@ -166,7 +179,9 @@ class NonbondedTerm(_IndexedTerm):
 
     @staticmethod
     def _lj(p, r):
-        s6 = (p["sigma"] / r) ** 6
+        s2 = p["sigma"] / r
+        s2 = s2 * s2
+        s6 = s2 * s2 * s2
         return 4.0 * p["eps"] * s6 * (s6 - 1.0)  # +inf (not inf - inf) for overlapping atoms
 
     def __call__(self, c):
@@ -182,6 +197,8 @@ class NonbondedTerm(_IndexedTerm):
                 lj = lj * (1.0 - t ** 3 * (10.0 - 15.0 * t + 6.0 * t * t))
             pair = torch.where(r < self.cutoff, coulomb + lj, torch.zeros_like(r))
         (ei, ej), pe = self.exceptions._on(c.device)
+        if len(ei) == 0:
+            return pair.sum(0)
         re = distance(c, ei, ej)
         return pair.sum(0) + (ONE_4PI_EPS0 * pe["qq"] / re + self._lj(pe, re)).sum(0)
 

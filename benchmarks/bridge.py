@@ -1,0 +1,125 @@
+"""Benchmark of the energy bridge: the sequential single-Context loop vs the batched bridge.
+
+Measures configurations per second, counted from a torch tensor in to torch tensors out, for the
+alanine dipeptide systems, separately for forces only and for per-sample energies + forces:
+
+* the sequential loop (``SequentialEnergy``) on every available platform (Reference; CPU with one
+  thread and with OpenMM's default threads; CUDA/OpenCL when present); its best is the baseline;
+* the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform.
+
+Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
+The last two lines are the speed-ups over the best sequential loop for alanine dipeptide in vacuum
+at B = 512 on the best available platform:  ``forces_speedup_vs_sequential=<ratio>`` and
+``speedup_vs_sequential=<ratio>`` (energies + forces).
+
+Usage:  python benchmarks/bridge.py [--quick] [--batch-sizes 1 64 512 4096]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform as host
+import time
+
+import openmm
+import torch
+
+from openmm_snf import load_system
+from openmm_snf.energy import OpenMMEnergy, SequentialEnergy
+from openmm_snf.energy.platforms import available_platforms
+
+SYSTEMS = ("alanine_dipeptide_vacuum", "alanine_dipeptide_implicit")
+MODES = ("forces", "energies+forces")
+
+
+def configurations(mol, n: int, seed: int = 0) -> torch.Tensor:
+    """(n, n_atoms, 3) float64: the reference structure with 0.02 nm Gaussian noise."""
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn(n, mol.n_atoms, 3, generator=generator, dtype=torch.float64)
+    return torch.as_tensor(mol.positions)[None] + 0.02 * noise
+
+
+def best_time(call, min_time: float, min_repeats: int = 3) -> float:
+    """Best wall time (s) of ``call()`` over repeats lasting at least ``min_time`` in total."""
+    call()  # warm-up: builds Contexts, JIT kernels
+    times, start = [], time.perf_counter()
+    while len(times) < min_repeats or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run_mode(model, mode):
+    return (lambda x: model.forces(x)) if mode == "forces" else (lambda x: model.energy_and_forces(x))
+
+
+def sequential_variants():
+    names = available_platforms()
+    variants = [("Reference", {}), ("CPU", {"threads": 1}), ("CPU", {})]
+    variants += [(gpu, {"precision": "mixed"}) for gpu in ("CUDA", "OpenCL") if gpu in names]
+    return [(name, kwargs) for name, kwargs in variants if name in names]
+
+
+def batched_variants(quick: bool):
+    names = available_platforms()
+    variants = [("CPU", {})] + ([("Reference", {})] if not quick else [])
+    variants += [(gpu, {"precision": "mixed", "chunk_size": 4096}) for gpu in ("CUDA", "OpenCL") if gpu in names]
+    return [(name, kwargs) for name, kwargs in variants if name in names]
+
+
+def label(name, kwargs):
+    extras = ",".join(f"{k}={v}" for k, v in kwargs.items() if k != "chunk_size")
+    return f"{name}" + (f"({extras})" if extras else "")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="B in {1, 64, 512}, short timings (~1-2 minutes)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    args = parser.parse_args(argv)
+    sizes = args.batch_sizes or ([1, 64, 512] if args.quick else [1, 64, 512, 4096])
+    min_time = 0.15 if args.quick else 0.6
+    n_loop = 128 if args.quick else 512
+    print(f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; OpenMM {openmm.__version__}, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads); platforms: {', '.join(available_platforms())}")
+    print(f"{'system':28s} {'mode':16s} {'method':10s} {'platform':22s} {'B':>5s} {'configs/s':>11s} {'x best loop':>11s}")
+    results = {}
+    for system in SYSTEMS:
+        mol = load_system(system)
+        for mode in MODES:
+            loops = {}
+            x_loop = configurations(mol, n_loop)
+            for name, kwargs in sequential_variants():
+                call = run_mode(SequentialEnergy(mol, platform=name, **kwargs), mode)
+                loops[label(name, kwargs)] = n_loop / best_time(lambda: call(x_loop), min_time, 2)
+            best_loop = max(loops.values())
+            for what, rate in loops.items():
+                print(f"{system:28s} {mode:16s} {'loop':10s} {what:22s} {'any':>5s} {rate:11.0f} "
+                      f"{rate / best_loop:11.2f}")
+            for name, kwargs in batched_variants(args.quick):
+                model = OpenMMEnergy(mol, platform=name, **kwargs)
+                call = run_mode(model, mode)
+                for size in sizes:
+                    x = configurations(mol, size, seed=1)
+                    rate = size / best_time(lambda: call(x), min_time)
+                    results[(system, mode, label(name, kwargs), size)] = (rate, best_loop, loops)
+                    print(f"{system:28s} {mode:16s} {'batched':10s} {label(name, kwargs) + ' ' + model.precision:22s} "
+                          f"{size:5d} {rate:11.0f} {rate / best_loop:11.2f}")
+    summary = {}
+    for mode in MODES:
+        candidates = [(rate, best, loops, what) for (system, m, what, size), (rate, best, loops) in results.items()
+                      if system == "alanine_dipeptide_vacuum" and m == mode and size == 512]
+        if candidates:
+            summary[mode] = max(candidates)
+    for mode, (rate, best, loops, what) in summary.items():
+        cpu1 = loops.get("CPU(threads=1)")
+        print(f"# ALDP vacuum, B=512, {mode}: batched {what} {rate:.0f}/s; best loop {best:.0f}/s "
+              f"({max(loops, key=loops.get)})" + (f"; vs the CPU Threads=1 loop: {rate / cpu1:.2f}x" if cpu1 else ""))
+    if "forces" in summary and "energies+forces" in summary:
+        print(f"forces_speedup_vs_sequential={summary['forces'][0] / summary['forces'][1]:.2f}")
+        print(f"speedup_vs_sequential={summary['energies+forces'][0] / summary['energies+forces'][1]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
