@@ -67,7 +67,10 @@ def custom_bonded_and_external():
     cmap = openmm.CMAPTorsionForce()
     cmap.addMap(6, list(np.random.default_rng(0).normal(size=36)))
     cmap.addTorsion(0, 4, 6, 8, 14, 6, 8, 14, 16)
-    for force in (rb, bond, angle, torsion, compound, external, cmap):
+    spline = openmm.CustomCompoundBondForce(2, "table(distance(p1,p2))")  # spline table: sequential fallback
+    spline.addTabulatedFunction("table", openmm.Continuous1DFunction([0.0, 1.0, 4.0, 9.0], 0.0, 0.6))
+    spline.addBond([4, 6], [])
+    for force in (rb, bond, angle, torsion, compound, external, cmap, spline):
         system.addForce(force)
     return variant(mol, system, "custom")
 
@@ -98,7 +101,9 @@ def test_variant_matches_reference_loop(name):
     assert torch.all((f - f_ref).abs() <= 1e-4 * f_ref.abs().max())
     assert torch.all(model.last_flags == 0)
     if name == "custom":
-        assert model.sequential_forces == ["CMAPTorsionForce"] and not model.recenter
+        assert model.sequential_forces == ["CMAPTorsionForce", "CustomCompoundBondForce"] and not model.recenter
+    else:  # the GB models, discrete tabulated functions of GBn/GBn2 included, are vectorized
+        assert model.sequential_forces == []
 
 
 def test_unsupported_and_periodic_forces_are_named():

@@ -6,8 +6,9 @@ expression is parsed here once and evaluated on batched tensors (any shape, floa
 Lepton would evaluate it in double precision. Forces never come from here: they come from OpenMM.
 
 Supported syntax: numbers, variables, ``+ - * / ^``, unary minus, parentheses, ``;``-separated
-definitions (in any order), and Lepton's built-in functions (:data:`FUNCTIONS`). Tabulated functions
-are not supported (:class:`ExpressionError`); the callers fall back to an exact sequential route.
+definitions (in any order), Lepton's built-in functions (:data:`FUNCTIONS`) and OpenMM's discrete
+tabulated functions (:func:`tabulated_function`). Continuous (spline) tabulated functions are not
+supported (:class:`ExpressionError`); the callers fall back to an exact sequential route.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ExpressionError", "Expression", "parse", "tokenize", "substitute_variables", "FUNCTIONS"]
+__all__ = ["ExpressionError", "Expression", "parse", "tokenize", "substitute_variables", "tabulated_function",
+           "FUNCTIONS"]
 
 
 class ExpressionError(ValueError):
@@ -39,6 +41,25 @@ FUNCTIONS = {
     "min": torch.minimum, "max": torch.maximum,
     "select": lambda c, a, b: _where(c != 0, a, b),
 }
+
+def tabulated_function(function):
+    """A torch callable for an OpenMM Discrete1D/2D/3DFunction (arguments rounded to integers)."""
+    kind = type(function).__name__
+    if kind not in ("Discrete1DFunction", "Discrete2DFunction", "Discrete3DFunction"):
+        raise ExpressionError(f"tabulated function of type {kind} is not supported")
+    params = function.getFunctionParameters()
+    sizes, values = list(params[:-1]), params[-1]  # 1D: (values,); 2D/3D: (xsize, ysize[, zsize], values)
+    table = torch.as_tensor(list(values), dtype=torch.float64)
+    strides = [1]
+    for size in sizes[:-1]:
+        strides.append(strides[-1] * int(size))
+
+    def lookup(*args):
+        index = sum(torch.round(torch.as_tensor(a)).long() * stride for a, stride in zip(args, strides))
+        return table.to(index.device)[index]
+
+    return lookup
+
 
 _TOKEN = re.compile(r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)"
                     r"|(?P<op>[-+*/^(),=;]))")
@@ -154,8 +175,9 @@ class Expression:
     CustomCompoundBondForce) to callables taking those names.
     """
 
-    def __init__(self, text: str, special_functions=()):
+    def __init__(self, text: str, special_functions=(), functions=None):
         self.text = text
+        self.functions = dict(functions or {})
         parts = text.split(";")
         self.main = self._parse(parts[0], special_functions)
         self.definitions = {}
@@ -179,7 +201,8 @@ class Expression:
 
     def _check_calls(self, node, special):
         if isinstance(node, _Call):
-            known = node.name in FUNCTIONS or node.name in _BINARY or node.name == "neg" or node.name in special
+            known = (node.name in FUNCTIONS or node.name in _BINARY or node.name == "neg" or node.name in special
+                     or node.name in self.functions)
             if not known:
                 raise ExpressionError(f"function {node.name!r} in expression {self.text!r} is not supported "
                                       "(tabulated or unknown function)")
@@ -229,11 +252,11 @@ class Expression:
                     a = torch.tensor(a, dtype=torch.float64)
                 return _BINARY[node.name](a, b)
             args = [a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=torch.float64) for a in args]
-            return FUNCTIONS[node.name](*args)
+            return (self.functions.get(node.name) or FUNCTIONS[node.name])(*args)
 
         return ev(self.main)
 
 
-def parse(text: str, special_functions=()) -> Expression:
-    """Parse an OpenMM energy expression (see module docstring)."""
-    return Expression(text, special_functions)
+def parse(text: str, special_functions=(), functions=None) -> Expression:
+    """Parse an OpenMM energy expression (see module docstring); ``functions``: name -> torch callable."""
+    return Expression(text, special_functions, functions)

@@ -17,9 +17,9 @@ import math
 import numpy as np
 import torch
 
-from .expression import ExpressionError, parse
+from .expression import parse, tabulated_function
 
-__all__ = ["CustomGBTerm", "GBSAOBCTerm"]
+__all__ = ["CustomGBTerm", "GBSAOBCTerm", "tabulated_functions"]
 
 _SINGLE, _PAIR, _PAIR_ALL = 0, 1, 2  # CustomGBForce computation types
 ONE_4PI_EPS0 = 138.93545764438198
@@ -31,8 +31,15 @@ def _pairs(n: int, exclusions: set, ordered: bool, skip_excluded: bool) -> np.nd
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
 
+def tabulated_functions(force) -> dict:
+    """name -> torch callable for the tabulated functions of a custom force (discrete ones only)."""
+    count = force.getNumTabulatedFunctions() if hasattr(force, "getNumTabulatedFunctions") else 0
+    return {force.getTabulatedFunctionName(k): tabulated_function(force.getTabulatedFunction(k))
+            for k in range(count)}
+
+
 class CustomGBTerm:
-    """Energy of a CustomGBForce with NoCutoff or CutoffNonPeriodic; tabulated functions unsupported."""
+    """Energy of a CustomGBForce with NoCutoff or CutoffNonPeriodic (discrete tabulated functions only)."""
 
     def __init__(self, force):
         n = force.getNumParticles()
@@ -41,13 +48,12 @@ class CustomGBTerm:
         self.params = {name: torch.as_tensor(table[:, k]).unsqueeze(-1) for k, name in enumerate(names)}
         self.globals = {force.getGlobalParameterName(g): force.getGlobalParameterDefaultValue(g)
                         for g in range(force.getNumGlobalParameters())}
-        if force.getNumTabulatedFunctions():
-            raise ExpressionError("CustomGBForce with tabulated functions")
+        functions = tabulated_functions(force)
         self.values = []
         for k in range(force.getNumComputedValues()):
             name, text, kind = force.getComputedValueParameters(k)
-            self.values.append((name, parse(text), kind))
-        self.energies = [(parse(t), kind) for t, kind in
+            self.values.append((name, parse(text, functions=functions), kind))
+        self.energies = [(parse(t, functions=functions), kind) for t, kind in
                          (force.getEnergyTermParameters(k) for k in range(force.getNumEnergyTerms()))]
         exclusions = {tuple(sorted(force.getExclusionParticles(e))) for e in range(force.getNumExclusions())}
         self.pair_index = {(ordered, skip): torch.as_tensor(_pairs(n, exclusions, ordered, skip))

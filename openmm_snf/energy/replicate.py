@@ -24,7 +24,7 @@ import math
 import numpy as np
 import openmm
 
-from .expression import parse, substitute_variables
+from .expression import substitute_variables, tokenize
 
 __all__ = ["build_replicated_system", "max_copy_radius", "default_spacing", "grid_offsets", "check_supported",
            "SUPPORTED_FORCES"]
@@ -60,8 +60,8 @@ def check_supported(system: openmm.System) -> None:
                                          force.getNumExceptionParameterOffsets()):
             raise ValueError(f"force {index} (NonbondedForce) has parameter offsets, which are not supported")
         if kind == "CustomCompoundBondForce":
-            absolute = {v for v in parse(force.getEnergyFunction(), ("distance", "angle", "dihedral")).variables
-                        if v[:1] in "xyz" and v[1:].isdigit()}
+            absolute = {tok for kind, tok in tokenize(force.getEnergyFunction())
+                        if kind == "name" and tok[:1] in "xyz" and tok[1:].isdigit()}
             if absolute:
                 raise ValueError(f"force {index} (CustomCompoundBondForce) uses absolute coordinates "
                                  f"{sorted(absolute)}; only distance/angle/dihedral are supported")

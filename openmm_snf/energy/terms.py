@@ -20,7 +20,7 @@ import openmm
 import torch
 
 from .expression import ExpressionError, parse
-from .gb import CustomGBTerm, GBSAOBCTerm
+from .gb import CustomGBTerm, GBSAOBCTerm, tabulated_functions
 
 __all__ = ["ONE_4PI_EPS0", "build_energy_terms", "SequentialTerm", "to_components", "distance", "bond_angle",
            "dihedral"]
@@ -221,7 +221,7 @@ class CustomIndexedTerm(_IndexedTerm):
         self.kind = type(force).__name__
         count, get, self.variable = self._GEOMETRY[self.kind]
         special = ("distance", "angle", "dihedral") if self.kind == "CustomCompoundBondForce" else ()
-        self.expression = parse(force.getEnergyFunction(), special)
+        self.expression = parse(force.getEnergyFunction(), special, tabulated_functions(force))
         terms = [getattr(force, get)(t) for t in range(getattr(force, count)())]
         if self.kind == "CustomCompoundBondForce":
             atoms = [list(t[0]) for t in terms]
