@@ -23,6 +23,7 @@ How a batch is evaluated (see DESIGN.md, "The energy bridge"):
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import openmm
@@ -188,9 +189,13 @@ class OpenMMEnergy(EnergyModel):
         if inside.sum() < self.loop_below:  # a few samples: the plain loop is faster than one replicated call
             outside, inside = np.flatnonzero(finite), np.zeros_like(inside)
         if inside.any():
-            forces[inside] = self._batched_forces(centered[inside])
-            if energies:
-                energy[inside] = self._energies(x[inside], device)
+            try:
+                forces[inside] = self._batched_forces(centered[inside])
+            except Exception as err:  # OpenMM raises plain Exceptions; find the failing sample on its own
+                warnings.warn(f"the replicated Context failed ({err}); evaluating this batch sample by sample")
+                outside, inside = np.flatnonzero(finite), np.zeros_like(inside)
+        if inside.any() and energies:
+            energy[inside] = self._energies(x[inside], device)
         for b in outside:
             e, forces[b] = self._evaluate_alone(x[b], int(b), energies)
             if energies:

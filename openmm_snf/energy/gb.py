@@ -61,16 +61,19 @@ class CustomGBTerm:
         self.cutoff = None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value
         self.n = n
 
-    def _pair_values(self, c, known, ordered, skip):
-        """r (P, B) and per-pair variables with suffixes 1 and 2, for the chosen pair list."""
-        index = self.pair_index[(ordered, skip)].to(c.device)
+    def _pair_values(self, distances, known, ordered, skip, needed):
+        """r (P, B) and the per-pair variables (suffixes 1 and 2) in ``needed``, for the chosen pair list.
+
+        ``distances`` is the (n*n, B) matrix of all interatomic distances of the batch.
+        """
+        index = self.pair_index[(ordered, skip)].to(distances.device)
         i, j = index[:, 0], index[:, 1]
-        d = c[:, j] - c[:, i]
-        r = torch.sqrt((d * d).sum(0))
+        r = distances[i * self.n + j]
         values = dict(self.globals, r=r)
         for name, value in known.items():
-            values[name + "1"] = value[i]
-            values[name + "2"] = value[j]
+            for suffix, index in (("1", i), ("2", j)):
+                if name + suffix in needed:
+                    values[name + suffix] = value[index]
         return values, i, r
 
     def _cut(self, term, r):
@@ -81,11 +84,13 @@ class CustomGBTerm:
         batch = c.shape[2]
         known = {k: v.to(c.device) for k, v in self.params.items()}
         single = {"x": c[0], "y": c[1], "z": c[2]}
+        d = c[:, :, None, :] - c[:, None, :, :]
+        distances = torch.sqrt((d * d).sum(0)).reshape(self.n * self.n, batch)
         for name, expression, kind in self.values:
             if kind == _SINGLE:
                 value = expression.evaluate({**self.globals, **known, **single})
             else:
-                values, i, r = self._pair_values(c, known, True, kind == _PAIR)
+                values, i, r = self._pair_values(distances, known, True, kind == _PAIR, expression.variables)
                 term = self._cut(expression.evaluate(values), r)
                 value = torch.zeros(self.n, batch, dtype=c.dtype, device=c.device).index_add_(0, i, term)
             known[name] = torch.as_tensor(value, dtype=c.dtype, device=c.device).expand(self.n, batch)
@@ -95,7 +100,7 @@ class CustomGBTerm:
                 term = expression.evaluate({**self.globals, **known, **single})
                 energy = energy + torch.as_tensor(term, dtype=c.dtype, device=c.device).expand(self.n, batch).sum(0)
             else:
-                values, _, r = self._pair_values(c, known, False, kind == _PAIR)
+                values, _, r = self._pair_values(distances, known, False, kind == _PAIR, expression.variables)
                 energy = energy + self._cut(expression.evaluate(values), r).sum(0)
         return energy
 
