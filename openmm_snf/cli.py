@@ -74,6 +74,105 @@ def _run_md(args) -> int:
     return 0
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", formatter_class=_Formatter, help="train an SNF on a system",
+                       description="Train a stochastic normalizing flow. The configuration is the package defaults, "
+                                   "then the shipped system's systems/<name>/train.yaml, then --config, then the "
+                                   "options below; the resolved configuration is written to OUT/config.yaml. "
+                                   "Without --data, training data are made by reference MD (saved as "
+                                   "OUT/data.dcd). OUT also receives checkpoint.pt (resumable) and metrics.jsonl.")
+    _add_system_arguments(p)
+    p.add_argument("--out", required=True, help="run folder (created; must not hold a run unless --resume)")
+    p.add_argument("--data", help="training data: a DCD with the PDB topology beside it (e.g. from 'md')")
+    p.add_argument("--config", help="YAML file with sections system, energy, data, coordinates, model, "
+                                    "training, regularization, device (see openmm_snf/runs.py)")
+    p.add_argument("--iterations", type=int, help="total optimizer iterations (default: from the configuration)")
+    p.add_argument("--batch-size", type=int, help="samples per loss term (default: from the configuration)")
+    p.add_argument("--reverse-kl", type=float, metavar="WEIGHT",
+                   help="weight of the energy-based (reverse KL) loss; the data (forward KL) weight stays")
+    p.add_argument("--seed", type=int, help="training seed (default: from the configuration, 0)")
+    p.add_argument("--platform", help="OpenMM platform for energies (default: the fastest available)")
+    p.add_argument("--threads", type=int, help="CPU platform threads")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device of the model (default: cpu)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.set_defaults(run=_run_train)
+
+
+def _train_overrides(args) -> dict:
+    training = {key: value for key, value in (("n_iterations", args.iterations), ("batch_size", args.batch_size),
+                                              ("weight_reverse", args.reverse_kl), ("seed", args.seed))
+                if value is not None}
+    overrides = {"training": training}
+    energy = {key: value for key, value in (("platform", args.platform), ("threads", args.threads)) if value}
+    if energy:
+        overrides["energy"] = energy
+    if args.data:
+        overrides["data"] = {"path": args.data}
+    if args.device:
+        overrides["device"] = args.device
+    return overrides
+
+
+def _run_train(args) -> int:
+    from .runs import build_run, resolve_config
+    source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
+              "temperature": args.temperature}
+    config = None if args.resume else resolve_config(source, args.config, _train_overrides(args))
+    run, trainer = build_run(args.out, config, resume=args.resume)
+    if args.resume and args.iterations:
+        trainer.config.n_iterations = args.iterations
+    print(f"{run.mol.name}: {run.energy.describe()}")
+    history = trainer.train()
+    last = history[-1] if history else {}
+    print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
+          f"{last.get('loss', float('nan')):.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", formatter_class=_Formatter, help="draw weighted samples from a trained run",
+                       description="Draw N samples from the SNF in RUN with exact log importance weights "
+                                   "log w = u_prior(z) - u(x) + sum of the blocks' log path ratios (raw energies). "
+                                   "Writes OUT (DCD), its PDB topology, OUT.weights.npz and OUT.weights.csv "
+                                   "(log_weights, normalized weights, reduced energies, frame by frame).")
+    p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
+    p.add_argument("--n", type=int, default=10000, help="number of samples")
+    p.add_argument("--out", required=True, help="output .dcd")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same samples)")
+    p.add_argument("--batch-size", type=int, default=1024, help="samples drawn per batch")
+    p.add_argument("--resample", type=int, metavar="M",
+                   help="also write OUT-resampled.dcd: M frames drawn by weight (unweighted)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=_run_sample)
+
+
+def _run_sample(args) -> int:
+    import numpy as np
+    from .io import check_outputs_free, read_weighted_trajectory, trajectory_paths, write_resampled_trajectory, \
+        write_weighted_trajectory
+    from .runs import load_run, sample
+    from .weights import kish_ess
+    paths = trajectory_paths(args.out)
+    resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
+    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
+                       ([resampled.dcd, resampled.pdb] if args.resample else []), args.force)
+    run = load_run(args.run_dir, device=args.device)
+    result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size)
+    extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
+    write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
+                              force=args.force, extra=extra)
+    ess = kish_ess(result["log_weights"])
+    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name}); "
+          f"Kish ESS {ess:.1f} ({100 * ess / args.n:.1f}%)")
+    if args.resample:
+        weighted = read_weighted_trajectory(paths.dcd)
+        out = write_resampled_trajectory(resampled.dcd, weighted, args.resample,
+                                         np.random.default_rng(args.seed), force=args.force)
+        print(f"wrote {args.resample} resampled frames to {resampled.dcd} ({out.n_unique} unique)")
+    return 0
+
+
 def _add_free_energy(sub) -> None:
     p = sub.add_parser("free-energy", formatter_class=_Formatter, help="free-energy difference between two states",
                        description="dF_AB = F_A - F_B = -ln(sum_A w / sum_B w) from a weighted DCD (weights from "
@@ -133,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
                     "importance weights, free-energy differences and plots.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_md, _add_free_energy):
+    for add in (_add_md, _add_train, _add_sample, _add_free_energy):
         add(sub)
     return parser
 
@@ -142,12 +241,13 @@ def main(argv=None) -> int:
     """Entry point of ``openmm-snf``; returns the exit status."""
     from .analysis import AnalysisError
     from .io import TrajectoryIOError
+    from .runs import RunConfigError
     from .systems import SystemLoadError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (SystemLoadError, TrajectoryIOError, AnalysisError, ValueError, FileNotFoundError) as err:
+    except (SystemLoadError, TrajectoryIOError, AnalysisError, RunConfigError, ValueError, FileNotFoundError) as err:
         print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,7 +30,9 @@ class MDSettings:
     n_frames: frames saved per replica; steps_per_frame: integration steps between saved frames;
     n_replicas: independent copies integrated in one Context; timestep in fs; friction in 1/ps;
     equilibration_steps: steps run before the first frame (after an energy minimization);
-    temperature: kelvin (default: the system's); seed: seeds velocities and the Langevin noise.
+    temperature: kelvin (default: the system's); seed: seeds velocities and the Langevin noise;
+    starts: optional list of start structures ((n_atoms, 3) nm each); replica r starts from
+    ``starts[r % len(starts)]`` (e.g. one per well of a double well), default the system's positions.
     """
 
     n_frames: int = 1000
@@ -41,8 +43,9 @@ class MDSettings:
     equilibration_steps: int = 5000
     temperature: float | None = None
     seed: int = 0
+    starts: list | None = None
 
-    def validate(self) -> None:
+    def validate(self, n_atoms: int) -> None:
         for name in ("n_frames", "steps_per_frame", "n_replicas"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -53,6 +56,11 @@ class MDSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be positive kelvin, got {self.temperature!r}")
+        if self.starts is not None:
+            starts = np.asarray(self.starts, dtype=np.float64)
+            if starts.ndim != 3 or starts.shape[1:] != (n_atoms, 3) or not np.all(np.isfinite(starts)):
+                raise ValueError(f"starts must be a list of finite ({n_atoms}, 3) nm structures, got shape "
+                                 f"{starts.shape}")
 
 
 def _is_translation_invariant(system: openmm.System) -> bool:
@@ -67,7 +75,7 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     noise). The start is the system's positions, energy-minimized, then ``equilibration_steps``.
     """
     settings = settings or MDSettings()
-    settings.validate()
+    settings.validate(mol.n_atoms)
     n_rep, n_atoms = int(settings.n_replicas), mol.n_atoms
     temperature = settings.temperature or mol.temperature
     system, offsets = build_replicated_system(mol.system, n_rep)
@@ -76,7 +84,8 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     integrator.setRandomNumberSeed(settings.seed + 1)  # OpenMM treats 0 as "pick a random seed"
     platform_obj, properties = make_platform(platform, threads=threads)
     context = openmm.Context(system, integrator, platform_obj, properties)
-    start = (mol.positions[None] + offsets[:, None, :]).reshape(-1, 3)
+    starts = np.asarray(settings.starts if settings.starts is not None else [mol.positions], dtype=np.float64)
+    start = (starts[np.arange(n_rep) % len(starts)] + offsets[:, None, :]).reshape(-1, 3)
     context.setPositions(start * unit.nanometer)
     openmm.LocalEnergyMinimizer.minimize(context)
     context.setVelocitiesToTemperature(temperature * unit.kelvin, settings.seed + 1)

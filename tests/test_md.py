@@ -68,3 +68,13 @@ def test_cli_md_missing_system(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nothing.pdb" in err and "neither a shipped system" in err
     assert not (tmp_path / "x.dcd").exists()
+
+
+def test_starts_put_replicas_in_both_wells():
+    mol = load_system("double_well")
+    settings = MDSettings(n_frames=50, steps_per_frame=20, n_replicas=4, timestep=5.0, friction=5.0,
+                          equilibration_steps=100, starts=[[[-1.7, 0, 0]], [[1.7, 0, 0]]])
+    frames = run_md(mol, settings, progress=False)
+    assert np.all(frames[0::2, :, 0, 0] < 0) and np.all(frames[1::2, :, 0, 0] > 0)
+    with pytest.raises(ValueError, match=r"starts must be a list of finite \(1, 3\) nm structures"):
+        run_md(mol, MDSettings(starts=[[0.0, 0.0]]))

@@ -1,0 +1,243 @@
+"""A training run: one resolved configuration -> system, energy, coordinates, SNF; its folder; sampling.
+
+A run folder holds
+
+* ``config.yaml``      the resolved configuration (defaults + the system's ``train.yaml`` + the user's file);
+* ``reference.npy``    the frames (n, n_atoms, 3) nm that fixed the internal-coordinate statistics;
+* ``data.dcd/.pdb``    the training data, when the run made them by MD;
+* ``checkpoint.pt``    model, optimizer and RNG state (resumable), written atomically by the trainer;
+* ``metrics.jsonl``    one JSON object per iteration.
+
+Configuration sections (YAML; every key optional, see :data:`DEFAULTS`): ``system`` (how to load it),
+``energy`` (OpenMM platform), ``data`` (a DCD path, or MD settings to make one), ``coordinates``
+(``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms), ``model`` (arguments of
+:func:`~openmm_snf.flows.build_snf`), ``training`` (:class:`~openmm_snf.train.TrainConfig`),
+``regularization`` (linlogcut of the training energies, or null), ``device`` (cpu, cuda or auto).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from .coordinates import InternalCoordinateTransform
+from .energy import OpenMMEnergy, linlogcut
+from .flows import Reshape, build_snf
+from .io import atomic_outputs, read_trajectory, write_trajectory
+from .md import MDSettings, run_md
+from .systems import SHIPPED_DIR, MolecularSystem, load_system
+from .train import Trainer, TrainConfig, load_checkpoint
+
+__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "sample"]
+
+DEFAULTS = {
+    "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
+    "device": "cpu",
+    "energy": {"platform": None, "precision": "mixed", "threads": None},
+    "data": {"path": None, "max_reference_frames": 2000,
+             "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
+    "coordinates": {"scheme": "mixed"},
+    "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [64, 64], "stochastic": "mc", "n_steps": 10,
+              "step_size": 0.1, "lambdas": None, "augment": 0},
+    "training": asdict(TrainConfig(n_iterations=500, checkpoint_every=50)),
+    "regularization": {"high": 500.0, "max": 10000.0},
+}
+
+
+class RunConfigError(ValueError):
+    """A configuration file or run folder is missing, malformed or inconsistent."""
+
+
+def _merge(base: dict, update: dict, where: str) -> dict:
+    """Deep-merge ``update`` into ``base``; unknown keys are errors except inside ``model`` (checked by build_snf)."""
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if key not in out and not where.endswith("model"):
+            raise RunConfigError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(out))}")
+        if isinstance(out.get(key), dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, f"{where}.{key}")
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise RunConfigError(f"{what} not found: {path}")
+    try:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+    except yaml.YAMLError as err:
+        raise RunConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise RunConfigError(f"{path}: expected a mapping of sections (system, model, training, ...)")
+    return values
+
+
+def resolve_config(system_source: dict, user_config: Path | None = None, overrides: dict | None = None) -> dict:
+    """Defaults, then ``systems/<name>/train.yaml`` of a shipped system, then the user's file, then overrides."""
+    config = _merge(DEFAULTS, {"system": system_source}, "system arguments")
+    shipped = SHIPPED_DIR / str(system_source.get("source")) / "train.yaml"
+    if shipped.is_file():
+        config = _merge(config, _read_yaml(shipped, "shipped training defaults"), str(shipped))
+    if user_config is not None:
+        config = _merge(config, _read_yaml(Path(user_config), "--config file"), str(user_config))
+    return _merge(config, overrides or {}, "command-line options")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunConfigError("device: cuda was asked for but torch sees no CUDA device (use cpu or auto)")
+    return torch.device(name)
+
+
+@dataclass
+class Run:
+    """A configured run: the system, its energy, the SNF and (when training) the data and trainer."""
+
+    folder: Path
+    config: dict
+    mol: MolecularSystem
+    energy: OpenMMEnergy
+    snf: torch.nn.Module
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.folder / "checkpoint.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.folder / "metrics.jsonl"
+
+
+def _load_mol(config: dict) -> MolecularSystem:
+    s = config["system"]
+    if s["source"] is None:
+        raise RunConfigError("system.source is not set (a shipped name or a file)")
+    return load_system(s["source"], pdb=s["pdb"], forcefield=s["forcefield"], implicit=s["implicit"],
+                       temperature=s["temperature"])
+
+
+def _transform(mol: MolecularSystem, config: dict, reference: np.ndarray):
+    """(latent dim, periodic mask, deterministic block latent -> Cartesian (B, n_atoms, 3))."""
+    scheme = config["coordinates"]["scheme"]
+    if scheme == "cartesian" or mol.n_atoms < 3:
+        block = Reshape((mol.n_atoms, 3))
+        return block.dim, None, block
+    block = InternalCoordinateTransform.from_system(mol, reference, scheme=scheme)
+    return block.dim, block.periodic_mask, block
+
+
+def _make_data(mol: MolecularSystem, config: dict, folder: Path) -> np.ndarray:
+    """Training frames (n, n_atoms, 3) nm: the configured DCD, or MD run now and saved as data.dcd."""
+    path = config["data"]["path"]
+    if path is not None:
+        traj = read_trajectory(path)
+        if traj.n_atoms != mol.n_atoms:
+            raise RunConfigError(f"data {path}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
+        return traj.xyz.astype(np.float64)
+    frames = run_md(mol, MDSettings(**config["data"]["md"]), platform=config["energy"]["platform"] or "CPU",
+                    threads=config["energy"]["threads"]).reshape(-1, mol.n_atoms, 3)
+    write_trajectory(folder / "data.dcd", mol, frames, force=True)
+    return frames
+
+
+def _reference_frames(data: np.ndarray, limit: int) -> np.ndarray:
+    stride = max(1, int(np.ceil(len(data) / limit)))
+    return np.ascontiguousarray(data[::stride])
+
+
+def _assemble(folder: Path, config: dict, mol: MolecularSystem, reference: np.ndarray) -> Run:
+    energy = OpenMMEnergy(mol, platform=config["energy"]["platform"], precision=config["energy"]["precision"],
+                          threads=config["energy"]["threads"])
+    dim, periodic, transform = _transform(mol, config, reference)
+    device = _device(config["device"])
+    model = dict(config["model"])
+    snf = build_snf(dim, periodic, energy, transform, **model).to(device)
+    return Run(Path(folder), config, mol, energy, snf)
+
+
+def build_run(folder, config: dict, *, resume: bool = False, progress: bool = True) -> tuple[Run, Trainer]:
+    """Create (or, with ``resume``, reopen) a run folder and return the run and its trainer."""
+    folder = Path(folder)
+    config_path, reference_path = folder / "config.yaml", folder / "reference.npy"
+    if resume:
+        if not config_path.is_file():
+            raise RunConfigError(f"--resume: {folder} holds no config.yaml; start a new run without --resume")
+        config = _read_yaml(config_path, "run configuration")
+    elif config_path.exists():
+        raise RunConfigError(f"{folder} already holds a run (config.yaml); use --resume to continue it, "
+                             "or another --out folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    mol = _load_mol(config)
+    train_cfg = TrainConfig.from_dict(config["training"])
+    needs_reference = config["coordinates"]["scheme"] != "cartesian" and mol.n_atoms >= 3
+    data = None
+    if resume:
+        reference = np.load(reference_path)
+        if train_cfg.weight_forward > 0:
+            data = _make_data(mol, _merge(config, {"data": {"path": config["data"]["path"] or
+                                                            str(folder / "data.dcd")}}, "run"), folder)
+    elif needs_reference or train_cfg.weight_forward > 0:
+        data = _make_data(mol, config, folder)
+        reference = _reference_frames(data, config["data"]["max_reference_frames"])
+    else:
+        reference = mol.positions[None]
+    if not resume:
+        with atomic_outputs([config_path, reference_path], force=False) as (tmp_config, tmp_reference):
+            tmp_config.write_text(yaml.safe_dump(config, sort_keys=False))
+            with open(tmp_reference, "wb") as handle:
+                np.save(handle, reference)
+    run = _assemble(folder, config, mol, reference)
+    regularization = config["regularization"]
+    regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
+    trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
+                      energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
+                      metrics_path=run.metrics_path, resume=resume, progress=progress)
+    return run, trainer
+
+
+def load_run(folder, *, device: str | None = None) -> Run:
+    """Reopen a trained run for sampling (model weights from ``checkpoint.pt``)."""
+    folder = Path(folder)
+    for name in ("config.yaml", "reference.npy", "checkpoint.pt"):
+        if not (folder / name).is_file():
+            raise RunConfigError(f"{folder} is not a finished run: {name} is missing (train it with "
+                                 "'openmm-snf train ... --out {folder}')")
+    config = _read_yaml(folder / "config.yaml", "run configuration")
+    if device is not None:
+        config["device"] = device
+    mol = _load_mol(config)
+    run = _assemble(folder, config, mol, np.load(folder / "reference.npy"))
+    state = load_checkpoint(run.checkpoint_path, map_location=_device(config["device"]))
+    run.snf.load_state_dict(state["model"])
+    run.snf.eval()
+    return run
+
+
+def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True) -> dict:
+    """Draw ``n`` samples in batches; return numpy arrays xyz (n, n_atoms, 3) nm, log_weights, reduced_energies
+    (float64) and the mean Metropolis acceptance per block."""
+    from tqdm.auto import tqdm
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    generator = torch.Generator(device=run.snf.prior.device).manual_seed(seed)
+    parts, acceptance, drawn = [], {}, 0
+    with tqdm(total=n, desc="sampling", unit="sample", disable=not progress) as bar:
+        while drawn < n:
+            batch = run.snf.sample(min(batch_size, n - drawn), generator=generator)
+            parts.append((batch.x.reshape(len(batch.x), run.mol.n_atoms, 3).cpu().double().numpy(),
+                          batch.log_weights.cpu().numpy(), batch.target_energy.cpu().numpy()))
+            for key, value in batch.acceptance.items():
+                acceptance.setdefault(key, []).append(value)
+            drawn += len(batch.x)
+            bar.update(len(batch.x))
+    xyz, log_w, u = (np.concatenate(p) for p in zip(*parts))
+    return {"xyz": xyz, "log_weights": log_w, "reduced_energies": u,
+            "acceptance": {k: float(np.mean(v)) for k, v in acceptance.items()}}
