@@ -226,13 +226,71 @@ def _run_free_energy(args) -> int:
     return 0
 
 
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", formatter_class=_Formatter, help="plots of a run and its samples",
+                       description="PNG plots: training curves (from RUN/metrics.jsonl); with --samples also the "
+                                   "histogram of log weights, a Ramachandran map (reference MD = RUN/data.dcd, "
+                                   "raw and reweighted samples) and the free-energy profile along phi (or along "
+                                   "the system's first CV) with its bootstrap band.")
+    p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
+    p.add_argument("--samples", help="weighted samples (.dcd) written by 'openmm-snf sample'")
+    p.add_argument("--out-dir", help="folder for the PNG files (default: RUN/plots)")
+    p.add_argument("--force", action="store_true", help="overwrite existing plots")
+    p.set_defaults(run=_run_report)
+
+
+def _run_report(args) -> int:
+    from .analysis.report import write_report
+    for path in write_report(args.run_dir, args.samples, out_dir=args.out_dir, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", formatter_class=_Formatter, help="the whole workflow on a shipped system",
+                       description="md -> train -> sample -> free-energy -> report on a shipped system, in OUT. "
+                                   "Running it again continues the training in OUT/run (up to --iterations) and "
+                                   "rewrites the samples and plots.")
+    p.add_argument("--system", default="alanine_dipeptide_vacuum", help="shipped system")
+    p.add_argument("--out", default="demo", help="output folder")
+    p.add_argument("--iterations", type=int, help="training iterations (default: the system's train.yaml)")
+    p.add_argument("--n", type=int, default=5000, help="samples to draw")
+    p.set_defaults(run=_run_demo)
+
+
+def _demo_states(system: str) -> list[str]:
+    return ["A: x < 0", "B: x > 0"] if system == "double_well" else ["A: phi < 0", "B: phi > 0"]
+
+
+def _run_demo(args) -> int:
+    from pathlib import Path
+    out = Path(args.out)
+    run_dir, samples = out / "run", out / "samples.dcd"
+    train = ["train", args.system, "--out", str(run_dir)] + (["--iterations", str(args.iterations)]
+                                                             if args.iterations else [])
+    if (run_dir / "config.yaml").is_file():
+        train.append("--resume")
+    steps = [train, ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"],
+             ["free-energy", str(samples), "--states", *_demo_states(args.system)]]
+    if args.system != "double_well":  # its MD data sit in both wells by design: not an equilibrium reference
+        steps.append(["free-energy", str(run_dir / "data.dcd"), "--states", *_demo_states(args.system),
+                      "--block-length", "50"])
+    steps.append(["report", str(run_dir), "--samples", str(samples), "--force"])
+    for argv in steps:
+        print(f"\n$ openmm-snf {' '.join(argv)}", flush=True)
+        status = main(argv)
+        if status:
+            return status
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openmm-snf", formatter_class=_Formatter, epilog=EPILOG,
         description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
                     "importance weights, free-energy differences and plots.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_md, _add_train, _add_sample, _add_free_energy):
+    for add in (_add_md, _add_train, _add_sample, _add_free_energy, _add_report, _add_demo):
         add(sub)
     return parser
 

@@ -149,8 +149,8 @@ def plot_log_weights(path, log_weights, *, bins: int = 60, force: bool = False,
 def plot_free_energy_profile(path, profile: FreeEnergyProfile, *, reference: FreeEnergyProfile | None = None,
                              xlabel: str = "φ (rad)", label: str = "samples (reweighted)",
                              reference_label: str = "reference", force: bool = False,
-                             title: str = "Free-energy profile") -> Path:
-    """A 1-D profile with its bootstrap band, optionally over a reference profile."""
+                             title: str = "Free-energy profile", max_kt: float | None = 15.0) -> Path:
+    """A 1-D profile with its bootstrap band, optionally over a reference profile (y axis cut at ``max_kt``)."""
     if len(profile.edges) != 1:
         raise InputError("plot_free_energy_profile draws 1-D profiles; use plot_ramachandran for 2-D")
     fig = Figure(figsize=(6.4, 4.2))
@@ -166,6 +166,8 @@ def plot_free_energy_profile(path, profile: FreeEnergyProfile, *, reference: Fre
                         color=color, alpha=0.25, label=f"{name}: {prof.confidence:.0%} bootstrap band")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("free energy (kT)")
+    if max_kt is not None:
+        ax.set_ylim(-0.5, max_kt)
     ax.set_title(title)
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
