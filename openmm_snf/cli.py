@@ -203,8 +203,9 @@ def _read_samples(path, top):
     from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths
     if trajectory_paths(path).npz.is_file():
         return read_weighted_trajectory(path, top)
-    print(f"note: no weights sidecar beside {path}: treating it as unweighted (MD) frames", file=sys.stderr)
-    return WeightedTrajectory.unweighted(read_trajectory(path, top))
+    traj = read_trajectory(path, top)
+    print(f"note: no weights sidecar beside {path}: treating its frames as unweighted (MD)", file=sys.stderr)
+    return WeightedTrajectory.unweighted(traj)
 
 
 def _run_free_energy(args) -> int:

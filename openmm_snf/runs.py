@@ -142,6 +142,7 @@ def _make_data(mol: MolecularSystem, config: dict, folder: Path) -> np.ndarray:
         if traj.n_atoms != mol.n_atoms:
             raise RunConfigError(f"data {path}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
         return traj.xyz.astype(np.float64)
+    folder.mkdir(parents=True, exist_ok=True)
     frames = run_md(mol, MDSettings(**config["data"]["md"]), platform=config["energy"]["platform"] or "CPU",
                     threads=config["energy"]["threads"]).reshape(-1, mol.n_atoms, 3)
     write_trajectory(folder / "data.dcd", mol, frames, force=True)
@@ -174,7 +175,6 @@ def build_run(folder, config: dict, *, resume: bool = False, progress: bool = Tr
     elif config_path.exists():
         raise RunConfigError(f"{folder} already holds a run (config.yaml); use --resume to continue it, "
                              "or another --out folder")
-    folder.mkdir(parents=True, exist_ok=True)
     mol = _load_mol(config)
     train_cfg = TrainConfig.from_dict(config["training"])
     needs_reference = config["coordinates"]["scheme"] != "cartesian" and mol.n_atoms >= 3
@@ -190,6 +190,7 @@ def build_run(folder, config: dict, *, resume: bool = False, progress: bool = Tr
     else:
         reference = mol.positions[None]
     if not resume:
+        folder.mkdir(parents=True, exist_ok=True)
         with atomic_outputs([config_path, reference_path], force=False) as (tmp_config, tmp_reference):
             tmp_config.write_text(yaml.safe_dump(config, sort_keys=False))
             with open(tmp_reference, "wb") as handle:

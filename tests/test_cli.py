@@ -1,0 +1,181 @@
+"""The openmm-snf workflow end to end (md -> train -> sample -> free-energy -> report) and its bad-input errors."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import mdtraj
+import numpy as np
+import pytest
+
+from openmm_snf.cli import build_parser, main
+
+EXACT_DOUBLE_WELL_DF = 1.6906  # F(x < 0) - F(x > 0) in kT, by quadrature (see test_snf_openmm.py)
+COMMANDS = ["md", "train", "sample", "free-energy", "report", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"openmm-snf {command}" in text and "--" in text
+    if command != "report":
+        assert "default" in text
+
+
+def test_top_level_help_lists_commands():
+    text = build_parser().format_help()
+    assert all(command in text for command in COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def double_well_run(tmp_path_factory):
+    """Default double-well training (the same as `openmm-snf train double_well`), then 4000 samples."""
+    folder = tmp_path_factory.mktemp("dw")
+    run = folder / "run"
+    assert main(["train", "double_well", "--out", str(run), "--platform", "CPU"]) == 0
+    assert main(["sample", str(run), "--n", "4000", "--out", str(folder / "samples.dcd"), "--seed", "3",
+                 "--resample", "500"]) == 0
+    return folder
+
+
+def test_double_well_free_energy_matches_exact(double_well_run, capsys):
+    capsys.readouterr()
+    samples = double_well_run / "samples.dcd"
+    assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ci_low"] <= EXACT_DOUBLE_WELL_DF <= result["ci_high"], result
+    assert result["ci_high"] - result["ci_low"] < 0.8
+    assert result["delta_f_kj_per_mol"] == pytest.approx(result["delta_f"] * result["kT"])
+    assert result["ess_total"] > 200
+
+
+def test_samples_round_trip_through_mdtraj(double_well_run):
+    folder = double_well_run
+    traj = mdtraj.load(str(folder / "samples.dcd"), top=str(folder / "samples.pdb"))
+    sidecar = np.load(folder / "samples.weights.npz")
+    assert traj.n_frames == 4000 and traj.n_atoms == 1
+    assert sidecar["log_weights"].shape == (4000,) and np.all(np.isfinite(sidecar["log_weights"]))
+    np.testing.assert_allclose(sidecar["weights"].sum(), 1.0)
+    # the stored reduced energies are the double-well formula at the stored (float32) coordinates
+    x, y, z = traj.xyz[:, 0].T.astype(np.float64)
+    u = x**4 - 6 * x**2 - 0.5 * x + 0.5 * y**2 + 0.5 * z**2
+    np.testing.assert_allclose(sidecar["reduced_energies"], u, atol=1e-4, rtol=1e-5)
+    csv = np.genfromtxt(folder / "samples.weights.csv", delimiter=",", names=True)
+    np.testing.assert_allclose(csv["log_weights"], sidecar["log_weights"])
+    resampled = mdtraj.load(str(folder / "samples-resampled.dcd"), top=str(folder / "samples-resampled.pdb"))
+    assert resampled.n_frames == 500
+
+
+def test_resume_continues_and_same_seed_same_samples(double_well_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(double_well_run / "run", run)
+    before = sum(1 for _ in open(run / "metrics.jsonl"))
+    assert main(["train", "double_well", "--out", str(run), "--resume", "--iterations", "310"]) == 0
+    assert sum(1 for _ in open(run / "metrics.jsonl")) == before + 10
+    a, b = tmp_path / "a.dcd", tmp_path / "b.dcd"
+    for out in (a, b):
+        assert main(["sample", str(run), "--n", "300", "--out", str(out), "--seed", "5"]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.weights.npz")["log_weights"],
+                                  np.load(tmp_path / "b.weights.npz")["log_weights"])
+
+
+def test_report_writes_plots(double_well_run):
+    out = double_well_run / "plots"
+    assert main(["report", str(double_well_run / "run"), "--samples", str(double_well_run / "samples.dcd"),
+                 "--out-dir", str(out)]) == 0
+    for name in ("training_curves.png", "log_weights.png", "profile_x.png"):
+        path = out / name
+        assert path.stat().st_size > 10_000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_alanine_dipeptide_end_to_end_through_subprocess(tmp_path):
+    """md -> train --data -> sample -> free-energy through the installed console script, tiny budgets."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {n_blocks: 1, hidden: [16], n_steps: 2}\n"
+                      "training: {n_iterations: 3, batch_size: 16, ess_every: 0, checkpoint_every: 0}\n")
+    cli = [sys.executable, "-m", "openmm_snf.cli"]
+
+    def run(*argv):
+        done = subprocess.run(cli + list(argv), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run("md", "alanine_dipeptide_vacuum", "--out", "md.dcd", "--frames", "40", "--steps-per-frame", "20",
+        "--replicas", "4", "--equilibration", "100")
+    run("train", "alanine_dipeptide_vacuum", "--data", "md.dcd", "--config", str(config), "--out", "run")
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run" / "data.dcd").exists()
+    out = run("sample", "run", "--n", "64", "--out", "samples.dcd")
+    assert "Kish ESS" in out
+    traj = mdtraj.load(str(tmp_path / "samples.dcd"), top=str(tmp_path / "samples.pdb"))
+    assert traj.n_frames == 64 and traj.n_atoms == 22
+    out = run("free-energy", "md.dcd", "--states", "A: phi < 0", "B: phi > -4", "--json")
+    result = json.loads(out)
+    assert result["n_b"] == 160 and math.isfinite(result["delta_f"])
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.fixture()
+def weighted(tmp_path, double_well_run):
+    for name in ("samples.dcd", "samples.pdb", "samples.weights.npz", "samples.weights.csv"):
+        shutil.copy(double_well_run / name, tmp_path / name)
+    return tmp_path / "samples.dcd"
+
+
+def _fails(argv, capsys, *fragments):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openmm-snf ") and "error:" in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_free_energy_bad_inputs(weighted, tmp_path, capsys):
+    states = ["--states", "A: x < 0", "B: x > 0"]
+    _fails(["free-energy", str(tmp_path / "none.dcd")] + states, capsys, "none.dcd")
+    _fails(["free-energy", str(weighted), "--states", "A: x < 0", "B: theta > 0"], capsys,
+           "unknown collective variable 'theta'")
+    _fails(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 100"], capsys, "no samples")
+    aldp = tmp_path / "aldp.pdb"
+    from openmm_snf.systems import SHIPPED_DIR
+    shutil.copy(SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb", aldp)
+    _fails(["free-energy", str(weighted), "--top", str(aldp)] + states, capsys, "22")
+    npz = tmp_path / "samples.weights.npz"
+    data = dict(np.load(npz))
+    np.savez(npz, **{**data, "log_weights": data["log_weights"][:-1]})
+    _fails(["free-energy", str(weighted)] + states, capsys, "log_weights")
+    bad = data["log_weights"].copy()
+    bad[7] = np.nan
+    np.savez(npz, **{**data, "log_weights": bad})
+    _fails(["free-energy", str(weighted)] + states, capsys, "7")
+
+
+def test_existing_outputs_are_not_overwritten(double_well_run, weighted, tmp_path, capsys):
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _fails(["sample", str(double_well_run / "run"), "--n", "10", "--out", str(weighted)], capsys, "exists")
+    _fails(["md", "double_well", "--out", str(weighted), "--frames", "2"], capsys, "exists")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_train_and_sample_bad_inputs(double_well_run, tmp_path, capsys):
+    run = double_well_run / "run"
+    config_before = (run / "config.yaml").read_text()
+    _fails(["train", "double_well", "--out", str(run)], capsys, "already holds a run", "--resume")
+    assert (run / "config.yaml").read_text() == config_before
+    _fails(["train", "double_well", "--out", str(tmp_path / "new"), "--resume"], capsys, "no config.yaml")
+    _fails(["train", "double_well", "--out", str(tmp_path / "r"), "--config", str(tmp_path / "no.yaml")], capsys,
+           "no.yaml")
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("training: {n_iteration: 5}\n")
+    _fails(["train", "double_well", "--out", str(tmp_path / "r2"), "--config", str(wrong)], capsys,
+           "unknown option 'n_iteration'")
+    _fails(["train", "alanine_dipeptide_vacuum", "--out", str(tmp_path / "r3"), "--data",
+            str(double_well_run / "samples.dcd")], capsys, "1 atoms", "22")
+    _fails(["sample", str(tmp_path), "--n", "10", "--out", str(tmp_path / "s.dcd")], capsys, "not a finished run")
+    _fails(["md", "no_such_thing", "--out", str(tmp_path / "m.dcd")], capsys, "no_such_thing")
