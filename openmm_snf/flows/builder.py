@@ -4,8 +4,8 @@ Layout for ``n_blocks`` = K (the paper's ``boltzmann_generator_RNVP_MC``):
 
     prior -> [coupling(A), coupling(B), stochastic(λ_1)] × K -> [MarginalizeAuxiliary] -> [transform]
 
-* Couplings: ``flow="realnvp"`` (affine; rotations on periodic dims) or ``"spline"`` (rational-
-  quadratic; circular splines on periodic dims). Masks A/B are the two halves of the latent
+* Couplings: ``flow="realnvp"`` (affine) or ``"spline"`` (rational-quadratic) on ordinary dims;
+  both use circular splines + rotations on periodic dims. Masks A/B are the two halves of the latent
   vector, or (with ``augment`` > 0) the auxiliary momenta v and the configuration q.
 * Stochastic blocks (``"mc"``, ``"langevin"`` (overdamped), ``"underdamped"`` or None) sample
   u_λ = (1 − λ) u_prior + λ [u_target(T(y)) − log|det J_T(y)| + ½|v|²] in the latent space, where T
