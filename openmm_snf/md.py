@@ -18,9 +18,11 @@ from tqdm.auto import tqdm
 
 from .energy.platforms import make_platform
 from .energy.replicate import build_replicated_system
-from .systems import MolecularSystem
+from .systems import MolecularSystem, kT_in_kj_per_mol
 
-__all__ = ["MDSettings", "run_md"]
+__all__ = ["MDSettings", "UmbrellaBias", "run_md"]
+
+_BIAS_KINDS = ("dihedral", "position")
 
 
 @dataclass
@@ -63,22 +65,94 @@ class MDSettings:
                                  f"{starts.shape}")
 
 
+@dataclass
+class UmbrellaBias:
+    """Harmonic umbrella windows on one CV, window r on replica r: u_r(x) = ½ k d(cv(x), c_r)² in kT.
+
+    kind: "dihedral" (``atoms``: 4 indices; cv in radians, d the periodic difference wrapped to
+    [-pi, pi)) or "position" (``atoms``: 1 index, coordinate ``axis`` 0/1/2 in nm; only for systems
+    held by an external field, e.g. the double well, since other systems are recentred).
+    centers: (n_replicas,) window centres c_r (radians or nm).
+    force_constant: k in kT/rad² or kT/nm² (kT of the MD temperature), the same for every window.
+    """
+
+    kind: str
+    atoms: tuple
+    centers: tuple
+    force_constant: float
+    axis: int = 0
+
+    def validate(self, n_atoms: int, n_replicas: int) -> None:
+        if self.kind not in _BIAS_KINDS:
+            raise ValueError(f"bias kind must be one of {_BIAS_KINDS}, got {self.kind!r}")
+        wanted = 4 if self.kind == "dihedral" else 1
+        atoms = list(self.atoms)
+        if len(atoms) != wanted or not all(0 <= int(a) < n_atoms for a in atoms):
+            raise ValueError(f"a {self.kind} bias needs {wanted} atom indices in [0, {n_atoms}), got {atoms}")
+        centers = np.asarray(self.centers, dtype=np.float64)
+        if centers.shape != (n_replicas,) or not np.all(np.isfinite(centers)):
+            raise ValueError(f"bias centers: need one finite centre per replica ({n_replicas}), got shape "
+                             f"{centers.shape}")
+        if not (np.isfinite(self.force_constant) and self.force_constant > 0):
+            raise ValueError(f"bias force_constant must be a positive number of kT per unit², got "
+                             f"{self.force_constant!r}")
+        if self.kind == "position" and self.axis not in (0, 1, 2):
+            raise ValueError(f"bias axis must be 0, 1 or 2, got {self.axis!r}")
+
+    def deviation(self, cv) -> np.ndarray:
+        """d(cv, c_r) of CV values (n,) from every centre: (n_replicas, n) float64."""
+        d = np.asarray(cv, dtype=np.float64)[None, :] - np.asarray(self.centers, dtype=np.float64)[:, None]
+        return (d + np.pi) % (2 * np.pi) - np.pi if self.kind == "dihedral" else d
+
+    def reduced_energies(self, cv) -> np.ndarray:
+        """Bias energies in kT of CV values (n,) under every window: (n_replicas, n) float64."""
+        return 0.5 * float(self.force_constant) * self.deviation(cv) ** 2
+
+    def openmm_force(self, n_atoms: int, offsets: np.ndarray, kT: float) -> openmm.Force:
+        """The force biasing replica r (particles r*n_atoms ...) of a replicated System; kT in kJ/mol."""
+        k = float(self.force_constant) * kT
+        if self.kind == "dihedral":
+            force = openmm.CustomTorsionForce("0.5*k_umb*dth^2; dth = min(dd, 2*pi - dd); dd = abs(theta - th0_umb);"
+                                              f" pi = {np.pi!r}")
+            force.addPerTorsionParameter("k_umb")
+            force.addPerTorsionParameter("th0_umb")
+            for r, center in enumerate(self.centers):
+                force.addTorsion(*(r * n_atoms + int(a) for a in self.atoms), [k, float(center)])
+            return force
+        coordinate = "xyz"[self.axis]
+        force = openmm.CustomExternalForce(f"0.5*k_umb*({coordinate} - c0_umb)^2")
+        force.addPerParticleParameter("k_umb")
+        force.addPerParticleParameter("c0_umb")
+        for r, center in enumerate(self.centers):
+            force.addParticle(r * n_atoms + int(self.atoms[0]), [k, float(center) + float(offsets[r, self.axis])])
+        return force
+
+
 def _is_translation_invariant(system: openmm.System) -> bool:
     return not any(isinstance(f, openmm.CustomExternalForce) for f in system.getForces())
 
 
 def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform: str | None = "CPU",
-           threads: int | None = None, progress: bool = True) -> np.ndarray:
+           threads: int | None = None, progress: bool = True, bias: UmbrellaBias | None = None) -> np.ndarray:
     """Run Langevin MD and return frames of shape (n_replicas, n_frames, n_atoms, 3), float64 nm.
 
     Frames of one replica are consecutive in time; replicas are independent (own velocities and
     noise). The start is the system's positions, energy-minimized, then ``equilibration_steps``.
+    With ``bias``, replica r samples the biased distribution of umbrella window r (equilibration and
+    minimization included), so start it near its centre (``settings.starts``) if the CV is slow.
     """
     settings = settings or MDSettings()
     settings.validate(mol.n_atoms)
     n_rep, n_atoms = int(settings.n_replicas), mol.n_atoms
     temperature = settings.temperature or mol.temperature
+    recenter = _is_translation_invariant(mol.system)
     system, offsets = build_replicated_system(mol.system, n_rep)
+    if bias is not None:
+        bias.validate(n_atoms, n_rep)
+        if bias.kind == "position" and recenter:
+            raise ValueError(f"a position bias needs a system held by an external field; {mol.name} is "
+                             "translation invariant (its replicas are recentred): bias a dihedral instead")
+        system.addForce(bias.openmm_force(n_atoms, offsets, kT_in_kj_per_mol(temperature)))
     integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, settings.friction / unit.picosecond,
                                                  settings.timestep * unit.femtosecond)
     integrator.setRandomNumberSeed(settings.seed + 1)  # OpenMM treats 0 as "pick a random seed"
@@ -89,7 +163,6 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     context.setPositions(start * unit.nanometer)
     openmm.LocalEnergyMinimizer.minimize(context)
     context.setVelocitiesToTemperature(temperature * unit.kelvin, settings.seed + 1)
-    recenter = _is_translation_invariant(mol.system)
     frames = np.empty((n_rep, int(settings.n_frames), n_atoms, 3))
     bar = tqdm(total=settings.equilibration_steps + settings.n_frames * settings.steps_per_frame,
                desc=f"MD {mol.name} ({n_rep} replicas)", unit="step", disable=not progress)

@@ -1,0 +1,147 @@
+"""Umbrella sampling analysed with MBAR (pymbar 4): unbiased free energies and per-frame weights.
+
+Window k (replica k of :func:`openmm_snf.md.run_md` with an :class:`~openmm_snf.md.UmbrellaBias`)
+samples p_k(x) ∝ exp(−u(x) − b_k(cv(x))), all at one temperature, so the unbiased energy u cancels
+and MBAR needs only the reduced bias energies b_k of every frame under every window. Then
+
+* f_k = −ln(Z_k / Z_0), the windows' dimensionless free energies (MBAR's self-consistent solution);
+* the unbiased weight of any frame n is w_n ∝ 1 / Σ_k N_k exp(f_k − b_k(cv_n));
+* ΔF_AB = F_A − F_B = −ln(Σ_A w / Σ_B w), with MBAR's analytic uncertainty (``compute_perturbed_free_energies``
+  on the states' indicator energies, 0 inside and +inf outside).
+
+MD frames are correlated: MBAR is solved on each window's frames subsampled by its statistical
+inefficiency g_k (pymbar.timeseries, computed on the CV's deviation from the window centre), so the
+analytic uncertainty is that of uncorrelated samples; the per-frame weights of *all* frames follow from
+the f_k and the full window counts (use them for reweighted histograms).
+"""
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.special import logsumexp
+from scipy.stats import norm
+
+from .errors import AnalysisError, EmptyStateError
+
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "umbrella_mbar"]
+
+
+def _pymbar():
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+        import pymbar  # prints an advertisement for JAX on import
+        from pymbar import timeseries
+    return pymbar, timeseries
+
+
+@dataclass(frozen=True)
+class UmbrellaFreeEnergy:
+    """ΔF = F_A − F_B in kT from MBAR with its analytic standard error and normal interval."""
+
+    label_a: str
+    label_b: str
+    delta_f: float
+    std: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    population_a: float
+    population_b: float
+    n_uncorrelated_a: int
+    n_uncorrelated_b: int
+
+    def summary(self) -> str:
+        return (f"dF({self.label_a} - {self.label_b}) = {self.delta_f:.3f} ± {self.std:.3f} kT "
+                f"[{self.ci_low:.3f}, {self.ci_high:.3f}] ({self.confidence:.0%}, umbrella sampling + MBAR; "
+                f"{self.n_uncorrelated_a} and {self.n_uncorrelated_b} uncorrelated frames)")
+
+
+@dataclass(frozen=True)
+class UmbrellaAnalysis:
+    """MBAR solution of an umbrella-sampling run.
+
+    Attributes:
+        f_windows: (K,) f_k in kT, f_0 = 0.
+        df_windows: (K,) MBAR standard errors of f_k − f_0.
+        log_weights: (K * n_frames,) unbiased log weights of all frames, window-major (the order of
+            ``frames.reshape(-1, ...)`` for frames of shape (K, n_frames, ...)), normalized (logsumexp 0).
+        statistical_inefficiency: (K,) g_k of each window.
+        kept: (K * n_frames,) bool, the frames MBAR was solved on (every g_k-th frame of each window).
+    """
+
+    f_windows: np.ndarray
+    df_windows: np.ndarray
+    log_weights: np.ndarray
+    statistical_inefficiency: np.ndarray
+    kept: np.ndarray
+    mbar: object
+
+    def delta_f(self, in_a, in_b, *, labels=("A", "B"), confidence: float = 0.95) -> UmbrellaFreeEnergy:
+        """F_A − F_B for boolean masks (K * n_frames,) over all frames (window-major)."""
+        in_a, in_b = (np.asarray(m, dtype=bool).reshape(-1) for m in (in_a, in_b))
+        if in_a.shape != self.kept.shape or in_b.shape != self.kept.shape:
+            raise AnalysisError(f"state masks must have {self.kept.size} entries (all frames), got "
+                                f"{in_a.size} and {in_b.size}")
+        if not 0 < confidence < 1:
+            raise AnalysisError(f"confidence must lie in (0, 1), got {confidence}")
+        for label, mask in zip(labels, (in_a, in_b)):
+            if not (mask & self.kept).any():
+                raise EmptyStateError(f"state {label!r} holds none of the {int(self.kept.sum())} uncorrelated "
+                                      "umbrella frames; add windows there or sample longer")
+        a, b = in_a[self.kept], in_b[self.kept]
+        u_ln = np.stack([np.where(a, 0.0, np.inf), np.where(b, 0.0, np.inf)])
+        result = self.mbar.compute_perturbed_free_energies(u_ln)
+        delta_f, std = float(result["Delta_f"][1, 0]), float(result["dDelta_f"][1, 0])
+        z = float(norm.ppf(0.5 + confidence / 2))
+        weights = np.exp(self.log_weights)
+        return UmbrellaFreeEnergy(labels[0], labels[1], delta_f, std, delta_f - z * std, delta_f + z * std,
+                                  confidence, float(weights[in_a].sum()), float(weights[in_b].sum()),
+                                  int(a.sum()), int(b.sum()))
+
+
+def _check_cv(cv, bias) -> np.ndarray:
+    cv = np.asarray(cv, dtype=np.float64)
+    n_windows = len(bias.centers)
+    if cv.ndim != 2 or cv.shape[0] != n_windows or cv.shape[1] < 2:
+        raise AnalysisError(f"cv must be (n_windows={n_windows}, n_frames >= 2), one row per window, got "
+                            f"shape {cv.shape}")
+    if not np.all(np.isfinite(cv)):
+        raise AnalysisError("cv values contain nan or inf")
+    return cv
+
+
+def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
+    """Solve MBAR for umbrella windows.
+
+    Args:
+        cv: (K, n_frames) biased CV of each window's frames (radians for a dihedral bias, nm for a
+            position bias), e.g. phi of ``run_md(..., bias=bias)`` frames, replica k in row k.
+        bias: the :class:`~openmm_snf.md.UmbrellaBias` the frames were sampled with (K windows).
+        decorrelate: subsample each window by its statistical inefficiency before solving MBAR
+            (False: use every frame, e.g. for independent samples).
+    """
+    pymbar, timeseries = _pymbar()
+    cv = _check_cv(cv, bias)
+    n_windows, n_frames = cv.shape
+    deviation = np.stack([bias.deviation(row)[k] for k, row in enumerate(cv)])
+    kept = np.zeros((n_windows, n_frames), dtype=bool)
+    inefficiency = np.ones(n_windows)
+    for k in range(n_windows):
+        if decorrelate and np.ptp(deviation[k]) > 0:
+            inefficiency[k] = float(timeseries.statistical_inefficiency(deviation[k]))
+        kept[k, np.unique(np.minimum(np.round(np.arange(0, n_frames, inefficiency[k])), n_frames - 1).astype(int))] = True
+    kept = kept.reshape(-1)
+    flat = cv.reshape(-1)
+    u_kn = bias.reduced_energies(flat[kept])
+    n_k = kept.reshape(n_windows, n_frames).sum(1)
+    with contextlib.redirect_stdout(_io.StringIO()):
+        mbar = pymbar.MBAR(u_kn, n_k, initialize="zeros")
+        solution = mbar.compute_free_energy_differences()
+    f_k = np.asarray(mbar.f_k, dtype=np.float64)
+    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - bias.reduced_energies(flat), axis=0)
+    log_w -= logsumexp(log_w)
+    return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
+                            log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar)
