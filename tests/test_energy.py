@@ -38,14 +38,31 @@ def assert_matches(model, reference, x):
     assert torch.all(model.last_flags == 0)
 
 
+@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
-def test_batched_matches_sequential_reference(mol, platform):
-    model = OpenMMEnergy(mol, platform=platform, chunk_size=8, loop_below=0)
+def test_batched_matches_sequential_reference(mol, platform, forces_from):
+    model = OpenMMEnergy(mol, platform=platform, chunk_size=8, loop_below=0, forces_from=forces_from)
+    assert model.forces_from == forces_from
     reference = SequentialEnergy(mol, platform="Reference")
     assert_matches(model, reference, perturbed(mol, 13))  # odd size, above the chunk size
     assert_matches(model, reference, perturbed(mol, 1, seed=1))
     tiny_batches_loop = OpenMMEnergy(mol, platform=platform)  # default: fewer than 16 samples use the loop
     assert_matches(tiny_batches_loop, reference, perturbed(mol, 3, seed=2))
+    assert torch.allclose(model.forces(perturbed(mol, 5)), reference.forces(perturbed(mol, 5)),
+                          rtol=0, atol=FORCE_TOL_REL * reference.forces(perturbed(mol, 5)).abs().max())
+
+
+def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
+    mol = load_system("alanine_dipeptide_implicit")
+    model = OpenMMEnergy(mol, platform="CPU")
+    assert model.forces_from == "torch" and model.sequential_forces == []
+    x = perturbed(mol, 1100, scale=0.01)  # more than one pass of the torch terms (1024 samples)
+    u, f = model.energy_and_forces(x)
+    u_ref, f_ref = SequentialEnergy(mol, platform="CPU", threads=1).energy_and_forces(x[1020:1030])
+    assert torch.all((u[1020:1030] - u_ref).abs() * model.kT < ENERGY_TOL_KJ)
+    assert torch.all((f[1020:1030] - f_ref).abs() <= FORCE_TOL_REL * f_ref.abs().max())
+    with pytest.raises(ValueError, match="forces_from"):
+        OpenMMEnergy(mol, platform="CPU", forces_from="numpy")
 
 
 def test_energies_are_translation_and_batch_independent():

@@ -87,10 +87,11 @@ VARIANTS = {"gbsaobc_cutoff": gbsaobc_and_cutoff, "custom": custom_bonded_and_ex
             "gbn2": lambda: app_gb_model("gbn2")}
 
 
+@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variant_matches_reference_loop(name):
+def test_variant_matches_reference_loop(name, forces_from):
     mol = VARIANTS[name]()
-    model = OpenMMEnergy(mol, platform="Reference", chunk_size=4)
+    model = OpenMMEnergy(mol, platform="Reference", chunk_size=4, forces_from=forces_from)
     generator = torch.Generator().manual_seed(3)
     x = torch.as_tensor(mol.positions)[None] + 0.02 * torch.randn(5, mol.n_atoms, 3, generator=generator,
                                                                    dtype=torch.float64)
@@ -100,6 +101,7 @@ def test_variant_matches_reference_loop(name):
     assert torch.all((u - u_ref).abs() * model.kT < 1e-3)
     assert torch.all((f - f_ref).abs() <= 1e-4 * f_ref.abs().max())
     assert torch.all(model.last_flags == 0)
+    assert torch.allclose(model.forces(x), f, rtol=0, atol=1e-9 * f_ref.abs().max())
     if name == "custom":
         assert model.sequential_forces == ["CMAPTorsionForce", "CustomCompoundBondForce"] and not model.recenter
     else:  # the GB models, discrete tabulated functions of GBn/GBn2 included, are vectorized

@@ -58,17 +58,24 @@ class CustomGBTerm:
         exclusions = {tuple(sorted(force.getExclusionParticles(e))) for e in range(force.getNumExclusions())}
         self.pair_index = {(ordered, skip): torch.as_tensor(_pairs(n, exclusions, ordered, skip))
                            for ordered in (True, False) for skip in (True, False)}
+        # distances are computed once per unordered pair i < j (never i == i: sqrt's gradient at 0 is
+        # infinite, which would turn autograd's gradients into nan); each pair list reads them by position
+        self.upper = self.pair_index[(False, False)]
+        position = {(int(i), int(j)): k for k, (i, j) in enumerate(self.upper.tolist())}
+        self.pair_position = {key: torch.as_tensor([position[(min(i, j), max(i, j))] for i, j in index.tolist()],
+                                                   dtype=torch.long)
+                              for key, index in self.pair_index.items()}
         self.cutoff = None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value
         self.n = n
 
     def _pair_values(self, distances, known, ordered, skip, needed):
         """r (P, B) and the per-pair variables (suffixes 1 and 2) in ``needed``, for the chosen pair list.
 
-        ``distances`` is the (n*n, B) matrix of all interatomic distances of the batch.
+        ``distances`` (n*(n-1)/2, B) holds the distances of the pairs i < j of the batch.
         """
         index = self.pair_index[(ordered, skip)].to(distances.device)
         i, j = index[:, 0], index[:, 1]
-        r = distances[i * self.n + j]
+        r = distances[self.pair_position[(ordered, skip)].to(distances.device)]
         values = dict(self.globals, r=r)
         for name, value in known.items():
             for suffix, index in (("1", i), ("2", j)):
@@ -84,8 +91,9 @@ class CustomGBTerm:
         batch = c.shape[2]
         known = {k: v.to(c.device) for k, v in self.params.items()}
         single = {"x": c[0], "y": c[1], "z": c[2]}
-        d = c[:, :, None, :] - c[:, None, :, :]
-        distances = torch.sqrt((d * d).sum(0)).reshape(self.n * self.n, batch)
+        upper = self.upper.to(c.device)
+        d = c.index_select(1, upper[:, 1]) - c.index_select(1, upper[:, 0])
+        distances = torch.sqrt((d * d).sum(0))
         for name, expression, kind in self.values:
             if kind == _SINGLE:
                 value = expression.evaluate({**self.globals, **known, **single})

@@ -1,15 +1,18 @@
-"""Exact per-sample energies of OpenMM forces, vectorized over a batch in torch (float64).
+"""Exact per-sample energies and forces of OpenMM forces, vectorized over a batch in torch (float64).
 
 OpenMM reports only the total energy of a Context; the replicated System (see ``replicate.py``)
 therefore gives exact forces for a batch but not the energy of each copy. Each class here evaluates
 one force's energy for a whole batch from the force's own parameters, with the formulas OpenMM uses
 (in double precision, like OpenMM's Reference platform). :func:`build_energy_terms` turns a System
 into such terms; forces without a vectorized form here go to :class:`SequentialTerm`, which
-evaluates just those forces one sample at a time on a small OpenMM Context (exact, slower).
+evaluates just those forces' energies one sample at a time on a small OpenMM Context (exact, slower).
 
 Every term maps coordinates ``c`` in component-major layout (3, n_atoms, B) float64 nm (see
 :func:`to_components`; contiguous rows over the batch keep the arithmetic vectorized) to energies
-(B,) float64 kJ/mol.
+(B,) float64 kJ/mol. :func:`evaluate_term` also adds the term's gradient dU/dc (3, n_atoms, B) to a
+buffer: the harmonic bonded terms, periodic torsions and NonbondedForce have analytic gradients
+(written out here, no autograd graph: the fast route on CPUs); every other vectorized term is
+differentiated by torch autograd in float64 (exact, about twice the cost of its energy).
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ import torch
 from .expression import ExpressionError, parse
 from .gb import CustomGBTerm, GBSAOBCTerm, tabulated_functions
 
-__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "SequentialTerm", "to_components", "distance", "bond_angle",
-           "dihedral"]
+__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "evaluate_term", "SequentialTerm", "to_components", "distance",
+           "bond_angle", "dihedral"]
 
 ONE_4PI_EPS0 = 138.93545764438198  # kJ/mol nm / e^2, OpenMM's value
 
@@ -88,32 +91,65 @@ class _IndexedTerm:
         return self._cpu, self._params
 
 
+def _gather(c, index):
+    return c.index_select(1, index)
+
+
+def _add_pair_gradient(grad, i, j, g):
+    """grad[:, j] += g, grad[:, i] -= g for a gradient g (3, m, B) with respect to r_j - r_i."""
+    grad.index_add_(1, j, g)
+    grad.index_add_(1, i, g, alpha=-1.0)
+
+
 class HarmonicBondTerm(_IndexedTerm):
+    analytic = True
+
     def __init__(self, force):
         terms = [force.getBondParameters(t) for t in range(force.getNumBonds())]
         super().__init__([t[:2] for t in terms] or np.zeros((0, 2)),
                          {"r0": [_value(t[2]) for t in terms], "k": [_value(t[3]) for t in terms]})
 
-    def __call__(self, c):
+    def __call__(self, c, grad=None):
         (i, j), p = self._on(c.device)
-        stretch = distance(c, i, j) - p["r0"]
+        d = _gather(c, j) - _gather(c, i)
+        r = torch.sqrt((d * d).sum(0))
+        stretch = r - p["r0"]
+        if grad is not None:
+            _add_pair_gradient(grad, i, j, (p["k"] * stretch / r) * d)
         return (0.5 * p["k"] * stretch * stretch).sum(0)
 
 
 class HarmonicAngleTerm(_IndexedTerm):
+    analytic = True
+
     def __init__(self, force):
         terms = [force.getAngleParameters(t) for t in range(force.getNumAngles())]
         super().__init__([t[:3] for t in terms] or np.zeros((0, 3)),
                          {"theta0": [_value(t[3]) for t in terms], "k": [_value(t[4]) for t in terms]})
 
-    def __call__(self, c):
+    def __call__(self, c, grad=None):
         (i, j, k), p = self._on(c.device)
-        bend = bond_angle(c, i, j, k) - p["theta0"]
+        cj = _gather(c, j)
+        a, b = _gather(c, i) - cj, _gather(c, k) - cj
+        n = _cross(a, b)
+        norm_n = torch.sqrt((n * n).sum(0))
+        bend = torch.atan2(norm_n, (a * b).sum(0)) - p["theta0"]
+        if grad is not None:
+            # d(theta)/da = (a x n) / (|a|^2 |n|), d(theta)/db = (n x b) / (|b|^2 |n|); OpenMM's Reference
+            # kernel bounds |n| below by 1e-6 the same way for (anti)linear angles
+            scale = p["k"] * bend / norm_n.clamp(min=1e-6)
+            ga = _cross(a, n) * (scale / (a * a).sum(0))
+            gb = _cross(n, b) * (scale / (b * b).sum(0))
+            grad.index_add_(1, i, ga)
+            grad.index_add_(1, k, gb)
+            grad.index_add_(1, j, ga + gb, alpha=-1.0)
         return (0.5 * p["k"] * bend * bend).sum(0)
 
 
 class PeriodicTorsionTerm(_IndexedTerm):
     """Force fields put several periodicities on one dihedral: each distinct dihedral is computed once."""
+
+    analytic = True
 
     def __init__(self, force):
         terms = [force.getTorsionParameters(t) for t in range(force.getNumTorsions())]
@@ -123,11 +159,37 @@ class PeriodicTorsionTerm(_IndexedTerm):
                                   "k": [_value(t[6]) for t in terms]})
         self._which = torch.as_tensor(which.reshape(-1), dtype=torch.long)
 
-    def __call__(self, c):
+    def __call__(self, c, grad=None):
         (i, j, k, l), p = self._on(c.device)
         self._which = self._which.to(c.device)
-        phi = dihedral(c, i, j, k, l)[self._which]
-        return (p["k"] * (1.0 + torch.cos(p["n"] * phi - p["phase"]))).sum(0)
+        ci, cj, ck, cl = (_gather(c, a) for a in (i, j, k, l))
+        b1, b2, b3 = cj - ci, ck - cj, cl - ck
+        n1, n2 = _cross(b1, b2), _cross(b2, b3)
+        b2_sq = (b2 * b2).sum(0)
+        b2_norm = torch.sqrt(b2_sq)
+        m1 = _cross(n1, b2 / b2_norm)
+        phi = torch.atan2(-(m1 * n2).sum(0), (n1 * n2).sum(0))  # OpenMM's sign convention, see dihedral()
+        angle = p["n"] * phi[self._which] - p["phase"]
+        if grad is not None:
+            de_dphi = torch.zeros_like(phi).index_add_(0, self._which, -p["k"] * p["n"] * torch.sin(angle))
+            _add_dihedral_gradient(grad, (i, j, k, l), (b1, b2, b3), (n1, n2), b2_sq, b2_norm, de_dphi)
+        return (p["k"] * (1.0 + torch.cos(angle))).sum(0)
+
+
+def _add_dihedral_gradient(grad, atoms, bonds, normals, b2_sq, b2_norm, de_dphi):
+    """Add dU/dr of dihedral-angle terms with dU/dphi ``de_dphi`` (m, B) (Blondel & Karplus 1996).
+
+    With OpenMM's sign of phi: d(phi)/dr_i = -|b2|/|n1|^2 n1, d(phi)/dr_l = |b2|/|n2|^2 n2, and the
+    middle atoms take the rest so that the gradients sum to zero.
+    """
+    (i, j, k, l), (b1, b2, b3), (n1, n2) = atoms, bonds, normals
+    gi = n1 * (-de_dphi * b2_norm / (n1 * n1).sum(0))
+    gl = n2 * (de_dphi * b2_norm / (n2 * n2).sum(0))
+    p, q = (b1 * b2).sum(0) / b2_sq, (b3 * b2).sum(0) / b2_sq
+    grad.index_add_(1, i, gi)
+    grad.index_add_(1, l, gl)
+    grad.index_add_(1, j, q * gl - (1.0 + p) * gi)
+    grad.index_add_(1, k, p * gi - (1.0 + q) * gl)
 
 
 class RBTorsionTerm(_IndexedTerm):
@@ -149,6 +211,8 @@ class NonbondedTerm(_IndexedTerm):
     Non-exception pairs use Lorentz-Berthelot combining; exceptions (14 pairs, exclusions) use their
     own parameters, are never cut off and get plain Coulomb, as in OpenMM.
     """
+
+    analytic = True
 
     def __init__(self, force):
         n = force.getNumParticles()
@@ -177,30 +241,60 @@ class NonbondedTerm(_IndexedTerm):
             self.c_rf = 1.0 / self.cutoff + self.k_rf * self.cutoff ** 2
             self.switch = _value(force.getSwitchingDistance()) if force.getUseSwitchingFunction() else None
 
+    def __call__(self, c, grad=None):
+        (i, j), p = self._on(c.device)
+        if self.cutoff is None:
+            energy = self._plain_pairs(c, i, j, p, grad)
+        else:
+            energy = self._cutoff_pairs(c, i, j, p, grad)
+        (ei, ej), pe = self.exceptions._on(c.device)
+        if len(ei):
+            energy = energy + self._plain_pairs(c, ei, ej, pe, grad)
+        return energy
+
     @staticmethod
-    def _lj(p, r):
-        s2 = p["sigma"] / r
+    def _geometry(c, i, j):
+        d = _gather(c, j) - _gather(c, i)
+        inv_r = torch.rsqrt((d * d).sum(0))
+        return d, inv_r
+
+    @staticmethod
+    def _lj(p, inv_r):
+        """(LJ energy, r * dLJ/dr); +inf (not inf - inf) for overlapping atoms."""
+        s2 = p["sigma"] * inv_r
         s2 = s2 * s2
         s6 = s2 * s2 * s2
-        return 4.0 * p["eps"] * s6 * (s6 - 1.0)  # +inf (not inf - inf) for overlapping atoms
+        four_eps_s6 = 4.0 * p["eps"] * s6
+        return four_eps_s6 * (s6 - 1.0), -6.0 * four_eps_s6 * (2.0 * s6 - 1.0)
 
-    def __call__(self, c):
-        (i, j), p = self._on(c.device)
-        r = distance(c, i, j)
-        if self.cutoff is None:
-            pair = ONE_4PI_EPS0 * p["qq"] / r + self._lj(p, r)
-        else:
-            coulomb = ONE_4PI_EPS0 * p["qq"] * (1.0 / r + self.k_rf * r * r - self.c_rf)
-            lj = self._lj(p, r)
-            if self.switch is not None:
-                t = ((r - self.switch) / (self.cutoff - self.switch)).clamp(min=0.0)
-                lj = lj * (1.0 - t ** 3 * (10.0 - 15.0 * t + 6.0 * t * t))
-            pair = torch.where(r < self.cutoff, coulomb + lj, torch.zeros_like(r))
-        (ei, ej), pe = self.exceptions._on(c.device)
-        if len(ei) == 0:
-            return pair.sum(0)
-        re = distance(c, ei, ej)
-        return pair.sum(0) + (ONE_4PI_EPS0 * pe["qq"] / re + self._lj(pe, re)).sum(0)
+    def _plain_pairs(self, c, i, j, p, grad):
+        """Coulomb + LJ without cutoff (all pairs of NoCutoff, exceptions always)."""
+        d, inv_r = self._geometry(c, i, j)
+        coulomb = ONE_4PI_EPS0 * p["qq"] * inv_r
+        lj, r_dlj = self._lj(p, inv_r)
+        if grad is not None:  # dU/dr / r = (r dU/dr) / r^2, r dCoulomb/dr = -Coulomb
+            _add_pair_gradient(grad, i, j, ((r_dlj - coulomb) * inv_r * inv_r) * d)
+        return (coulomb + lj).sum(0)
+
+    def _cutoff_pairs(self, c, i, j, p, grad):
+        """Reaction-field Coulomb + (switched) LJ inside the cutoff, zero beyond."""
+        d, inv_r = self._geometry(c, i, j)
+        r = 1.0 / inv_r
+        qq = ONE_4PI_EPS0 * p["qq"]
+        coulomb = qq * (inv_r + self.k_rf * r * r - self.c_rf)
+        lj, r_dlj = self._lj(p, inv_r)
+        r_de = qq * (2.0 * self.k_rf * r * r - inv_r)
+        if self.switch is not None:
+            width = self.cutoff - self.switch
+            t = ((r - self.switch) / width).clamp(min=0.0)
+            switch = 1.0 - t ** 3 * (10.0 - 15.0 * t + 6.0 * t * t)
+            r_dlj = r_dlj * switch - lj * (30.0 * t * t * (1.0 - t) ** 2 / width) * r
+            lj = lj * switch
+        inside = r < self.cutoff
+        zero = torch.zeros_like(r)
+        if grad is not None:
+            _add_pair_gradient(grad, i, j, (torch.where(inside, r_de + r_dlj, zero) * inv_r * inv_r) * d)
+        return torch.where(inside, coulomb + lj, zero).sum(0)
 
 
 def _globals(force) -> dict:
@@ -287,16 +381,35 @@ class SequentialTerm:
         return out.to(c.device)
 
 
+def evaluate_term(term, c: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    """Energies (B,) kJ/mol of a vectorized ``term`` at ``c`` (3, n_atoms, B) float64 nm.
+
+    With ``grad`` (a (3, n_atoms, B) float64 buffer), dU/dc in kJ/mol/nm is added to it: analytic for
+    terms marked ``analytic``, by autograd (float64, exact) for the others.
+    """
+    if grad is None:
+        return term(c)
+    if getattr(term, "analytic", False):
+        return term(c, grad)
+    with torch.enable_grad():
+        leaf = c.detach().requires_grad_(True)
+        energy = term(leaf)
+        if energy.requires_grad:
+            grad += torch.autograd.grad(energy.sum(), leaf)[0]
+    return energy.detach()
+
+
 _VECTORIZED = {"HarmonicBondForce": HarmonicBondTerm, "HarmonicAngleForce": HarmonicAngleTerm,
                "PeriodicTorsionForce": PeriodicTorsionTerm, "RBTorsionForce": RBTorsionTerm,
                "NonbondedForce": NonbondedTerm, "GBSAOBCForce": GBSAOBCTerm, "CustomGBForce": CustomGBTerm,
                **{kind: CustomIndexedTerm for kind in CustomIndexedTerm._GEOMETRY}}
 
 
-def build_energy_terms(system: openmm.System) -> tuple[list, list[int]]:
-    """Return ([(force_index, term)], indices of forces evaluated by a :class:`SequentialTerm`).
+def build_energy_terms(system: openmm.System, sequential_energies: bool = True) -> tuple[list, list[int]]:
+    """Return ([(force_index, term)], indices of forces without a vectorized term).
 
-    The sequential term, if any, is appended with force index -1. CMMotionRemover has no energy.
+    With ``sequential_energies``, a :class:`SequentialTerm` for those forces is appended with force
+    index -1 (energies only). CMMotionRemover has no energy.
     """
     terms, sequential = [], []
     for index, force in enumerate(system.getForces()):
@@ -307,6 +420,6 @@ def build_energy_terms(system: openmm.System) -> tuple[list, list[int]]:
             terms.append((index, _VECTORIZED[kind](force)))
         except (KeyError, ExpressionError, NotImplementedError):
             sequential.append(index)
-    if sequential:
+    if sequential and sequential_energies:
         terms.append((-1, SequentialTerm(system, [system.getForce(i) for i in sequential])))
     return terms, sequential
