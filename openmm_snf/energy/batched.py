@@ -49,7 +49,7 @@ from .terms import build_energy_terms, evaluate_term, to_components
 __all__ = ["OpenMMEnergy", "reported_precision"]
 
 _MAX_PAIR_ELEMENTS = 1 << 24  # bound on (batch x atom pairs) tensors of the energy terms
-_TORCH_CHUNK = 1024  # samples per pass of the torch terms: larger passes leave the CPU caches
+_TORCH_CHUNK = 512  # samples per pass of the torch terms: larger passes leave the CPU caches
 _ROUTES = ("auto", "torch", "openmm")
 
 
@@ -250,20 +250,25 @@ class OpenMMEnergy(EnergyModel):
 
     def _evaluate(self, x: np.ndarray, energies: bool, device):
         batch = len(x)
-        flags = np.zeros(batch, dtype=np.int64)
-        energy = np.full(batch, np.nan) if energies else None
-        forces = np.full_like(x, np.nan)
-        finite = np.isfinite(x).all(axis=(1, 2))
-        flags[~finite] |= BadSample.NONFINITE_INPUT
-        centered = np.zeros_like(x)
-        centered[finite] = self._centered(x[finite])
-        radius = np.full(batch, np.inf)
-        radius[finite] = np.linalg.norm(centered[finite], axis=-1).max(axis=-1)
-        inside = finite & (radius < self.copy_radius)
-        outside = np.flatnonzero(finite & ~inside)
-        flags[outside] |= BadSample.OUT_OF_RANGE
         if energies and not self.per_sample_energies:
             raise RuntimeError("this OpenMMEnergy was built with per_sample_energies=False; only forces() works")
+        flags = np.zeros(batch, dtype=np.int64)
+        finite = np.isfinite(x).all(axis=(1, 2))
+        flags[~finite] |= BadSample.NONFINITE_INPUT
+        centered = self._centered(x if finite.all() else np.where(finite[:, None, None], x, 0.0))
+        radius_sq = np.einsum("bai,bai->ba", centered, centered).max(axis=1)
+        inside = finite & (radius_sq < self.copy_radius ** 2)
+        outside = np.flatnonzero(finite & ~inside)
+        flags[outside] |= BadSample.OUT_OF_RANGE
+        if inside.all() and batch >= self.loop_below:  # the common case: no copies of the batch
+            try:
+                energy, forces = self._in_batch(x, centered, energies, device)
+                return energy, forces, self._output_flags(energy, forces, flags)
+            except Exception as err:  # OpenMM raises plain Exceptions; find the failing sample on its own
+                warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
+                inside, outside = np.zeros_like(inside), np.arange(batch)
+        energy = np.full(batch, np.nan) if energies else None
+        forces = np.full_like(x, np.nan)
         if 0 < inside.sum() < self.loop_below:  # a few samples: a plain loop beats one batched call
             for b in np.flatnonzero(inside):
                 e, forces[b] = self._evaluate_alone(x[b], int(b), energies, self._loop_context())
@@ -275,7 +280,7 @@ class OpenMMEnergy(EnergyModel):
                 e, forces[inside] = self._in_batch(x[inside], centered[inside], energies, device)
                 if energies:
                     energy[inside] = e
-            except Exception as err:  # OpenMM raises plain Exceptions; find the failing sample on its own
+            except Exception as err:  # as above
                 warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
                 outside = np.flatnonzero(finite)
         for b in outside:

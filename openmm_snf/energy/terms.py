@@ -46,7 +46,18 @@ def to_components(x: torch.Tensor) -> torch.Tensor:
 
 
 def _cross(a, b):
-    return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+    """Cross product of (3, ...) tensors along dim 0 (two fused kernels per component, no stack)."""
+    if a.requires_grad or b.requires_grad:  # out= kernels do not record autograd graphs
+        return torch.stack([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+    out = torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=a.dtype, device=a.device)
+    for k, (i, j) in enumerate(((1, 2), (2, 0), (0, 1))):
+        torch.mul(a[i], b[j], out=out[k])
+        out[k].addcmul_(a[j], b[i], value=-1.0)
+    return out
+
+
+def _dot(a, b):
+    return torch.linalg.vecdot(a, b, dim=0)
 
 
 def distance(c, i, j):
@@ -132,14 +143,15 @@ class HarmonicAngleTerm(_IndexedTerm):
         cj = _gather(c, j)
         a, b = _gather(c, i) - cj, _gather(c, k) - cj
         n = _cross(a, b)
-        norm_n = torch.sqrt((n * n).sum(0))
-        bend = torch.atan2(norm_n, (a * b).sum(0)) - p["theta0"]
+        norm_n = torch.sqrt(_dot(n, n))
+        ab = _dot(a, b)
+        bend = torch.atan2(norm_n, ab) - p["theta0"]
         if grad is not None:
-            # d(theta)/da = (a x n) / (|a|^2 |n|), d(theta)/db = (n x b) / (|b|^2 |n|); OpenMM's Reference
-            # kernel bounds |n| below by 1e-6 the same way for (anti)linear angles
+            # d(theta)/da = (a x n) / (|a|^2 |n|) = (a (a.b)/|a|^2 - b) / |n|, and d(theta)/db likewise;
+            # OpenMM's Reference kernel bounds |n| below by 1e-6 the same way for (anti)linear angles
             scale = p["k"] * bend / norm_n.clamp(min=1e-6)
-            ga = _cross(a, n) * (scale / (a * a).sum(0))
-            gb = _cross(n, b) * (scale / (b * b).sum(0))
+            ga = (a * (ab / _dot(a, a)) - b) * scale
+            gb = (b * (ab / _dot(b, b)) - a) * scale
             grad.index_add_(1, i, ga)
             grad.index_add_(1, k, gb)
             grad.index_add_(1, j, ga + gb, alpha=-1.0)
@@ -156,7 +168,8 @@ class PeriodicTorsionTerm(_IndexedTerm):
         quads = np.array([t[:4] for t in terms], dtype=np.int64).reshape(-1, 4)
         unique, which = np.unique(quads, axis=0, return_inverse=True)
         super().__init__(unique, {"n": [t[4] for t in terms], "phase": [_value(t[5]) for t in terms],
-                                  "k": [_value(t[6]) for t in terms]})
+                                  "k": [_value(t[6]) for t in terms],
+                                  "minus_kn": [-_value(t[6]) * t[4] for t in terms]})
         self._which = torch.as_tensor(which.reshape(-1), dtype=torch.long)
 
     def __call__(self, c, grad=None):
@@ -165,13 +178,12 @@ class PeriodicTorsionTerm(_IndexedTerm):
         ci, cj, ck, cl = (_gather(c, a) for a in (i, j, k, l))
         b1, b2, b3 = cj - ci, ck - cj, cl - ck
         n1, n2 = _cross(b1, b2), _cross(b2, b3)
-        b2_sq = (b2 * b2).sum(0)
+        b2_sq = _dot(b2, b2)
         b2_norm = torch.sqrt(b2_sq)
-        m1 = _cross(n1, b2 / b2_norm)
-        phi = torch.atan2(-(m1 * n2).sum(0), (n1 * n2).sum(0))  # OpenMM's sign convention, see dihedral()
+        phi = torch.atan2(b2_norm * _dot(b1, n2), _dot(n1, n2))  # OpenMM's sign convention, see dihedral()
         angle = p["n"] * phi[self._which] - p["phase"]
         if grad is not None:
-            de_dphi = torch.zeros_like(phi).index_add_(0, self._which, -p["k"] * p["n"] * torch.sin(angle))
+            de_dphi = torch.zeros_like(phi).index_add_(0, self._which, p["minus_kn"] * torch.sin(angle))
             _add_dihedral_gradient(grad, (i, j, k, l), (b1, b2, b3), (n1, n2), b2_sq, b2_norm, de_dphi)
         return (p["k"] * (1.0 + torch.cos(angle))).sum(0)
 
@@ -183,9 +195,10 @@ def _add_dihedral_gradient(grad, atoms, bonds, normals, b2_sq, b2_norm, de_dphi)
     middle atoms take the rest so that the gradients sum to zero.
     """
     (i, j, k, l), (b1, b2, b3), (n1, n2) = atoms, bonds, normals
-    gi = n1 * (-de_dphi * b2_norm / (n1 * n1).sum(0))
-    gl = n2 * (de_dphi * b2_norm / (n2 * n2).sum(0))
-    p, q = (b1 * b2).sum(0) / b2_sq, (b3 * b2).sum(0) / b2_sq
+    scale = de_dphi * b2_norm
+    gi = n1 * (-scale / _dot(n1, n1))
+    gl = n2 * (scale / _dot(n2, n2))
+    p, q = _dot(b1, b2) / b2_sq, _dot(b3, b2) / b2_sq
     grad.index_add_(1, i, gi)
     grad.index_add_(1, l, gl)
     grad.index_add_(1, j, q * gl - (1.0 + p) * gi)
@@ -233,8 +246,8 @@ class NonbondedTerm(_IndexedTerm):
             pairs = np.concatenate([pairs, exception_pairs])
             params = {k: np.concatenate([v, exception_params[k]]) for k, v in params.items()}
             exception_pairs, exception_params = np.zeros((0, 2), dtype=np.int64), {k: [] for k in params}
-        super().__init__(pairs, params)
-        self.exceptions = _IndexedTerm(exception_pairs, exception_params)
+        super().__init__(pairs, self._prepared(params))
+        self.exceptions = _IndexedTerm(exception_pairs, self._prepared(exception_params))
         if self.cutoff is not None:
             rf = force.getReactionFieldDielectric()
             self.k_rf = (rf - 1.0) / ((2.0 * rf + 1.0) * self.cutoff ** 3)
@@ -259,30 +272,38 @@ class NonbondedTerm(_IndexedTerm):
         return d, inv_r
 
     @staticmethod
-    def _lj(p, inv_r):
-        """(LJ energy, r * dLJ/dr); +inf (not inf - inf) for overlapping atoms."""
-        s2 = p["sigma"] * inv_r
-        s2 = s2 * s2
+    def _prepared(params):
+        """Per-pair constants of the kernels: 4 eps, sigma^2, q_i q_j / (4 pi eps0)."""
+        return {"four_eps": 4.0 * np.asarray(params["eps"], dtype=np.float64),
+                "sigma_sq": np.asarray(params["sigma"], dtype=np.float64) ** 2,
+                "qq": ONE_4PI_EPS0 * np.asarray(params["qq"], dtype=np.float64)}
+
+    @staticmethod
+    def _lj(p, inv_r_sq, derivative):
+        """(LJ energy, r * dLJ/dr or None); +inf (not inf - inf) for overlapping atoms."""
+        s2 = p["sigma_sq"] * inv_r_sq
         s6 = s2 * s2 * s2
-        four_eps_s6 = 4.0 * p["eps"] * s6
-        return four_eps_s6 * (s6 - 1.0), -6.0 * four_eps_s6 * (2.0 * s6 - 1.0)
+        four_eps_s6 = p["four_eps"] * s6
+        r_dlj = four_eps_s6 * (6.0 - 12.0 * s6) if derivative else None
+        return four_eps_s6 * (s6 - 1.0), r_dlj
 
     def _plain_pairs(self, c, i, j, p, grad):
         """Coulomb + LJ without cutoff (all pairs of NoCutoff, exceptions always)."""
         d, inv_r = self._geometry(c, i, j)
-        coulomb = ONE_4PI_EPS0 * p["qq"] * inv_r
-        lj, r_dlj = self._lj(p, inv_r)
+        inv_r_sq = inv_r * inv_r
+        coulomb = p["qq"] * inv_r
+        lj, r_dlj = self._lj(p, inv_r_sq, grad is not None)
         if grad is not None:  # dU/dr / r = (r dU/dr) / r^2, r dCoulomb/dr = -Coulomb
-            _add_pair_gradient(grad, i, j, ((r_dlj - coulomb) * inv_r * inv_r) * d)
+            _add_pair_gradient(grad, i, j, ((r_dlj - coulomb) * inv_r_sq) * d)
         return (coulomb + lj).sum(0)
 
     def _cutoff_pairs(self, c, i, j, p, grad):
         """Reaction-field Coulomb + (switched) LJ inside the cutoff, zero beyond."""
         d, inv_r = self._geometry(c, i, j)
         r = 1.0 / inv_r
-        qq = ONE_4PI_EPS0 * p["qq"]
+        qq = p["qq"]
         coulomb = qq * (inv_r + self.k_rf * r * r - self.c_rf)
-        lj, r_dlj = self._lj(p, inv_r)
+        lj, r_dlj = self._lj(p, inv_r * inv_r, True)
         r_de = qq * (2.0 * self.k_rf * r * r - inv_r)
         if self.switch is not None:
             width = self.cutoff - self.switch
