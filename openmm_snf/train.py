@@ -9,6 +9,12 @@ Reliability: a step whose loss or gradient norm is not finite is skipped (never 
 counted; checkpoints are written to a temporary file and renamed, and hold everything needed to
 resume bit-for-bit on the same device (model, optimizer, iteration, RNG state, skip count).
 Metrics go to a JSON-lines file, one object per iteration.
+
+Data parallelism (see :mod:`openmm_snf.distributed`): the global batch is cut into ``n_shards``
+shards, each drawn with its own generator stream; with a process group the shards are spread over the
+ranks, gradients and metrics are summed in one all-reduce, and only rank 0 writes checkpoints and
+metrics. A run is defined by (seed, batch_size, n_shards): training on W ranks equals single-process
+training with ``n_shards = W`` up to floating-point reduction order.
 """
 from __future__ import annotations
 
@@ -23,8 +29,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import (DistributedError, broadcast_module, check_same_on_all_ranks, gather_in_order,
+                          local_shards, rank_of, shard_seed, split_sizes, sum_gradients, world_size_of)
 from .flows.builder import build_snf_from_config
 from .flows.snf import SNF
+from .weights import kish_ess
 
 __all__ = ["TrainConfig", "Trainer", "save_checkpoint", "load_checkpoint", "load_snf", "learning_rate_at"]
 
@@ -48,6 +57,11 @@ class TrainConfig:
         ess_every: when weight_reverse is 0, draw a monitoring batch every this many iterations for
             ESS and acceptance (0: never); it costs batch_size extra samples.
         seed: seeds the trainer's generator (minibatches and all noise).
+        n_shards: the batch is drawn in this many shards (sizes differ by at most one), shard k with
+            its own generator (``distributed.shard_seed(seed, k, n_shards)``; one shard: ``seed``) and
+            its loss weighted by its share of the batch. None: the checkpoint's count when resuming,
+            else the number of ranks (1 in a single process). Runs with equal (seed, batch_size,
+            n_shards) agree on any number of ranks that divides n_shards.
     """
 
     n_iterations: int = 1000
@@ -62,6 +76,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     ess_every: int = 10
     seed: int = 0
+    n_shards: int | None = None
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -70,6 +85,8 @@ class TrainConfig:
             raise ValueError("need n_iterations >= 0, batch_size >= 1 and learning_rate > 0")
         if self.weight_forward < 0 or self.weight_reverse < 0 or self.weight_forward + self.weight_reverse == 0:
             raise ValueError("weight_forward and weight_reverse must be >= 0 and not both 0")
+        if self.n_shards is not None and not 1 <= self.n_shards <= self.batch_size:
+            raise ValueError(f"n_shards must be between 1 and batch_size ({self.batch_size}), got {self.n_shards}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -148,11 +165,14 @@ class Trainer:
             continues from it.
         metrics_path: JSON-lines file, one object per iteration (appended to when resuming).
         progress: show a tqdm bar (loss, acceptance, ESS, skipped steps).
+        process_group: a torch.distributed process group for data-parallel training (None: this
+            process alone). Every rank builds the same model, data and arguments; rank 0's parameters
+            are broadcast; only rank 0 writes the checkpoint and metrics, and :meth:`save` is collective.
     """
 
     def __init__(self, snf: SNF, config: TrainConfig, *, data: torch.Tensor | None = None,
                  energy_regularizer=None, checkpoint_path=None, metrics_path=None, resume: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, process_group=None):
         self.snf = snf
         self.config = config
         self.device, dtype = snf.prior.device, snf.prior.dtype
@@ -169,50 +189,134 @@ class Trainer:
         self.progress = progress
         self.optimizer = torch.optim.Adam(snf.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.group = process_group
+        self.is_main = rank_of(process_group) == 0
         self.iteration = 0
         self.n_skipped = 0
+        state = None
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self._restore(load_checkpoint(self.checkpoint_path, map_location=self.device))
+            state = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        saved = None if state is None else state.get("generator_states", [state["generator_state"]])
+        self.n_shards = config.n_shards or (len(saved) if saved else world_size_of(process_group))
+        self.shard_sizes = split_sizes(config.batch_size, self.n_shards)
+        self.generators = {k: torch.Generator(device=self.device).manual_seed(shard_seed(config.seed, k, self.n_shards))
+                           for k in local_shards(self.n_shards, process_group)}
+        if state is not None:
+            self._restore(state, saved)
+        broadcast_module(snf, process_group)
+        check_same_on_all_ranks((self.iteration, self.n_shards, config.batch_size, config.seed), process_group,
+                                "(iteration, n_shards, batch_size, seed)")
 
-    def _restore(self, state: dict) -> None:
+    def _restore(self, state: dict, generator_states: list) -> None:
+        if len(generator_states) != self.n_shards:
+            raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(generator_states)} shard stream(s) but "
+                             f"training.n_shards is {self.n_shards}; set it to {len(generator_states)} to resume")
         self.snf.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator_state"].to("cpu"))
+        for k, generator in self.generators.items():
+            generator.set_state(generator_states[k].to("cpu"))
         self.iteration = int(state["iteration"])
         self.n_skipped = int(state["n_skipped"])
 
-    def save(self, path=None) -> Path:
-        """Write a resumable checkpoint (atomically) and return its path."""
+    def save(self, path=None) -> Path | None:
+        """Write a resumable checkpoint (atomically) and return its path.
+
+        Distributed: every rank must call it (the shard generators are gathered); rank 0 writes and
+        the others return None. A rank that has failed makes the gather, and so the write, fail.
+        """
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint path given")
-        save_checkpoint(path, self.snf, optimizer=self.optimizer.state_dict(),
-                        generator_state=self.generator.get_state(), iteration=self.iteration,
-                        n_skipped=self.n_skipped, train_config=asdict(self.config))
+        parts = gather_in_order({k: g.get_state() for k, g in self.generators.items()}, self.group)
+        if not self.is_main:
+            return None
+        states = {k: state for part in parts for k, state in part.items()}
+        streams = ({"generator_state": states[0]} if self.n_shards == 1 else
+                   {"generator_states": [states[k] for k in range(self.n_shards)]})
+        save_checkpoint(path, self.snf, optimizer=self.optimizer.state_dict(), iteration=self.iteration,
+                        n_skipped=self.n_skipped, train_config=asdict(self.config), **streams)
         return path
 
-    def _loss(self) -> tuple[torch.Tensor, dict]:
-        cfg, info = self.config, {}
+    def _samples_now(self) -> bool:
+        """Whether this iteration draws weighted samples (reverse KL, or an ESS/acceptance check)."""
+        cfg = self.config
+        return cfg.weight_reverse > 0 or bool(cfg.ess_every and self.iteration % cfg.ess_every == 0)
+
+    def _shard_loss(self, n: int, generator: torch.Generator):
+        """(loss, forward term, reverse term, SNFSample or None) of one shard of ``n`` samples."""
+        cfg, forward, reverse, sample = self.config, 0.0, 0.0, None
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         if cfg.weight_forward > 0:
-            index = torch.randint(len(self.data), (cfg.batch_size,), generator=self.generator,
-                                  device=self.device)
-            forward = self.snf.forward_kl_loss(self.data[index], generator=self.generator)
-            info["loss_forward"] = float(forward.detach())
+            index = torch.randint(len(self.data), (n,), generator=generator, device=self.device)
+            forward = self.snf.forward_kl_loss(self.data[index], generator=generator)
             loss = loss + cfg.weight_forward * forward
         if cfg.weight_reverse > 0:
-            reverse, sample = self.snf.reverse_kl_loss(cfg.batch_size, generator=self.generator,
+            reverse, sample = self.snf.reverse_kl_loss(n, generator=generator,
                                                        energy_regularizer=self.energy_regularizer)
-            info.update(loss_reverse=float(reverse.detach()), ess_fraction=sample.ess / cfg.batch_size,
-                        acceptance=sample.acceptance)
             loss = loss + cfg.weight_reverse * reverse
-        elif cfg.ess_every and self.iteration % cfg.ess_every == 0:
+        elif self._samples_now():
             self.snf.eval()
-            sample = self.snf.sample(cfg.batch_size, generator=self.generator)
+            sample = self.snf.sample(n, generator=generator)
             self.snf.train()
-            info.update(ess_fraction=sample.ess / cfg.batch_size, acceptance=sample.acceptance)
-        return loss, info
+        return loss, forward, reverse, sample
+
+    def _accumulate(self, keys: list) -> torch.Tensor:
+        """Backpropagate this process's shards, weighted by their share of the batch, and return its
+        statistics: [loss, forward, reverse, non-finite shards, 0, log weights (B) if sampled,
+        acceptance per key]; shards of other ranks leave zeros (summed over ranks later)."""
+        batch, sampled = self.config.batch_size, self._samples_now()
+        stats = torch.zeros(5 + (batch + len(keys) if sampled else 0), dtype=torch.float64, device=self.device)
+        offsets = [sum(self.shard_sizes[:k]) for k in range(self.n_shards)]
+        for k, generator in self.generators.items():
+            share = self.shard_sizes[k] / batch
+            loss, forward, reverse, sample = self._shard_loss(self.shard_sizes[k], generator)
+            stats[:3] += share * torch.stack([loss.detach(), torch.as_tensor(forward).detach().to(stats),
+                                              torch.as_tensor(reverse).detach().to(stats)])
+            if torch.isfinite(loss):
+                (share * loss).backward()
+            else:
+                stats[3] += 1
+            if sample is not None:
+                stats[5 + offsets[k]:5 + offsets[k] + self.shard_sizes[k]] = sample.log_weights
+                stats[5 + batch:] += share * torch.tensor([sample.acceptance[key] for key in keys], dtype=torch.float64,
+                                                          device=self.device)
+        return stats
+
+    def _metrics(self, stats: torch.Tensor, keys: list) -> dict:
+        cfg, info = self.config, {}
+        if cfg.weight_forward > 0:
+            info["loss_forward"] = float(stats[1])
+        if cfg.weight_reverse > 0:
+            info["loss_reverse"] = float(stats[2])
+        if len(stats) > 5:
+            info.update(ess_fraction=kish_ess(stats[5:5 + cfg.batch_size]) / cfg.batch_size,
+                        acceptance={key: float(value) for key, value in zip(keys, stats[5 + cfg.batch_size:])})
+        return info
+
+    def _gradients_and_stats(self) -> tuple[torch.Tensor, list]:
+        """Gradients of all shards in ``p.grad`` and the summed statistics (see :meth:`_accumulate`).
+
+        Distributed: one all-reduce sums both over the ranks; an exception on any rank is raised on
+        every rank before the step is applied (the failing rank re-raises its own).
+        """
+        keys = list(self.snf.acceptance_rates())
+        if self.group is None:
+            return self._accumulate(keys), keys
+        error = None
+        try:
+            stats = self._accumulate(keys)
+        except Exception as err:  # reported to the other ranks, then re-raised below
+            error = err
+            stats = torch.zeros(5 + (self.config.batch_size + len(keys) if self._samples_now() else 0),
+                                dtype=torch.float64, device=self.device)
+            stats[4] = 1
+        stats = sum_gradients(list(self.snf.parameters()), stats, self.group)
+        if stats[4] > 0:
+            if error is not None:
+                raise error
+            raise DistributedError(f"{int(stats[4])} other rank(s) failed in iteration {self.iteration + 1}; "
+                                   "stopping before the step (the last checkpoint is intact)")
+        return stats, keys
 
     def step(self) -> dict:
         """One optimizer iteration; returns its metrics (skipped steps are counted, not applied)."""
@@ -220,11 +324,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss, info = self._loss()
+        stats, keys = self._gradients_and_stats()
+        loss, info = stats[0], self._metrics(stats, keys)
         grad_norm = float("nan")
-        finite = bool(torch.isfinite(loss))
+        finite = bool(stats[3] == 0)
         if finite:
-            loss.backward()
             params = [p for p in self.snf.parameters() if p.grad is not None]
             max_norm = self.config.clip_grad_norm or float("inf")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
@@ -243,8 +347,9 @@ class Trainer:
         target = self.config.n_iterations if n_iterations is None else n_iterations
         history = []
         self.snf.train()
-        bar = tqdm(total=target, initial=self.iteration, disable=not self.progress, desc="training")
-        log = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path is not None else None
+        bar = tqdm(total=target, initial=self.iteration, disable=not (self.progress and self.is_main),
+                   desc="training")
+        log = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path and self.is_main else None
         try:
             start = time.perf_counter()
             while self.iteration < target:

@@ -2,12 +2,14 @@
 
 ``make_platform(None)`` picks the fastest available: CUDA, then OpenCL, then CPU, then Reference.
 CUDA/OpenCL take ``precision`` ("mixed" by default, "double" or "single"); CPU takes ``threads``.
+:func:`set_process_defaults` sets the device and thread count of every Context this process creates
+afterwards without an explicit value (one rank of a distributed job).
 """
 from __future__ import annotations
 
 import openmm
 
-__all__ = ["available_platforms", "make_platform"]
+__all__ = ["available_platforms", "make_platform", "set_process_defaults"]
 
 _PREFERENCE = ("CUDA", "OpenCL", "CPU", "Reference")
 
@@ -41,3 +43,17 @@ def make_platform(name: str | None = None, *, precision: str = "mixed", threads:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
         properties["Threads"] = str(int(threads))
     return openmm.Platform.getPlatformByName(match), properties
+
+
+def set_process_defaults(*, threads: int | None = None, device_index: int | None = None) -> None:
+    """Default CPU ``Threads`` and CUDA/OpenCL ``DeviceIndex`` of the Contexts this process makes from now on.
+
+    Explicit properties (``make_platform(threads=...)``) still win. Platforms not loaded here are skipped.
+    """
+    available = available_platforms()
+    if threads is not None and "CPU" in available:
+        openmm.Platform.getPlatformByName("CPU").setPropertyDefaultValue("Threads", str(int(threads)))
+    if device_index is not None:
+        for name in ("CUDA", "OpenCL"):
+            if name in available:
+                openmm.Platform.getPlatformByName(name).setPropertyDefaultValue("DeviceIndex", str(int(device_index)))
