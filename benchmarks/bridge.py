@@ -5,14 +5,15 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
 
 * the sequential loop (``SequentialEnergy``) on every available platform (Reference; CPU with one
   thread and with OpenMM's default threads; CUDA/OpenCL when present); its best is the baseline;
-* the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform.
+* the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform, on
+  the CPU with both force routes (``forces_from="torch"``, the CPU default, and ``"openmm"``).
 
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 The last two lines are the speed-ups over the best sequential loop for alanine dipeptide in vacuum
 at B = 512 on the best available platform:  ``forces_speedup_vs_sequential=<ratio>`` and
-``speedup_vs_sequential=<ratio>`` (energies + forces). For these two, the best loop and the best
-batched bridge of the table are timed again in alternation (best of many rounds each), so that both
-see the same load on a shared machine.
+``speedup_vs_sequential=<ratio>`` (energies + forces). For these two, every loop variant and the
+best batched bridge of the table are timed again in alternation (best of many rounds each), so that
+all see the same load on a shared machine; the ratio is over the fastest loop of that window.
 
 Usage:  python benchmarks/bridge.py [--quick] [--batch-sizes 1 64 512 4096]
 """
@@ -22,6 +23,7 @@ import argparse
 import os
 import platform as host
 import time
+from functools import partial
 
 import openmm
 import torch
@@ -65,21 +67,22 @@ def sequential_variants():
 
 def batched_variants(quick: bool):
     names = available_platforms()
-    variants = [("CPU", {})] + ([("Reference", {})] if not quick else [])
+    variants = [("CPU", {"forces_from": "torch"}), ("CPU", {"forces_from": "openmm"})] + ([("Reference", {})] if not quick else [])
     variants += [(gpu, {"precision": "mixed", "chunk_size": 4096}) for gpu in ("CUDA", "OpenCL") if gpu in names]
     return [(name, kwargs) for name, kwargs in variants if name in names]
 
 
-def interleaved_ratio(loop_call, batched_call, rounds: int) -> tuple[float, float]:
-    """(best loop time, best batched time) in s, measured in alternation after a warm-up."""
-    loop_call(), batched_call()
-    loop_times, batched_times = [], []
+def interleaved_times(calls: dict, rounds: int) -> dict:
+    """name -> best time (s) of each call, the calls measured in alternation after a warm-up."""
+    for call in calls.values():
+        call()
+    times = {name: [] for name in calls}
     for _ in range(rounds):
-        for call, times in ((loop_call, loop_times), (batched_call, batched_times)):
+        for name, call in calls.items():
             start = time.perf_counter()
             call()
-            times.append(time.perf_counter() - start)
-    return min(loop_times), min(batched_times)
+            times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def label(name, kwargs):
@@ -97,7 +100,8 @@ def main(argv=None):
     n_loop = 128 if args.quick else 512
     print(f"# host: {host.processor() or host.machine()}, {os.cpu_count()} cores; OpenMM {openmm.__version__}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads); platforms: {', '.join(available_platforms())}")
-    print(f"{'system':28s} {'mode':16s} {'method':10s} {'platform':22s} {'B':>5s} {'configs/s':>11s} {'x best loop':>11s}")
+    print(f"{'system':28s} {'mode':16s} {'method':10s} {'platform, forces from':36s} {'B':>5s} {'configs/s':>11s} "
+          f"{'x best loop':>11s}")
     results, specs = {}, {}
     for system in SYSTEMS:
         mol = load_system(system)
@@ -110,7 +114,7 @@ def main(argv=None):
                 specs[label(name, kwargs)] = (name, kwargs)
             best_loop = max(loops.values())
             for what, rate in loops.items():
-                print(f"{system:28s} {mode:16s} {'loop':10s} {what:22s} {'any':>5s} {rate:11.0f} "
+                print(f"{system:28s} {mode:16s} {'loop':10s} {what:36s} {'any':>5s} {rate:11.0f} "
                       f"{rate / best_loop:11.2f}")
             for name, kwargs in batched_variants(args.quick):
                 model = OpenMMEnergy(mol, platform=name, **kwargs)
@@ -120,7 +124,8 @@ def main(argv=None):
                     x = configurations(mol, size, seed=1)
                     rate = size / best_time(lambda: call(x), min_time)
                     results[(system, mode, label(name, kwargs), size)] = (rate, best_loop, loops)
-                    print(f"{system:28s} {mode:16s} {'batched':10s} {label(name, kwargs) + ' ' + model.precision:22s} "
+                    where = f"{label(name, kwargs)} {model.precision}"
+                    print(f"{system:28s} {mode:16s} {'batched':10s} {where:36s} "
                           f"{size:5d} {rate:11.0f} {rate / best_loop:11.2f}")
     summary = {}
     for mode in MODES:
@@ -132,17 +137,18 @@ def main(argv=None):
     x = configurations(mol, 512, seed=2)
     ratios = {}
     for mode, (_, _, loops, what) in summary.items():
-        best_loop = max(loops, key=loops.get)
-        loop_name, loop_kwargs = specs[best_loop]
+        calls = {}
+        for loop_label in loops:  # every loop variant again: the baseline is the best one in this window
+            loop_name, loop_kwargs = specs[loop_label]
+            calls[loop_label] = partial(run_mode(SequentialEnergy(mol, platform=loop_name, **loop_kwargs), mode), x)
         name, kwargs = specs[what]
-        loop_call = run_mode(SequentialEnergy(mol, platform=loop_name, **loop_kwargs), mode)
-        batched_call = run_mode(OpenMMEnergy(mol, platform=name, **kwargs), mode)
-        t_loop, t_batched = interleaved_ratio(lambda: loop_call(x), lambda: batched_call(x), 8 if args.quick else 20)
-        ratios[mode] = t_loop / t_batched
-        cpu1 = loops.get("CPU(threads=1)")
-        print(f"# ALDP vacuum, B=512, {mode}, alternating timings: batched {what} {512 / t_batched:.0f}/s, "
-              f"best loop {best_loop} {512 / t_loop:.0f}/s"
-              + (f"; the CPU Threads=1 loop of the table: {cpu1:.0f}/s" if cpu1 else ""))
+        calls["batched"] = partial(run_mode(OpenMMEnergy(mol, platform=name, **kwargs), mode), x)
+        times = interleaved_times(calls, 8 if args.quick else 20)
+        t_batched = times.pop("batched")
+        best_loop = min(times, key=times.get)
+        ratios[mode] = times[best_loop] / t_batched
+        print(f"# ALDP vacuum, B=512, {mode}, alternating timings: batched {what} {512 / t_batched:.0f}/s; loops "
+              + ", ".join(f"{k} {512 / t:.0f}/s" for k, t in times.items()) + f"; best loop: {best_loop}")
     if "forces" in ratios and "energies+forces" in ratios:
         print(f"forces_speedup_vs_sequential={ratios['forces']:.2f}")
         print(f"speedup_vs_sequential={ratios['energies+forces']:.2f}")

@@ -56,6 +56,7 @@ def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
     mol = load_system("alanine_dipeptide_implicit")
     model = OpenMMEnergy(mol, platform="CPU")
     assert model.forces_from == "torch" and model.sequential_forces == []
+    assert "forces from float64 torch terms" in model.describe()
     x = perturbed(mol, 1100, scale=0.01)  # more than two passes of the torch terms (512 samples each)
     u, f = model.energy_and_forces(x)
     u_ref, f_ref = SequentialEnergy(mol, platform="CPU", threads=1).energy_and_forces(x[1020:1030])

@@ -142,6 +142,15 @@ class OpenMMEnergy(EnergyModel):
         if self._replicated is not None and not self._replicated.getNumForces():
             self._replicated = None
 
+    def describe(self) -> str:
+        """One line naming the platform, precision, temperature and where the forces come from."""
+        if self.forces_from == "openmm":
+            route = f"forces from replicated OpenMM {self.platform_name} Contexts"
+        else:
+            route = "forces from float64 torch terms" + (
+                f" and OpenMM {self.platform_name} ({', '.join(self.sequential_forces)})" if self.sequential_forces else "")
+        return f"{super().describe()}; {route}"
+
     def _centered(self, x: np.ndarray) -> np.ndarray:
         return x - x.mean(axis=1, keepdims=True) if self.recenter else x
 

@@ -3,7 +3,9 @@
 OpenMM's custom forces describe energies as strings such as
 ``"k*(r-r0)^2; k=100"``. To obtain *per-sample* energies of such forces for a whole batch, the
 expression is parsed here once and evaluated on batched tensors (any shape, float64), exactly as
-Lepton would evaluate it in double precision. Forces never come from here: they come from OpenMM.
+Lepton would evaluate it in double precision. The evaluation is differentiable: on the torch route of
+the batched bridge, forces of custom and GB forces are its autograd gradients (step, delta, floor,
+ceil and discrete tables have zero derivative, as in Lepton).
 
 Supported syntax: numbers, variables, ``+ - * / ^``, unary minus, parentheses, ``;``-separated
 definitions (in any order), Lepton's built-in functions (:data:`FUNCTIONS`) and OpenMM's discrete
