@@ -38,6 +38,18 @@ def _load(args):
                        temperature=args.temperature)
 
 
+def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel over the processes started by torchrun, e.g. 'torchrun --nproc-per-node "
+                             "4 -m openmm_snf.cli COMMAND ... --distributed' (one rank per GPU; rank 0 writes)")
+    parser.add_argument("--shards", type=int, metavar="S",
+                        help="draw the batch/samples in S shards with their own random streams (default: one per "
+                             "rank): equal seeds and S give equal results on any number of ranks dividing S")
+    parser.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="with --distributed: how long a rank waits for the others before failing")
+    parser.set_defaults(process_group=None)
+
+
 def _add_md(sub) -> None:
     p = sub.add_parser("md", formatter_class=_Formatter, help="reference Langevin MD (training data, reference)",
                        description="Langevin MD (LangevinMiddleIntegrator) of many independent replicas in one "
@@ -95,12 +107,14 @@ def _add_train(sub) -> None:
     p.add_argument("--threads", type=int, help="CPU platform threads")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device of the model (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    _add_distributed_arguments(p)
     p.set_defaults(run=_run_train)
 
 
 def _train_overrides(args) -> dict:
     training = {key: value for key, value in (("n_iterations", args.iterations), ("batch_size", args.batch_size),
-                                              ("weight_reverse", args.reverse_kl), ("seed", args.seed))
+                                              ("weight_reverse", args.reverse_kl), ("seed", args.seed),
+                                              ("n_shards", args.shards))
                 if value is not None}
     overrides = {"training": training}
     energy = {key: value for key, value in (("platform", args.platform), ("threads", args.threads)) if value}
@@ -118,13 +132,15 @@ def _run_train(args) -> int:
     source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
               "temperature": args.temperature}
     config = None if args.resume else resolve_config(source, args.config, _train_overrides(args))
-    run, trainer = build_run(args.out, config, resume=args.resume)
+    run, trainer = build_run(args.out, config, resume=args.resume, process_group=args.process_group)
     if args.resume and args.iterations:
         trainer.config.n_iterations = args.iterations
-    print(f"{run.mol.name}: {run.energy.describe()}")
+    if trainer.is_main:
+        print(f"{run.mol.name}: {run.energy.describe()}")
     history = trainer.train()
     last = history[-1] if history else {}
-    print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
+    if trainer.is_main:
+        print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
           f"{last.get('loss', float('nan')):.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
     return 0
 
@@ -144,6 +160,7 @@ def _add_sample(sub) -> None:
                    help="also write OUT-resampled.dcd: M frames drawn by weight (unweighted)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_distributed_arguments(p)
     p.set_defaults(run=_run_sample)
 
 
@@ -151,14 +168,19 @@ def _run_sample(args) -> int:
     import numpy as np
     from .io import check_outputs_free, read_weighted_trajectory, trajectory_paths, write_resampled_trajectory, \
         write_weighted_trajectory
+    from .distributed import run_on_main
     from .runs import load_run, sample
     from .weights import kish_ess
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
-    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
-                       ([resampled.dcd, resampled.pdb] if args.resample else []), args.force)
+    run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
+                                           ([resampled.dcd, resampled.pdb] if args.resample else []), args.force),
+                args.process_group)
     run = load_run(args.run_dir, device=args.device)
-    result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size)
+    result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
+                    process_group=args.process_group)
+    if result is None:  # another rank than 0: its samples went to rank 0, which writes them
+        return 0
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
                               force=args.force, extra=extra)
@@ -296,16 +318,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _dispatch(args) -> int:
+    """Run the command, inside a torch.distributed session (joined from torchrun's environment) with --distributed."""
+    if not getattr(args, "distributed", False):
+        return args.run(args)
+    from .distributed import distributed_session
+    with distributed_session(timeout_s=args.dist_timeout) as setup:
+        args.process_group = setup.group
+        return args.run(args)
+
+
 def main(argv=None) -> int:
     """Entry point of ``openmm-snf``; returns the exit status."""
     from .analysis import AnalysisError
+    from .distributed import DistributedError
     from .io import TrajectoryIOError
     from .runs import RunConfigError
     from .systems import SystemLoadError
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        return _dispatch(args)
+    except DistributedError as err:
+        print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except (SystemLoadError, TrajectoryIOError, AnalysisError, RunConfigError, ValueError, FileNotFoundError) as err:
         print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -13,6 +13,10 @@ Configuration sections (YAML; every key optional, see :data:`DEFAULTS`): ``syste
 (``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms), ``model`` (arguments of
 :func:`~openmm_snf.flows.build_snf`), ``training`` (:class:`~openmm_snf.train.TrainConfig`),
 ``regularization`` (linlogcut of the training energies, or null), ``device`` (cpu, cuda or auto).
+
+Data parallelism (``process_group``, see :mod:`openmm_snf.distributed`): rank 0 alone creates the run
+folder, makes MD data and writes checkpoints and samples; every rank builds its own energy (its own
+OpenMM Context on its own device) and model from the folder, which must be on a file system all ranks see.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 import yaml
 
 from .coordinates import InternalCoordinateTransform
+from .distributed import gather_in_order, local_shards, rank_of, run_on_main, shard_seed, split_sizes, world_size_of
 from .energy import OpenMMEnergy, linlogcut
 from .flows import Reshape, build_snf
 from .io import atomic_outputs, read_trajectory, write_trajectory
@@ -164,9 +169,30 @@ def _assemble(folder: Path, config: dict, mol: MolecularSystem, reference: np.nd
     return Run(Path(folder), config, mol, energy, snf)
 
 
-def build_run(folder, config: dict, *, resume: bool = False, progress: bool = True) -> tuple[Run, Trainer]:
-    """Create (or, with ``resume``, reopen) a run folder and return the run and its trainer."""
+def build_run(folder, config: dict, *, resume: bool = False, progress: bool = True,
+              process_group=None) -> tuple[Run, Trainer]:
+    """Create (or, with ``resume``, reopen) a run folder and return the run and its trainer.
+
+    With ``process_group``, rank 0 prepares the folder while the others wait (its errors reach them
+    as DistributedError), then every rank reads it (MD data as stored in data.dcd, float32, where a
+    single process trains on the frames it just made); the trainer trains data-parallel.
+    """
     folder = Path(folder)
+    prepared = run_on_main(lambda: _prepare(folder, config, resume), process_group)
+    if process_group is not None:  # every rank reads the folder, so all train on the same (DCD) data
+        prepared = _prepare(folder, None, True)
+    config, mol, train_cfg, data, reference = prepared
+    run = _assemble(folder, config, mol, reference)
+    regularization = config["regularization"]
+    regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
+    trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
+                      energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
+                      metrics_path=run.metrics_path, resume=resume, progress=progress, process_group=process_group)
+    return run, trainer
+
+
+def _prepare(folder: Path, config: dict | None, resume: bool):
+    """Write a new run folder (or read an existing one): (config, mol, TrainConfig, data or None, reference)."""
     config_path, reference_path = folder / "config.yaml", folder / "reference.npy"
     if resume:
         if not config_path.is_file():
@@ -195,13 +221,7 @@ def build_run(folder, config: dict, *, resume: bool = False, progress: bool = Tr
             tmp_config.write_text(yaml.safe_dump(config, sort_keys=False))
             with open(tmp_reference, "wb") as handle:
                 np.save(handle, reference)
-    run = _assemble(folder, config, mol, reference)
-    regularization = config["regularization"]
-    regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
-    trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
-                      energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
-                      metrics_path=run.metrics_path, resume=resume, progress=progress)
-    return run, trainer
+    return config, mol, train_cfg, data, reference
 
 
 def load_run(folder, *, device: str | None = None) -> Run:
@@ -222,23 +242,43 @@ def load_run(folder, *, device: str | None = None) -> Run:
     return run
 
 
-def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True) -> dict:
+def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True,
+           n_shards: int | None = None, process_group=None) -> dict | None:
     """Draw ``n`` samples in batches; return numpy arrays xyz (n, n_atoms, 3) nm, log_weights, reduced_energies
-    (float64) and the mean Metropolis acceptance per block."""
+    (float64) and the mean Metropolis acceptance per block (over batches).
+
+    ``n`` is drawn in ``n_shards`` contiguous shards (None: one per rank; 1 in a single process), shard k
+    with its own generator (``distributed.shard_seed(seed, k, n_shards)``) and concatenated in shard
+    order, so equal (seed, n, batch_size, n_shards) give equal samples on any number of ranks dividing
+    n_shards. With ``process_group`` the shards are spread over the ranks and gathered on rank 0, which
+    returns the result; the other ranks return None.
+    """
     from tqdm.auto import tqdm
     if n < 1 or batch_size < 1:
         raise ValueError(f"need n >= 1 and batch_size >= 1, got {n}, {batch_size}")
+    n_shards = n_shards or world_size_of(process_group)
+    sizes, shards = split_sizes(n, n_shards), local_shards(n_shards, process_group)
+    with tqdm(total=sum(sizes[k] for k in shards), desc="sampling", unit="sample",
+              disable=not (progress and rank_of(process_group) == 0)) as bar:
+        mine = {k: _sample_shard(run, sizes[k], shard_seed(seed, k, n_shards), batch_size, bar) for k in shards}
+    gathered = gather_in_order(mine, process_group)
+    if gathered is None:
+        return None
+    shard_parts = {k: part for rank_parts in gathered for k, part in rank_parts.items()}
+    parts = [batch for k in range(n_shards) for batch in shard_parts[k]]
+    xyz, log_w, u, acceptance = zip(*parts)
+    return {"xyz": np.concatenate(xyz), "log_weights": np.concatenate(log_w), "reduced_energies": np.concatenate(u),
+            "acceptance": {key: float(np.mean([a[key] for a in acceptance])) for key in acceptance[0]}}
+
+
+def _sample_shard(run: Run, n: int, seed: int, batch_size: int, bar) -> list[tuple]:
+    """Batches (xyz, log_weights, reduced energies, acceptance dict) of ``n`` samples from one generator."""
     generator = torch.Generator(device=run.snf.prior.device).manual_seed(seed)
-    parts, acceptance, drawn = [], {}, 0
-    with tqdm(total=n, desc="sampling", unit="sample", disable=not progress) as bar:
-        while drawn < n:
-            batch = run.snf.sample(min(batch_size, n - drawn), generator=generator)
-            parts.append((batch.x.reshape(len(batch.x), run.mol.n_atoms, 3).cpu().double().numpy(),
-                          batch.log_weights.cpu().numpy(), batch.target_energy.cpu().numpy()))
-            for key, value in batch.acceptance.items():
-                acceptance.setdefault(key, []).append(value)
-            drawn += len(batch.x)
-            bar.update(len(batch.x))
-    xyz, log_w, u = (np.concatenate(p) for p in zip(*parts))
-    return {"xyz": xyz, "log_weights": log_w, "reduced_energies": u,
-            "acceptance": {k: float(np.mean(v)) for k, v in acceptance.items()}}
+    batches, drawn = [], 0
+    while drawn < n:
+        batch = run.snf.sample(min(batch_size, n - drawn), generator=generator)
+        batches.append((batch.x.reshape(len(batch.x), run.mol.n_atoms, 3).cpu().double().numpy(),
+                        batch.log_weights.cpu().numpy(), batch.target_energy.cpu().numpy(), batch.acceptance))
+        drawn += len(batch.x)
+        bar.update(len(batch.x))
+    return batches
