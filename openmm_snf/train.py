@@ -196,7 +196,9 @@ class Trainer:
         state = None
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        saved = None if state is None else state.get("generator_states", [state["generator_state"]])
+        saved = None
+        if state is not None:
+            saved = state["generator_states"] if "generator_states" in state else [state["generator_state"]]
         self.n_shards = config.n_shards or (len(saved) if saved else world_size_of(process_group))
         self.shard_sizes = split_sizes(config.batch_size, self.n_shards)
         self.generators = {k: torch.Generator(device=self.device).manual_seed(shard_seed(config.seed, k, self.n_shards))
