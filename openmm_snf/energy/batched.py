@@ -138,9 +138,8 @@ class OpenMMEnergy(EnergyModel):
             self.sequential_forces = [type(mol.system.getForce(i)).__name__ for i in sequential]
             self._self_check(mol.positions)
         # the forces the replicated Context computes: all of them, or those the torch terms do not cover
-        self._replicated = _subsystem(mol.system, sequential) if self.forces_from == "torch" else mol.system
-        if self._replicated is not None and not self._replicated.getNumForces():
-            self._replicated = None
+        replicated = _subsystem(mol.system, sequential) if self.forces_from == "torch" else mol.system
+        self._replicated = replicated if replicated.getNumForces() else None
 
     def describe(self) -> str:
         """One line naming the platform, precision, temperature and where the forces come from."""
