@@ -95,6 +95,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
             use gloo, CUDA tensors NCCL), else "gloo".
         timeout_s: seconds any collective may wait for the other ranks before raising.
 
+    If this process already belongs to a default process group, that group is used as it is.
     Raises ValueError when the torchrun variables are missing (the process was not launched by torchrun).
     """
     missing = [name for name in _TORCHRUN_VARIABLES if name not in os.environ]
@@ -117,6 +118,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    backend = str(dist.get_backend())
     return DistributedSetup(rank, world_size, local_rank, local_world_size, device, threads, backend,
                             dist.group.WORLD)
 
@@ -129,12 +131,15 @@ def shutdown_distributed() -> None:
 
 @contextlib.contextmanager
 def distributed_session(**kwargs):
-    """``with distributed_session() as setup:`` :func:`init_distributed`, then always shut down."""
+    """``with distributed_session() as setup:`` :func:`init_distributed`, then shut down the process group
+    if this session created it (a group that already existed is joined and left running)."""
+    created = not dist.is_initialized()
     setup = init_distributed(**kwargs)
     try:
         yield setup
     finally:
-        shutdown_distributed()
+        if created:
+            shutdown_distributed()
 
 
 def rank_of(group) -> int:
