@@ -14,6 +14,7 @@ import tempfile
 
 import mdtraj
 import numpy as np
+import torch
 
 from openmm_snf import load_system
 from openmm_snf.analysis import compute_cvs, free_energy_difference
@@ -25,6 +26,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--full", action="store_true", help="longer umbrella reference and training")
 parser.add_argument("--out", help="run folder (default: a new temporary folder)")
 args = parser.parse_args()
+# One torch thread: on a loaded CPU, torch's OpenMP threads fight OpenMM's and the small flow
+# kernels run up to 25x slower (measured on a shared 2-core machine).
+torch.set_num_threads(1)
 
 
 def phi_of(mol, xyz):
