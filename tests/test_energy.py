@@ -99,9 +99,10 @@ def test_temperature_override_scales_reduced_energy():
     assert abs(hot.kT / cold.kT - 1000.0 / 300.0) < 1e-12
 
 
-def test_gradcheck_autograd_function():
+@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+def test_gradcheck_autograd_function(forces_from):
     mol = load_system("alanine_dipeptide_implicit")
-    model = OpenMMEnergy(mol, platform="Reference")
+    model = OpenMMEnergy(mol, platform="Reference", forces_from=forces_from)
     x = perturbed(mol, 2, scale=0.01).requires_grad_(True)
     assert torch.autograd.gradcheck(model, (x,), eps=1e-6, atol=1e-5, rtol=1e-4)
     u = model(x)
@@ -109,9 +110,10 @@ def test_gradcheck_autograd_function():
     assert torch.allclose(grad, -model.energy_and_forces(x.detach())[1], atol=0)
 
 
-def test_bad_samples_are_flagged_and_do_not_change_the_others():
+@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+def test_bad_samples_are_flagged_and_do_not_change_the_others(forces_from):
     mol = load_system("alanine_dipeptide_vacuum")
-    model = OpenMMEnergy(mol, platform="Reference")
+    model = OpenMMEnergy(mol, platform="Reference", forces_from=forces_from)
     good = perturbed(mol, 3)
     u_good, f_good = model.energy_and_forces(good)
     exploded = good[0].clone()
