@@ -77,6 +77,22 @@ def test_energies_are_translation_and_batch_independent():
     assert torch.allclose(u, u_single, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("model_class", [OpenMMEnergy, SequentialEnergy])
+def test_non_contiguous_float32_input(model_class):
+    mol = load_system("alanine_dipeptide_vacuum")
+    model = model_class(mol, platform="CPU")
+    x = perturbed(mol, 20)
+    strided = x.permute(2, 1, 0).contiguous().permute(2, 1, 0)  # same values, non-contiguous memory
+    assert not strided.is_contiguous()
+    u, f = model.energy_and_forces(strided)
+    u_ref, f_ref = model.energy_and_forces(x)
+    assert torch.equal(u, u_ref) and torch.equal(f, f_ref)
+    u32, f32 = model.energy_and_forces(x.float())  # evaluated in float64 at the float32 positions
+    u64, f64 = model.energy_and_forces(x.float().double())
+    assert u32.dtype == f32.dtype == torch.float32
+    assert torch.equal(u32, u64.float()) and torch.equal(f32, f64.float())
+
+
 def test_reduced_units_and_forces_only_path():
     mol = load_system("double_well")  # U/kT = x^4 - 6x^2 - 0.5x + 0.5y^2 + 0.5z^2 exactly
     model = OpenMMEnergy(mol, platform="Reference")

@@ -82,7 +82,7 @@ class EnergyModel:
 
     def _run(self, x, energies):
         self._check(x)
-        positions = x.detach().to("cpu", torch.float64).numpy()
+        positions = np.ascontiguousarray(x.detach().to("cpu", torch.float64).numpy())
         with np.errstate(all="ignore"):  # overflow/invalid values are the true results of bad samples
             energy, forces, flags = self._evaluate(positions, energies, x.device)
         self.last_flags = torch.as_tensor(flags, dtype=torch.int64, device=x.device)
@@ -108,6 +108,6 @@ class EnergyModel:
     def _output_flags(energy, forces, flags):
         """Add NONFINITE_ENERGY / NONFINITE_FORCES to ``flags`` (in place) and return it."""
         if energy is not None:
-            flags[~np.isfinite(energy)] |= BadSample.NONFINITE_ENERGY
-        flags[~np.isfinite(forces).all(axis=(1, 2))] |= BadSample.NONFINITE_FORCES
+            flags[~np.isfinite(energy)] |= int(BadSample.NONFINITE_ENERGY)
+        flags[~np.isfinite(forces).all(axis=(1, 2))] |= int(BadSample.NONFINITE_FORCES)
         return flags

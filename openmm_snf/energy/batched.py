@@ -46,7 +46,7 @@ from .platforms import make_platform
 from .replicate import build_replicated_system, check_supported, default_spacing, max_copy_radius
 from .terms import build_energy_terms, evaluate_term, to_components
 
-__all__ = ["OpenMMEnergy", "reported_precision"]
+__all__ = ["OpenMMEnergy", "read_forces", "reported_precision"]
 
 _MAX_PAIR_ELEMENTS = 1 << 24  # bound on (batch x atom pairs) tensors of the energy terms
 _TORCH_CHUNK = 512  # samples per pass of the torch terms: larger passes leave the CPU caches
@@ -74,6 +74,18 @@ def _torch_threads(n: int | None):
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
+
+
+def read_forces(state: openmm.State, out: np.ndarray) -> np.ndarray:
+    """Copy the forces of ``state`` (kJ/mol/nm) into ``out`` (n_particles, 3) float64 C-contiguous.
+
+    Uses the buffer-filling call behind ``State.getForces(asNumpy=True)`` (OpenMM >= 7.7), without the
+    array allocation and the unit wrapping that cost more than the evaluation for small molecules.
+    """
+    if out.dtype != np.float64 or not out.flags.c_contiguous:  # the call writes raw memory
+        raise ValueError("read_forces needs a C-contiguous float64 array")
+    state._getVectorAsNumpy(openmm.State.Forces, out)
+    return out
 
 
 def _reference_context(system: openmm.System) -> openmm.Context:
@@ -170,15 +182,18 @@ class OpenMMEnergy(EnergyModel):
 
     def _batched_forces(self, centered: np.ndarray) -> np.ndarray:
         """Forces (k, n_atoms, 3) kJ/mol/nm of the replicated Context's forces for in-range, centred samples."""
-        out = np.empty_like(centered)
+        out = np.empty(centered.shape)
         for start in range(0, len(centered), self.chunk_size):
             chunk = centered[start:start + self.chunk_size]
             context, offsets, template = self._context(self._bucket(len(chunk)))
             positions = template.copy()
             positions[:len(chunk)] = chunk + offsets[:len(chunk), None, :]
             context.setPositions(positions.reshape(-1, 3))
-            forces = context.getState(getForces=True).getForces(asNumpy=True)._value
-            out[start:start + len(chunk)] = forces.reshape(len(positions), self.n_atoms, 3)[:len(chunk)]
+            if len(chunk) == len(positions):  # a full Context: OpenMM writes straight into the result
+                read_forces(context.getState(getForces=True), out[start:start + len(chunk)].reshape(-1, 3))
+            else:
+                forces = read_forces(context.getState(getForces=True), np.empty((len(positions) * self.n_atoms, 3)))
+                out[start:start + len(chunk)] = forces.reshape(len(positions), self.n_atoms, 3)[:len(chunk)]
         return out
 
     def _loop_context(self) -> openmm.Context:
@@ -210,16 +225,18 @@ class OpenMMEnergy(EnergyModel):
             self._alone = _reference_context(self.system)
         return self._alone
 
-    def _evaluate_alone(self, x: np.ndarray, index: int, energies: bool, context: openmm.Context | None = None):
-        """Energy (kJ/mol) and forces of one sample on a single-molecule Context (default: Reference)."""
+    def _evaluate_alone(self, x: np.ndarray, index: int, energies: bool, forces: np.ndarray,
+                        context: openmm.Context | None = None) -> float | None:
+        """Energy (kJ/mol) of one sample on a single-molecule Context (default: Reference); its forces
+        go into ``forces`` (n_atoms, 3)."""
         context = context or self._reference_alone()
         try:
             context.setPositions(x)
             state = context.getState(getEnergy=energies, getForces=True)
         except Exception as err:  # OpenMM raises plain Exceptions
             raise EnergyEvaluationError(f"OpenMM failed on sample {index}: {err}") from err
-        energy = state.getPotentialEnergy()._value if energies else None
-        return energy, state.getForces(asNumpy=True)._value
+        read_forces(state, forces)
+        return state.getPotentialEnergy()._value if energies else None
 
     def _vectorized(self, x: np.ndarray, energies: bool, forces: bool, device):
         """(energies (k,) kJ/mol or None, forces (k, n_atoms, 3) kJ/mol/nm of the torch terms or None).
@@ -228,7 +245,7 @@ class OpenMMEnergy(EnergyModel):
         """
         step = max(1, min(_TORCH_CHUNK, _MAX_PAIR_ELEMENTS // max(1, self.n_atoms * self.n_atoms)))
         energy = np.empty(len(x)) if energies else None
-        force = np.empty_like(x) if forces else None
+        force = np.empty(x.shape) if forces else None
         with _torch_threads(1 if torch.device(device).type == "cpu" else None):
             for start in range(0, len(x), step):
                 c = to_components(torch.as_tensor(x[start:start + step], device=device))
@@ -262,12 +279,13 @@ class OpenMMEnergy(EnergyModel):
             raise RuntimeError("this OpenMMEnergy was built with per_sample_energies=False; only forces() works")
         flags = np.zeros(batch, dtype=np.int64)
         finite = np.isfinite(x).all(axis=(1, 2))
-        flags[~finite] |= BadSample.NONFINITE_INPUT
         centered = self._centered(x if finite.all() else np.where(finite[:, None, None], x, 0.0))
         radius_sq = np.einsum("bai,bai->ba", centered, centered).max(axis=1)
         inside = finite & (radius_sq < self.copy_radius ** 2)
         outside = np.flatnonzero(finite & ~inside)
-        flags[outside] |= BadSample.OUT_OF_RANGE
+        if not inside.all():
+            flags[~finite] |= int(BadSample.NONFINITE_INPUT)
+            flags[outside] |= int(BadSample.OUT_OF_RANGE)
         if inside.all() and batch >= self.loop_below:  # the common case: no copies of the batch
             try:
                 energy, forces = self._in_batch(x, centered, energies, device)
@@ -276,10 +294,10 @@ class OpenMMEnergy(EnergyModel):
                 warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
                 inside, outside = np.zeros_like(inside), np.arange(batch)
         energy = np.full(batch, np.nan) if energies else None
-        forces = np.full_like(x, np.nan)
+        forces = np.full(x.shape, np.nan)
         if 0 < inside.sum() < self.loop_below:  # a few samples: a plain loop beats one batched call
             for b in np.flatnonzero(inside):
-                e, forces[b] = self._evaluate_alone(x[b], int(b), energies, self._loop_context())
+                e = self._evaluate_alone(x[b], int(b), energies, forces[b], self._loop_context())
                 if energies:
                     energy[b] = e
             inside = np.zeros_like(inside)
@@ -292,7 +310,7 @@ class OpenMMEnergy(EnergyModel):
                 warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
                 outside = np.flatnonzero(finite)
         for b in outside:
-            e, forces[b] = self._evaluate_alone(x[b], int(b), energies)
+            e = self._evaluate_alone(x[b], int(b), energies, forces[b])
             if energies:
                 energy[b] = e
         return energy, forces, self._output_flags(energy, forces, flags)

@@ -10,7 +10,7 @@ import numpy as np
 import openmm
 
 from .base import BadSample, EnergyEvaluationError, EnergyModel
-from .batched import reported_precision
+from .batched import read_forces, reported_precision
 from .platforms import make_platform
 
 __all__ = ["SequentialEnergy"]
@@ -40,7 +40,7 @@ class SequentialEnergy(EnergyModel):
     def _evaluate(self, x: np.ndarray, energies: bool, device):
         flags = np.zeros(len(x), dtype=np.int64)
         energy = np.full(len(x), np.nan) if energies else None
-        forces = np.full_like(x, np.nan)
+        forces = np.full(x.shape, np.nan)
         for b, pos in enumerate(x):
             if not np.isfinite(pos).all():
                 flags[b] |= BadSample.NONFINITE_INPUT
@@ -50,7 +50,7 @@ class SequentialEnergy(EnergyModel):
                 state = self.context.getState(getEnergy=energies, getForces=True)
             except Exception as err:  # OpenMM raises plain Exceptions
                 raise EnergyEvaluationError(f"OpenMM failed on sample {b}: {err}") from err
-            forces[b] = state.getForces(asNumpy=True)._value
+            read_forces(state, forces[b])
             if energies:
                 energy[b] = state.getPotentialEnergy()._value
         return energy, forces, self._output_flags(energy, forces, flags)
