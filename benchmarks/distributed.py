@@ -80,8 +80,8 @@ def worker(args) -> None:
         trainer.step()  # warm-up
         training = best_time(lambda: trainer.train(trainer.iteration + args.iterations), group, args.repeats)
         if setup.is_main:
-            print(json.dumps({"ranks": setup.world_size, "threads_per_rank": torch.get_num_threads(), "device": str(setup.device),
-                              "energy": run.energy.describe(), "sampling_s": sampling,
+            print(json.dumps({"ranks": setup.world_size, "threads_per_rank": torch.get_num_threads(),
+                              "device": str(setup.device), "energy": run.energy.describe(), "sampling_s": sampling,
                               "sampling_per_s": args.n / sampling,
                               "training_samples_per_s": args.batch_size * args.iterations / training}), flush=True)
 
@@ -135,7 +135,8 @@ def main() -> None:
         print(f"training_speedup_{r['ranks']}_vs_{base['ranks']}_ranks="
               f"{r['training_samples_per_s'] / base['training_samples_per_s']:.2f}")
     for r in results[1:]:
-        print(f"sampling_speedup_{r['ranks']}_vs_{base['ranks']}_ranks={r['sampling_per_s'] / base['sampling_per_s']:.2f}")
+        ratio = r["sampling_per_s"] / base["sampling_per_s"]
+        print(f"sampling_speedup_{r['ranks']}_vs_{base['ranks']}_ranks={ratio:.2f}")
 
 
 if __name__ == "__main__":
