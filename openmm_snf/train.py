@@ -199,15 +199,19 @@ class Trainer:
         saved = None
         if state is not None:
             saved = state["generator_states"] if "generator_states" in state else [state["generator_state"]]
-        self.n_shards = config.n_shards or (len(saved) if saved else world_size_of(process_group))
-        self.shard_sizes = split_sizes(config.batch_size, self.n_shards)
-        self.generators = {k: torch.Generator(device=self.device).manual_seed(shard_seed(config.seed, k, self.n_shards))
-                           for k in local_shards(self.n_shards, process_group)}
+        self._make_shards(config.n_shards or (len(saved) if saved else world_size_of(process_group)))
         if state is not None:
             self._restore(state, saved)
         broadcast_module(snf, process_group)
         check_same_on_all_ranks((self.iteration, self.n_shards, config.batch_size, config.seed), process_group,
                                 "(iteration, n_shards, batch_size, seed)")
+
+    def _make_shards(self, n_shards: int) -> None:
+        """Shard sizes of the batch and a generator for each shard of this rank."""
+        self.n_shards = n_shards
+        self.shard_sizes = split_sizes(self.config.batch_size, n_shards)
+        self.generators = {k: torch.Generator(device=self.device).manual_seed(shard_seed(self.config.seed, k, n_shards))
+                           for k in local_shards(n_shards, self.group)}
 
     def _restore(self, state: dict, generator_states: list) -> None:
         if len(generator_states) != self.n_shards:

@@ -135,6 +135,20 @@ def test_split_sizes_and_shard_streams():
     assert run_on_main(lambda: 3, None) == 3
 
 
+def test_shard_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="n_shards must be between 1 and batch_size"):
+        TrainConfig(batch_size=4, n_shards=5)
+    path = tmp_path / "checkpoint.pt"
+    Trainer(_double_well_model(0), TrainConfig(**{**CONFIG, "n_iterations": 1}, n_shards=2), data=_data(),
+            checkpoint_path=path, progress=False).train()
+    resumed = Trainer(_double_well_model(0), TrainConfig(**CONFIG), data=_data(), checkpoint_path=path,
+                      progress=False)
+    assert resumed.n_shards == 2 and resumed.iteration == 1  # the checkpoint's shard count
+    with pytest.raises(ValueError, match="holds 2 shard stream"):
+        Trainer(_double_well_model(0), TrainConfig(**CONFIG, n_shards=4), data=_data(), checkpoint_path=path,
+                progress=False)
+
+
 def test_two_ranks_train_like_one_process_with_two_shards(tmp_path):
     codes, messages = launch(_train_worker, str(tmp_path))
     assert codes == [0, 0], messages
