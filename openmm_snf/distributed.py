@@ -113,7 +113,7 @@ def init_distributed(*, backend: str | None = None, timeout_s: float = DEFAULT_T
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device("cpu")
-    set_process_defaults(threads=threads, device_index=local_rank)
+    set_process_defaults(threads=threads, device_index=device.index if device.type == "cuda" else local_rank)
     if backend is None:
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if not dist.is_initialized():
