@@ -33,15 +33,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _double_well_model(init_seed: int):
-    """A small SNF on the OpenMM double well (1 particle, reduced energy = the formula)."""
+def _double_well_model(init_seed: int, device: str = "cpu"):
+    """A small SNF on the OpenMM double well (1 particle, reduced energy = the formula); with a CUDA
+    model, energies on OpenMM's fastest platform (the rank's GPU)."""
     from openmm_snf.energy import OpenMMEnergy
     from openmm_snf.flows import Reshape, build_snf
     from openmm_snf.systems import load_system
-    energy = _FaultyEnergy(OpenMMEnergy(load_system("double_well"), platform="CPU"))
+    energy = _FaultyEnergy(OpenMMEnergy(load_system("double_well"), platform="CPU" if device == "cpu" else None))
     torch.manual_seed(init_seed)
     return build_snf(3, None, energy, Reshape((1, 3)), n_blocks=2, hidden=(16, 16), stochastic="mc", n_steps=3,
-                     step_size=0.3)
+                     step_size=0.3).to(device)
 
 
 class _FaultyEnergy(torch.nn.Module):
@@ -68,10 +69,15 @@ def _data(n=400, seed=0):
     return x
 
 
-def _train_worker(rank, folder, fault=None, fail_rank=1, fail_iteration=4):
+def _train_worker(rank, folder, fault=None, fail_rank=1, fail_iteration=4, device="cpu"):
     """One rank: its own model init (rank 0's is broadcast), train, save this rank's parameters.
     With ``fault``, rank ``fail_rank`` fails inside the energy during iteration fail_iteration + 1."""
-    snf = _double_well_model(100 + rank)
+    import openmm
+    from openmm_snf.distributed import cpu_thread_share
+    share = cpu_thread_share(WORLD)  # this rank's share of the cores, for torch and OpenMM's CPU platform
+    assert torch.get_num_threads() == share
+    assert openmm.Platform.getPlatformByName("CPU").getPropertyDefaultValue("Threads") == str(share)
+    snf = _double_well_model(100 + rank, device)
     trainer = Trainer(snf, TrainConfig(**CONFIG), data=_data(), checkpoint_path=f"{folder}/checkpoint.pt",
                       metrics_path=f"{folder}/metrics.jsonl", progress=False,
                       process_group=torch.distributed.group.WORLD)
@@ -149,13 +155,16 @@ def test_shard_settings_are_checked(tmp_path):
                 progress=False)
 
 
-def test_two_ranks_train_like_one_process_with_two_shards(tmp_path):
-    codes, messages = launch(_train_worker, str(tmp_path))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not (torch.cuda.device_count() >= WORLD and torch.distributed.is_nccl_available()),
+    reason="needs 2 CUDA devices and NCCL"))])
+def test_two_ranks_train_like_one_process_with_two_shards(tmp_path, device):
+    codes, messages = launch(_train_worker, str(tmp_path), None, 1, 4, device)
     assert codes == [0, 0], messages
-    reference = _double_well_model(100)
+    reference = _double_well_model(100, device)
     history = Trainer(reference, TrainConfig(**CONFIG, n_shards=WORLD), data=_data(), progress=False).train()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location=device) for r in range(WORLD)]
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt", map_location=device)
     assert checkpoint["iteration"] == CONFIG["n_iterations"] and len(checkpoint["generator_states"]) == WORLD
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # ranks agree exactly
@@ -168,7 +177,7 @@ def test_two_ranks_train_like_one_process_with_two_shards(tmp_path):
         assert mine["ess_fraction"] == pytest.approx(theirs["ess_fraction"], rel=1e-6)
         assert mine["acceptance"] == pytest.approx(theirs["acceptance"], rel=1e-9)
     # a single process with one shard draws other random numbers: the definition matters
-    other = _double_well_model(100)
+    other = _double_well_model(100, device)
     Trainer(other, TrainConfig(**CONFIG, n_shards=1), data=_data(), progress=False).train()
     assert any(not torch.allclose(a, b) for a, b in zip(other.state_dict().values(), reference.state_dict().values()))
 
