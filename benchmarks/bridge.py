@@ -6,7 +6,8 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
 * the sequential loop (``SequentialEnergy``) on every available platform (Reference; CPU with one
   thread and with OpenMM's default threads; CUDA/OpenCL when present); its best is the baseline;
 * the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform, on
-  the CPU with both force routes (``forces_from="torch"``, the CPU default, and ``"openmm"``).
+  the CPU with the default routes ("CPU": torch terms for energies + forces, OpenMM for forces alone
+  unless the System has custom forces) and with each route forced (``forces_from="torch"/"openmm"``).
 
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 The last two lines are the speed-ups over the best sequential loop for alanine dipeptide in vacuum
@@ -67,7 +68,7 @@ def sequential_variants():
 
 def batched_variants(quick: bool):
     names = available_platforms()
-    variants = [("CPU", {"forces_from": "torch"}), ("CPU", {"forces_from": "openmm"})] + ([("Reference", {})] if not quick else [])
+    variants = [("CPU", {}), ("CPU", {"forces_from": "torch"}), ("CPU", {"forces_from": "openmm"})] + ([("Reference", {})] if not quick else [])
     variants += [(gpu, {"precision": "mixed", "chunk_size": 4096}) for gpu in ("CUDA", "OpenCL") if gpu in names]
     return [(name, kwargs) for name, kwargs in variants if name in names]
 

@@ -42,7 +42,7 @@ def assert_matches(model, reference, x):
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_batched_matches_sequential_reference(mol, platform, forces_from):
     model = OpenMMEnergy(mol, platform=platform, chunk_size=8, loop_below=0, forces_from=forces_from)
-    assert model.forces_from == forces_from
+    assert model.forces_from == model.forces_only_from == forces_from
     reference = SequentialEnergy(mol, platform="Reference")
     assert_matches(model, reference, perturbed(mol, 13))  # odd size, above the chunk size
     assert_matches(model, reference, perturbed(mol, 1, seed=1))
@@ -55,7 +55,7 @@ def test_batched_matches_sequential_reference(mol, platform, forces_from):
 def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
     mol = load_system("alanine_dipeptide_implicit")
     model = OpenMMEnergy(mol, platform="CPU")
-    assert model.forces_from == "torch" and model.sequential_forces == []
+    assert model.forces_from == model.forces_only_from == "torch" and model.sequential_forces == []
     assert "forces from float64 torch terms" in model.describe()
     x = perturbed(mol, 1100, scale=0.01)  # more than two passes of the torch terms (512 samples each)
     u, f = model.energy_and_forces(x)
@@ -64,6 +64,18 @@ def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
     assert torch.all((f[1020:1030] - f_ref).abs() <= FORCE_TOL_REL * f_ref.abs().max())
     with pytest.raises(ValueError, match="forces_from"):
         OpenMMEnergy(mol, platform="CPU", forces_from="numpy")
+
+
+def test_auto_routes_on_cpu_without_custom_forces():
+    mol = load_system("alanine_dipeptide_vacuum")
+    model = OpenMMEnergy(mol, platform="CPU")  # energies + forces: torch terms; forces alone: OpenMM
+    assert (model.forces_from, model.forces_only_from) == ("torch", "openmm")
+    assert "forces alone from replicated OpenMM CPU Contexts" in model.describe()
+    x = perturbed(mol, 40)
+    reference = SequentialEnergy(mol, platform="Reference")
+    assert_matches(model, reference, x)
+    f_ref = reference.forces(x)
+    assert torch.all((model.forces(x) - f_ref).abs() <= FORCE_TOL_REL * f_ref.abs().max())
 
 
 def test_energies_are_translation_and_batch_independent():

@@ -1,7 +1,6 @@
 """The batched bridge: a whole batch in one call, with exact per-sample energies and forces.
 
-Two exact routes compute the forces of a batch; each force of the System takes one of them
-(``forces_from``; "auto" picks "torch" on the CPU and Reference platforms, "openmm" on GPUs):
+Two exact routes compute the forces of a batch (``forces_from``; what "auto" picks is below):
 
 * **torch**: the vectorized float64 terms of ``terms.py``/``gb.py`` compute energies and forces of
   all samples at once, with analytic gradients for bonds, angles, periodic torsions and
@@ -15,6 +14,13 @@ Two exact routes compute the forces of a batch; each force of the System takes o
   cached per copy count (powers of two up to ``chunk_size``; unused copies hold the reference
   structure), larger batches are cut into chunks. Samples are recentred on their centroid first
   when the System is translation invariant (forces and energies are unchanged by this).
+
+"auto" picks, from measurements on a 2-core CPU (alanine dipeptide) and an H100: torch on the
+Reference platform; openmm on GPU platforms; on the CPU platform torch for energies + forces (the
+terms are needed for the energies anyway) and, for forces alone, openmm unless the System has custom
+forces (OpenMM's CPU kernels for those, CustomGBForce above all, are slower than the torch terms):
+OpenMM's two-threaded native kernels and the one-threaded torch terms are within a factor ~1.5 of each
+other there, usually in OpenMM's favour. ``forces_from`` and ``forces_only_from`` hold the routes.
 
 **Per-sample energies** come from the same torch terms on both routes (OpenMM only reports the
 total energy of a Context); forces without a vectorized term get their energies from a per-sample
@@ -108,8 +114,8 @@ class OpenMMEnergy(EnergyModel):
         loop_below: batches with fewer (in-range) samples than this are evaluated one by one on a
             single-molecule Context instead (faster for tiny batches; default 16, 0 on Reference).
         forces_from: "torch" (vectorized float64 terms; OpenMM only for forces they do not cover),
-            "openmm" (replicated Context for all forces) or "auto": torch on the CPU and Reference
-            platforms, openmm on GPU platforms. The route taken is in :attr:`forces_from`.
+            "openmm" (replicated Context for all forces) or "auto" (see the module docstring). The
+            routes taken are :attr:`forces_from` (energies + forces) and :attr:`forces_only_from`.
     """
 
     def __init__(self, mol, *, platform: str | None = None, precision: str = "mixed", threads: int | None = None,
@@ -126,9 +132,14 @@ class OpenMMEnergy(EnergyModel):
         self._platform, self._properties = make_platform(platform, precision=precision, threads=threads)
         self.platform_name = self._platform.getName()
         self.precision = reported_precision(self.platform_name, precision)
+        custom = any(type(f).__name__.startswith("Custom") for f in mol.system.getForces())
         if forces_from == "auto":
-            forces_from = "torch" if self.platform_name in ("CPU", "Reference") else "openmm"
-        self.forces_from = forces_from
+            self.forces_from = "torch" if self.platform_name in ("CPU", "Reference") else "openmm"
+            self.forces_only_from = ("openmm" if self.platform_name == "CPU" and not custom
+                                     else self.forces_from)
+        else:
+            self.forces_from = self.forces_only_from = forces_from
+        routes = {self.forces_from, self.forces_only_from}
         self.loop_below = (0 if self.platform_name == "Reference" else 16) if loop_below is None else int(loop_below)
         names = {type(f).__name__ for f in mol.system.getForces()}
         self.recenter = "CustomExternalForce" not in names
@@ -145,34 +156,37 @@ class OpenMMEnergy(EnergyModel):
         self.terms, self.sequential_forces = [], []
         self.per_sample_energies = bool(per_sample_energies)
         sequential = []
-        if self.per_sample_energies or self.forces_from == "torch":
+        if self.per_sample_energies or "torch" in routes:
             self.terms, sequential = build_energy_terms(mol.system, sequential_energies=self.per_sample_energies)
             self.sequential_forces = [type(mol.system.getForce(i)).__name__ for i in sequential]
             self._self_check(mol.positions)
-        # the forces the replicated Context computes: all of them, or those the torch terms do not cover
-        replicated = _subsystem(mol.system, sequential) if self.forces_from == "torch" else mol.system
-        self._replicated = replicated if replicated.getNumForces() else None
+        # the forces the replicated Contexts compute: those the torch terms do not cover, or all of them
+        torch_rest = _subsystem(mol.system, sequential)
+        self._replicated = {"torch": torch_rest if torch_rest.getNumForces() else None, "openmm": mol.system}
 
     def describe(self) -> str:
         """One line naming the platform, precision, temperature and where the forces come from."""
-        if self.forces_from == "openmm":
-            route = f"forces from replicated OpenMM {self.platform_name} Contexts"
-        else:
-            route = "forces from float64 torch terms" + (
-                f" and OpenMM {self.platform_name} ({', '.join(self.sequential_forces)})" if self.sequential_forces else "")
-        return f"{super().describe()}; {route}"
+        def source(route):
+            if route == "openmm":
+                return f"replicated OpenMM {self.platform_name} Contexts"
+            extra = f" and OpenMM {self.platform_name} ({', '.join(self.sequential_forces)})" if self.sequential_forces else ""
+            return "float64 torch terms" + extra
+        if self.forces_from == self.forces_only_from:
+            return f"{super().describe()}; forces from {source(self.forces_from)}"
+        return (f"{super().describe()}; forces with energies from {source(self.forces_from)}, "
+                f"forces alone from {source(self.forces_only_from)}")
 
     def _centered(self, x: np.ndarray) -> np.ndarray:
         return x - x.mean(axis=1, keepdims=True) if self.recenter else x
 
-    def _context(self, n_copies: int):
-        """(Context, offsets, template positions) for ``n_copies`` copies, cached."""
-        if n_copies not in self._contexts:
-            system, offsets = build_replicated_system(self._replicated, n_copies, spacing=self.spacing)
+    def _context(self, route: str, n_copies: int):
+        """(Context, offsets, template positions) for ``n_copies`` copies of ``route``'s forces, cached."""
+        if (route, n_copies) not in self._contexts:
+            system, offsets = build_replicated_system(self._replicated[route], n_copies, spacing=self.spacing)
             context = openmm.Context(system, openmm.VerletIntegrator(0.001), self._platform, dict(self._properties))
             template = self._reference[None] + offsets[:, None, :]
-            self._contexts[n_copies] = (context, offsets, template)
-        return self._contexts[n_copies]
+            self._contexts[route, n_copies] = (context, offsets, template)
+        return self._contexts[route, n_copies]
 
     def _bucket(self, n: int) -> int:
         size = 1
@@ -180,12 +194,12 @@ class OpenMMEnergy(EnergyModel):
             size *= 2
         return min(size, self.chunk_size)
 
-    def _batched_forces(self, centered: np.ndarray) -> np.ndarray:
+    def _batched_forces(self, route: str, centered: np.ndarray) -> np.ndarray:
         """Forces (k, n_atoms, 3) kJ/mol/nm of the replicated Context's forces for in-range, centred samples."""
         out = np.empty(centered.shape)
         for start in range(0, len(centered), self.chunk_size):
             chunk = centered[start:start + self.chunk_size]
-            context, offsets, template = self._context(self._bucket(len(chunk)))
+            context, offsets, template = self._context(route, self._bucket(len(chunk)))
             positions = template.copy()
             positions[:len(chunk)] = chunk + offsets[:len(chunk), None, :]
             context.setPositions(positions.reshape(-1, 3))
@@ -264,12 +278,12 @@ class OpenMMEnergy(EnergyModel):
 
     def _in_batch(self, x: np.ndarray, centered: np.ndarray, energies: bool, device):
         """(energies or None, forces) of in-range samples, by the chosen route."""
-        torch_forces = self.forces_from == "torch"
+        route = self.forces_from if energies else self.forces_only_from
         energy, forces = (None, None)
-        if energies or torch_forces:
-            energy, forces = self._vectorized(x, energies, torch_forces, device)
-        if self._replicated is not None:
-            openmm_forces = self._batched_forces(centered)
+        if energies or route == "torch":
+            energy, forces = self._vectorized(x, energies, route == "torch", device)
+        if self._replicated[route] is not None:
+            openmm_forces = self._batched_forces(route, centered)
             forces = openmm_forces if forces is None else forces + openmm_forces
         return energy, forces
 
@@ -334,7 +348,7 @@ class OpenMMEnergy(EnergyModel):
         seq = set(range(system.getNumForces())) - {i for i, _ in self.terms if i >= 0}
         mine = {}
         for i, term in self.terms:
-            grad = torch.zeros_like(c) if i >= 0 and self.forces_from == "torch" else None
+            grad = torch.zeros_like(c) if i >= 0 and "torch" in (self.forces_from, self.forces_only_from) else None
             mine[i] = (evaluate_term(term, c, grad).numpy(), None if grad is None else -grad.permute(2, 1, 0).numpy())
         for b, pos in enumerate(xs):
             context.setPositions(pos)
