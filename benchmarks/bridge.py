@@ -4,7 +4,9 @@ Measures configurations per second, counted from a torch tensor in to torch tens
 alanine dipeptide systems, separately for forces only and for per-sample energies + forces:
 
 * the sequential loop (``SequentialEnergy``) on every available platform (Reference; CPU with one
-  thread and with OpenMM's default threads; CUDA/OpenCL when present); its best is the baseline;
+  thread and with OpenMM's default threads; CUDA/OpenCL when present); its best is the baseline.
+  The loop reads forces straight into a numpy buffer (``read_forces``), as the bridge does: with
+  ``State.getForces(asNumpy=True)`` and its unit wrapping the Reference loop is about half as fast;
 * the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform, on
   the CPU with the default routes ("CPU": torch terms for energies + forces, OpenMM for forces alone
   unless the System has custom forces) and with each route forced (``forces_from="torch"/"openmm"``).
