@@ -14,7 +14,9 @@ Data parallelism (see :mod:`openmm_snf.distributed`): the global batch is cut in
 shards, each drawn with its own generator stream; with a process group the shards are spread over the
 ranks, gradients and metrics are summed in one all-reduce, and only rank 0 writes checkpoints and
 metrics. A run is defined by (seed, batch_size, n_shards): training on W ranks equals single-process
-training with ``n_shards = W`` up to floating-point reduction order.
+training with ``n_shards = W`` up to floating-point reduction order. Buffers that a training pass
+changes (adaptive Metropolis step sizes) restart from the iteration's values in every shard and
+become the shards' mean weighted by their share of the batch.
 """
 from __future__ import annotations
 
@@ -266,15 +268,30 @@ class Trainer:
             self.snf.train()
         return loss, forward, reverse, sample
 
+    def _float_buffers(self) -> list:
+        """The model's floating-point buffers: state a training pass may change (adaptive MC step sizes)."""
+        return [b for b in self.snf.buffers() if b.is_floating_point()]
+
+    def _stats_size(self, keys: list) -> tuple[int, int]:
+        """(length of the statistics before the buffer part, length of the buffer part) of this iteration."""
+        sampled = self.config.batch_size + len(keys) if self._samples_now() else 0
+        return 5 + sampled, sum(b.numel() for b in self._float_buffers())
+
     def _accumulate(self, keys: list) -> torch.Tensor:
         """Backpropagate this process's shards, weighted by their share of the batch, and return its
         statistics: [loss, forward, reverse, non-finite shards, 0, log weights (B) if sampled,
-        acceptance per key]; shards of other ranks leave zeros (summed over ranks later)."""
-        batch, sampled = self.config.batch_size, self._samples_now()
-        stats = torch.zeros(5 + (batch + len(keys) if sampled else 0), dtype=torch.float64, device=self.device)
+        acceptance per key if sampled, float buffers]; shards of other ranks leave zeros (summed over
+        ranks later). Every shard starts from the iteration's buffers; the new buffers are the mean of
+        the shards' results weighted by their share (a single shard keeps its own exactly)."""
+        batch, (head, _) = self.config.batch_size, self._stats_size(keys)
+        buffers = self._float_buffers()
+        start = [b.clone() for b in buffers]
+        stats = torch.zeros(sum(self._stats_size(keys)), dtype=torch.float64, device=self.device)
         offsets = [sum(self.shard_sizes[:k]) for k in range(self.n_shards)]
         for k, generator in self.generators.items():
             share = self.shard_sizes[k] / batch
+            for buffer, value in zip(buffers, start):
+                buffer.copy_(value)
             loss, forward, reverse, sample = self._shard_loss(self.shard_sizes[k], generator)
             stats[:3] += share * torch.stack([loss.detach(), torch.as_tensor(forward).detach().to(stats),
                                               torch.as_tensor(reverse).detach().to(stats)])
@@ -284,9 +301,17 @@ class Trainer:
                 stats[3] += 1
             if sample is not None:
                 stats[5 + offsets[k]:5 + offsets[k] + self.shard_sizes[k]] = sample.log_weights
-                stats[5 + batch:] += share * torch.tensor([sample.acceptance[key] for key in keys], dtype=torch.float64,
-                                                          device=self.device)
+                stats[5 + batch:head] += share * torch.tensor([sample.acceptance[key] for key in keys],
+                                                              dtype=torch.float64, device=self.device)
+            if buffers:
+                stats[head:] += share * torch.cat([b.detach().reshape(-1).to(stats) for b in buffers])
         return stats
+
+    def _set_buffers(self, values: torch.Tensor) -> None:
+        offset = 0
+        for buffer in self._float_buffers():
+            buffer.copy_(values[offset:offset + buffer.numel()].view(buffer.shape))
+            offset += buffer.numel()
 
     def _metrics(self, stats: torch.Tensor, keys: list) -> dict:
         cfg, info = self.config, {}
@@ -306,23 +331,25 @@ class Trainer:
         every rank before the step is applied (the failing rank re-raises its own).
         """
         keys = list(self.snf.acceptance_rates())
+        head, _ = self._stats_size(keys)
         if self.group is None:
-            return self._accumulate(keys), keys
-        error = None
-        try:
             stats = self._accumulate(keys)
-        except Exception as err:  # reported to the other ranks, then re-raised below
-            error = err
-            stats = torch.zeros(5 + (self.config.batch_size + len(keys) if self._samples_now() else 0),
-                                dtype=torch.float64, device=self.device)
-            stats[4] = 1
-        stats = sum_gradients(list(self.snf.parameters()), stats, self.group)
-        if stats[4] > 0:
-            if error is not None:
-                raise error
-            raise DistributedError(f"{int(stats[4])} other rank(s) failed in iteration {self.iteration + 1}; "
-                                   "stopping before the step (the last checkpoint is intact)")
-        return stats, keys
+        else:
+            error = None
+            try:
+                stats = self._accumulate(keys)
+            except Exception as err:  # reported to the other ranks, then re-raised below
+                error = err
+                stats = torch.zeros(sum(self._stats_size(keys)), dtype=torch.float64, device=self.device)
+                stats[4] = 1
+            stats = sum_gradients(list(self.snf.parameters()), stats, self.group)
+            if stats[4] > 0:
+                if error is not None:
+                    raise error
+                raise DistributedError(f"{int(stats[4])} other rank(s) failed in iteration {self.iteration + 1}; "
+                                       "stopping before the step (the last checkpoint is intact)")
+        self._set_buffers(stats[head:])
+        return stats[:head], keys
 
     def step(self) -> dict:
         """One optimizer iteration; returns its metrics (skipped steps are counted, not applied)."""

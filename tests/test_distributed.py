@@ -42,7 +42,7 @@ def _double_well_model(init_seed: int, device: str = "cpu"):
     energy = _FaultyEnergy(OpenMMEnergy(load_system("double_well"), platform="CPU" if device == "cpu" else None))
     torch.manual_seed(init_seed)
     return build_snf(3, None, energy, Reshape((1, 3)), n_blocks=2, hidden=(16, 16), stochastic="mc", n_steps=3,
-                     step_size=0.3).to(device)
+                     step_size=0.3, target_acceptance=0.3).to(device)  # adaptive step sizes: buffers change
 
 
 class _FaultyEnergy(torch.nn.Module):
@@ -166,6 +166,7 @@ def test_two_ranks_train_like_one_process_with_two_shards(tmp_path, device):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", map_location=device) for r in range(WORLD)]
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt", map_location=device)
     assert checkpoint["iteration"] == CONFIG["n_iterations"] and len(checkpoint["generator_states"]) == WORLD
+    assert float(reference.state_dict()["blocks.2.step_size"]) != 0.3
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)  # ranks agree exactly
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)
