@@ -109,6 +109,7 @@ def reference(mol, args) -> dict:
     if path.is_file():
         with np.load(path) as stored:
             ref = {key: stored[key] if stored[key].ndim else stored[key].item() for key in stored.files}
+        ref.setdefault("block_length", args.reference_frames)   # caches written before it was stored
     else:
         start = time.perf_counter()
         ref = md_reference(mol, args) if args.reference == "md" else umbrella_reference(mol, args)
