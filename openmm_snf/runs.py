@@ -164,8 +164,9 @@ def _assemble(folder: Path, config: dict, mol: MolecularSystem, reference: np.nd
                           threads=config["energy"]["threads"])
     dim, periodic, transform = _transform(mol, config, reference)
     device = _device(config["device"])
-    model = dict(config["model"])
-    snf = build_snf(dim, periodic, energy, transform, **model).to(device)
+    with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed, not the process's history
+        torch.manual_seed(config["training"]["seed"])
+        snf = build_snf(dim, periodic, energy, transform, **config["model"]).to(device)
     return Run(Path(folder), config, mol, energy, snf)
 
 
