@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openmm-snf", formatter_class=_Formatter, epilog=EPILOG,
         description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
                     "importance weights, free-energy differences and plots.")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads of the model on the CPU (more threads rarely help small molecules and "
+                             "compete with OpenMM's own; with --distributed each rank gets its share instead)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_md, _add_train, _add_sample, _add_free_energy, _add_report, _add_demo):
         add(sub)
@@ -321,6 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args) -> int:
     """Run the command, inside a torch.distributed session (joined from torchrun's environment) with --distributed."""
     if not getattr(args, "distributed", False):
+        import torch
+        if args.torch_threads < 1:
+            raise ValueError(f"--torch-threads must be a positive integer, got {args.torch_threads}")
+        torch.set_num_threads(args.torch_threads)
         return args.run(args)
     from .distributed import distributed_session
     with distributed_session(timeout_s=args.dist_timeout) as setup:
