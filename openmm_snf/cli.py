@@ -86,6 +86,66 @@ def _run_md(args) -> int:
     return 0
 
 
+def _add_umbrella(sub) -> None:
+    p = sub.add_parser("umbrella", formatter_class=_Formatter, help="umbrella-sampling reference along a dihedral",
+                       description="Umbrella sampling along a dihedral CV: one harmonic window per replica, all "
+                                   "replicas in one OpenMM Context, analysed with MBAR (pymbar). Writes OUT with "
+                                   "a weights sidecar holding the unbiased MBAR log weights of every frame, so "
+                                   "'free-energy' and 'report' treat it like SNF samples (use --block-length).")
+    _add_system_arguments(p)
+    p.add_argument("--out", required=True, help="output .dcd (+ .pdb, .weights.npz, .weights.csv)")
+    p.add_argument("--cv", default="phi", help="a dihedral CV of the system's metadata, or dihedral:i,j,k,l")
+    p.add_argument("--windows", type=int, default=24, help="windows, centred evenly on [-pi, pi)")
+    p.add_argument("--k", type=float, default=100.0, help="force constant in kT/rad^2")
+    p.add_argument("--frames", type=int, default=500, help="frames saved per window")
+    p.add_argument("--steps-per-frame", type=int, default=100, help="integration steps between saved frames")
+    p.add_argument("--equilibration", type=int, default=2000, help="steps before the first saved frame")
+    p.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
+    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
+    p.add_argument("--platform", default="CPU", help="OpenMM platform")
+    p.add_argument("--threads", type=int, help="CPU platform threads")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=_run_umbrella)
+
+
+def _run_umbrella(args) -> int:
+    import mdtraj
+    import numpy as np
+    from .analysis import compute_cv, parse_cv_spec
+    from .analysis.umbrella import umbrella_mbar
+    from .io import check_outputs_free, trajectory_paths, write_weighted_trajectory
+    from .md import MDSettings, UmbrellaBias, run_md
+    mol = _load(args)
+    definition = mol.cvs.get(args.cv) or (parse_cv_spec(args.cv) if ":" in args.cv else None)
+    if not definition or definition.get("kind") != "dihedral":
+        raise ValueError(f"--cv {args.cv!r} is not a dihedral of {mol.name} (known: "
+                         f"{', '.join(k for k, v in mol.cvs.items() if v.get('kind') == 'dihedral') or 'none'}); "
+                         "give dihedral:i,j,k,l")
+    paths = trajectory_paths(args.out)
+    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv], args.force)
+    centers = np.linspace(-np.pi, np.pi, args.windows, endpoint=False)
+    bias = UmbrellaBias("dihedral", tuple(definition["atoms"]), tuple(centers), args.k)
+    settings = MDSettings(n_frames=args.frames, steps_per_frame=args.steps_per_frame, n_replicas=args.windows,
+                          timestep=args.timestep, equilibration_steps=args.equilibration, seed=args.seed)
+    xyz = run_md(mol, settings, platform=args.platform, threads=args.threads, bias=bias).reshape(-1, mol.n_atoms, 3)
+    cv = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), args.cv, cvs=mol.cvs)
+    analysis = umbrella_mbar(cv.reshape(args.windows, -1), bias)
+    extra = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(mol.cvs),
+             "window": np.repeat(np.arange(args.windows), args.frames)}
+    import torch
+    from .energy import OpenMMEnergy
+    energies, _ = OpenMMEnergy(mol, platform=args.platform, threads=args.threads).energy_and_forces(
+        torch.as_tensor(xyz))
+    write_weighted_trajectory(paths.dcd, mol, xyz, analysis.log_weights, energies.numpy(), force=args.force,
+                              extra=extra)
+    inefficiency = np.asarray(analysis.statistical_inefficiency)
+    print(f"wrote {len(xyz)} frames ({args.windows} windows x {args.frames}) with MBAR weights to {paths.dcd}; "
+          f"statistical inefficiency {inefficiency.min():.1f}-{inefficiency.max():.1f} frames")
+    result = analysis.delta_f(cv > 0, cv < 0, labels=(f"{args.cv}>0", f"{args.cv}<0"))
+    print(result.summary())
+    return 0
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", formatter_class=_Formatter, help="train an SNF on a system",
                        description="Train a stochastic normalizing flow. The configuration is the package defaults, "
@@ -141,7 +201,7 @@ def _run_train(args) -> int:
     last = history[-1] if history else {}
     if trainer.is_main:
         print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
-          f"{last.get('loss', float('nan')):.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
+              f"{last.get('loss', float('nan')):.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
     return 0
 
 
@@ -316,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch threads of the model on the CPU (more threads rarely help small molecules and "
                              "compete with OpenMM's own; with --distributed each rank gets its share instead)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (_add_md, _add_train, _add_sample, _add_free_energy, _add_report, _add_demo):
+    for add in (_add_md, _add_umbrella, _add_train, _add_sample, _add_free_energy, _add_report, _add_demo):
         add(sub)
     return parser
 
