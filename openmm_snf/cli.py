@@ -50,6 +50,28 @@ def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(process_group=None)
 
 
+def _add_dynamics_arguments(parser: argparse.ArgumentParser, *, frames: int, steps_per_frame: int,
+                            equilibration: int, per: str) -> None:
+    """Options shared by md and umbrella (Langevin MD of replicas in one Context)."""
+    parser.add_argument("--frames", type=int, default=frames, help=f"frames saved per {per}")
+    parser.add_argument("--steps-per-frame", type=int, default=steps_per_frame,
+                        help="integration steps between saved frames")
+    parser.add_argument("--equilibration", type=int, default=equilibration, help="steps before the first saved frame")
+    parser.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
+    parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction in 1/ps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
+    parser.add_argument("--platform", default="CPU", help="OpenMM platform (CUDA, OpenCL, CPU, Reference)")
+    parser.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def _md_settings(args, n_replicas: int):
+    from .md import MDSettings
+    return MDSettings(n_frames=args.frames, steps_per_frame=args.steps_per_frame, n_replicas=n_replicas,
+                      timestep=args.timestep, friction=args.friction, equilibration_steps=args.equilibration,
+                      seed=args.seed)
+
+
 def _add_md(sub) -> None:
     p = sub.add_parser("md", formatter_class=_Formatter, help="reference Langevin MD (training data, reference)",
                        description="Langevin MD (LangevinMiddleIntegrator) of many independent replicas in one "
@@ -57,29 +79,18 @@ def _add_md(sub) -> None:
                                    "beside it; mdtraj.load(OUT, top=OUT.pdb) reads it.")
     _add_system_arguments(p)
     p.add_argument("--out", required=True, help="output .dcd (the .pdb topology is written beside it)")
-    p.add_argument("--frames", type=int, default=1000, help="frames saved per replica")
-    p.add_argument("--steps-per-frame", type=int, default=250, help="integration steps between saved frames")
     p.add_argument("--replicas", type=int, default=16, help="independent replicas integrated together")
-    p.add_argument("--equilibration", type=int, default=5000, help="steps before the first saved frame")
-    p.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
-    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction in 1/ps")
-    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
-    p.add_argument("--platform", help="OpenMM platform (CUDA, OpenCL, CPU, Reference; default CPU)", default="CPU")
-    p.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_dynamics_arguments(p, frames=1000, steps_per_frame=250, equilibration=5000, per="replica")
     p.set_defaults(run=_run_md)
 
 
 def _run_md(args) -> int:
     from .io import check_outputs_free, trajectory_paths, write_trajectory
-    from .md import MDSettings, run_md
+    from .md import run_md
     mol = _load(args)
     paths = trajectory_paths(args.out)
     check_outputs_free([paths.dcd, paths.pdb], args.force)
-    settings = MDSettings(n_frames=args.frames, steps_per_frame=args.steps_per_frame, n_replicas=args.replicas,
-                          timestep=args.timestep, friction=args.friction, equilibration_steps=args.equilibration,
-                          seed=args.seed)
-    frames = run_md(mol, settings, platform=args.platform, threads=args.threads)
+    frames = run_md(mol, _md_settings(args, args.replicas), platform=args.platform, threads=args.threads)
     write_trajectory(paths.dcd, mol, frames.reshape(-1, mol.n_atoms, 3), force=args.force)
     print(f"wrote {paths.dcd} ({frames.shape[0]} replicas x {frames.shape[1]} frames, "
           f"{frames.shape[1] * args.steps_per_frame * args.timestep / 1000:.1f} ps each) and {paths.pdb}")
@@ -97,14 +108,7 @@ def _add_umbrella(sub) -> None:
     p.add_argument("--cv", default="phi", help="a dihedral CV of the system's metadata, or dihedral:i,j,k,l")
     p.add_argument("--windows", type=int, default=24, help="windows, centred evenly on [-pi, pi)")
     p.add_argument("--k", type=float, default=100.0, help="force constant in kT/rad^2")
-    p.add_argument("--frames", type=int, default=500, help="frames saved per window")
-    p.add_argument("--steps-per-frame", type=int, default=100, help="integration steps between saved frames")
-    p.add_argument("--equilibration", type=int, default=2000, help="steps before the first saved frame")
-    p.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
-    p.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
-    p.add_argument("--platform", default="CPU", help="OpenMM platform")
-    p.add_argument("--threads", type=int, help="CPU platform threads")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_dynamics_arguments(p, frames=500, steps_per_frame=100, equilibration=2000, per="window")
     p.set_defaults(run=_run_umbrella)
 
 
@@ -114,7 +118,7 @@ def _run_umbrella(args) -> int:
     from .analysis import compute_cv, parse_cv_spec
     from .analysis.umbrella import umbrella_mbar
     from .io import check_outputs_free, trajectory_paths, write_weighted_trajectory
-    from .md import MDSettings, UmbrellaBias, run_md
+    from .md import UmbrellaBias, run_md
     mol = _load(args)
     definition = mol.cvs.get(args.cv) or (parse_cv_spec(args.cv) if ":" in args.cv else None)
     if not definition or definition.get("kind") != "dihedral":
@@ -125,9 +129,7 @@ def _run_umbrella(args) -> int:
     check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv], args.force)
     centers = np.linspace(-np.pi, np.pi, args.windows, endpoint=False)
     bias = UmbrellaBias("dihedral", tuple(definition["atoms"]), tuple(centers), args.k)
-    settings = MDSettings(n_frames=args.frames, steps_per_frame=args.steps_per_frame, n_replicas=args.windows,
-                          timestep=args.timestep, equilibration_steps=args.equilibration, seed=args.seed)
-    xyz = run_md(mol, settings, platform=args.platform, threads=args.threads, bias=bias).reshape(-1, mol.n_atoms, 3)
+    xyz = run_md(mol, _md_settings(args, args.windows), platform=args.platform, threads=args.threads, bias=bias).reshape(-1, mol.n_atoms, 3)
     cv = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), args.cv, cvs=mol.cvs)
     analysis = umbrella_mbar(cv.reshape(args.windows, -1), bias)
     extra = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(mol.cvs),
