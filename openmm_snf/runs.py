@@ -231,7 +231,7 @@ def load_run(folder, *, device: str | None = None) -> Run:
     for name in ("config.yaml", "reference.npy", "checkpoint.pt"):
         if not (folder / name).is_file():
             raise RunConfigError(f"{folder} is not a finished run: {name} is missing (train it with "
-                                 "'openmm-snf train ... --out {folder}')")
+                                 f"'openmm-snf train ... --out {folder}')")
     config = _read_yaml(folder / "config.yaml", "run configuration")
     if device is not None:
         config["device"] = device
