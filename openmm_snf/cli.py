@@ -12,6 +12,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 EPILOG = "Run 'openmm-snf COMMAND --help' for the options of one command."
+LOW_ESS = 30  # per-state effective sample size below which free-energy warns
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -308,6 +309,10 @@ def _run_free_energy(args) -> int:
         print(result.summary())
         print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT; total ESS "
               f"{result.ess_total:.1f} of {result.n_total} samples")
+    if min(result.ess_a, result.ess_b) < LOW_ESS:
+        print(f"warning: a state has an effective sample size below {LOW_ESS} (A: {result.ess_a:.1f}, B: "
+              f"{result.ess_b:.1f}); the estimate and its bootstrap interval are unreliable: draw more samples "
+              "or train the sampler longer", file=sys.stderr)
     return 0
 
 

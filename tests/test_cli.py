@@ -142,6 +142,8 @@ def test_free_energy_bad_inputs(weighted, tmp_path, capsys):
     _fails(["free-energy", str(weighted), "--states", "A: x < 0", "B: theta > 0"], capsys,
            "unknown collective variable 'theta'")
     _fails(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 100"], capsys, "no samples")
+    assert main(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 2.3"]) == 0
+    assert "effective sample size below 30" in capsys.readouterr().err
     aldp = tmp_path / "aldp.pdb"
     from openmm_snf.systems import SHIPPED_DIR
     shutil.copy(SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb", aldp)
