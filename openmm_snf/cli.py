@@ -201,10 +201,12 @@ def _run_train(args) -> int:
     if trainer.is_main:
         print(f"{run.mol.name}: {run.energy.describe()}")
     history = trainer.train()
-    last = history[-1] if history else {}
-    if trainer.is_main:
+    if trainer.is_main and not history:
+        print(f"{run.checkpoint_path} is already at {trainer.iteration} iterations: nothing to train (raise "
+              "--iterations to continue)")
+    elif trainer.is_main:
         print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
-              f"{last.get('loss', float('nan')):.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
+              f"{history[-1]['loss']:.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
     return 0
 
 
