@@ -9,7 +9,7 @@ import math
 
 import torch
 
-__all__ = ["bond_lengths", "bond_angles", "dihedrals", "place_atoms", "kabsch_align", "skew", "wrap_angle"]
+__all__ = ["bond_lengths", "bond_angles", "dihedrals", "place_atoms", "kabsch_align", "skew"]
 
 
 def _unit(v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -25,11 +25,6 @@ def bond_angles(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tens
     """Angle a-b-c at b, in [0, pi] -> (...). atan2 form: accurate near 0 and pi, finite for coincident atoms."""
     u, v = a - b, c - b
     return torch.atan2(torch.linalg.cross(u, v).norm(dim=-1), (u * v).sum(-1))
-
-
-def wrap_angle(phi: torch.Tensor) -> torch.Tensor:
-    """Map angles to [-pi, pi)."""
-    return torch.remainder(phi + math.pi, 2 * math.pi) - math.pi
 
 
 def dihedrals(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
