@@ -19,8 +19,8 @@ def available_platforms() -> list[str]:
     return [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())]
 
 
-def make_platform(name: str | None = None, *, precision: str = "mixed", threads: int | None = None,
-                  device_index: int | None = None) -> tuple[openmm.Platform, dict]:
+def make_platform(name: str | None = None, *, precision: str = "mixed",
+                  threads: int | None = None) -> tuple[openmm.Platform, dict]:
     """Return (platform, properties) for ``openmm.Context(system, integrator, platform, properties)``.
 
     Raises ValueError naming the available platforms when ``name`` is not one of them.
@@ -36,8 +36,6 @@ def make_platform(name: str | None = None, *, precision: str = "mixed", threads:
         if precision not in ("mixed", "double", "single"):
             raise ValueError(f"precision must be mixed, double or single, got {precision!r}")
         properties["Precision"] = precision
-        if device_index is not None:
-            properties["DeviceIndex"] = str(device_index)
     if match == "CPU" and threads is not None:
         if int(threads) < 1:
             raise ValueError(f"threads must be a positive integer, got {threads!r}")
