@@ -50,7 +50,7 @@ import torch
 from .base import BadSample, EnergyEvaluationError, EnergyModel
 from .platforms import make_platform
 from .replicate import build_replicated_system, check_supported, default_spacing, max_copy_radius
-from .terms import build_energy_terms, evaluate_term, to_components
+from .terms import build_energy_terms, evaluate_term, subsystem, to_components
 
 __all__ = ["OpenMMEnergy", "read_forces", "reported_precision"]
 
@@ -161,7 +161,7 @@ class OpenMMEnergy(EnergyModel):
             self.sequential_forces = [type(mol.system.getForce(i)).__name__ for i in sequential]
             self._self_check(mol.positions)
         # the forces the replicated Contexts compute: those the torch terms do not cover, or all of them
-        torch_rest = _subsystem(mol.system, sequential)
+        torch_rest = subsystem(mol.system, sequential)
         self._replicated = {"torch": torch_rest if torch_rest.getNumForces() else None, "openmm": mol.system}
 
     def describe(self) -> str:
@@ -365,13 +365,3 @@ class OpenMMEnergy(EnergyModel):
                     if error > tolerance * max(np.abs(ref_forces).max(), 1.0):
                         raise RuntimeError(f"forces of force {i} ({name}) differ from OpenMM's by {error:.3g} "
                                            "kJ/mol/nm; this force's settings are not supported")
-
-
-def _subsystem(system: openmm.System, indices: list[int]) -> openmm.System:
-    """A System with the particles of ``system`` and copies of its forces ``indices`` only."""
-    sub = openmm.System()
-    for i in range(system.getNumParticles()):
-        sub.addParticle(system.getParticleMass(i))
-    for i in indices:
-        sub.addForce(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.getForce(i))))
-    return sub

@@ -22,7 +22,7 @@ from .expression import parse, tabulated_function
 __all__ = ["CustomGBTerm", "GBSAOBCTerm", "tabulated_functions"]
 
 _SINGLE, _PAIR, _PAIR_ALL = 0, 1, 2  # CustomGBForce computation types
-ONE_4PI_EPS0 = 138.93545764438198
+ONE_4PI_EPS0 = 138.93545764438198  # kJ/mol nm / e^2, OpenMM's value
 
 
 def _pairs(n: int, exclusions: set, ordered: bool, skip_excluded: bool) -> np.ndarray:

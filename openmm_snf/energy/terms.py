@@ -23,12 +23,10 @@ import openmm
 import torch
 
 from .expression import ExpressionError, parse
-from .gb import CustomGBTerm, GBSAOBCTerm, tabulated_functions
+from .gb import ONE_4PI_EPS0, CustomGBTerm, GBSAOBCTerm, tabulated_functions
 
-__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "evaluate_term", "SequentialTerm", "to_components", "distance",
-           "bond_angle", "dihedral"]
-
-ONE_4PI_EPS0 = 138.93545764438198  # kJ/mol nm / e^2, OpenMM's value
+__all__ = ["ONE_4PI_EPS0", "build_energy_terms", "evaluate_term", "SequentialTerm", "subsystem", "to_components",
+           "distance", "bond_angle", "dihedral"]
 
 
 def _value(quantity) -> float:
@@ -377,6 +375,16 @@ class CustomIndexedTerm(_IndexedTerm):
         return torch.as_tensor(energy, dtype=c.dtype, device=c.device).expand(len(atoms[0]), c.shape[2]).sum(0)
 
 
+def subsystem(system: openmm.System, indices: list[int]) -> openmm.System:
+    """A System with the particles of ``system`` and copies of its forces ``indices`` only."""
+    sub = openmm.System()
+    for i in range(system.getNumParticles()):
+        sub.addParticle(system.getParticleMass(i))
+    for i in indices:
+        sub.addForce(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system.getForce(i))))
+    return sub
+
+
 class SequentialTerm:
     """Forces without a vectorized form: their energy per sample from a Reference Context, in a loop.
 
@@ -384,14 +392,10 @@ class SequentialTerm:
     of a small peptide), so it is only used for the forces listed in ``names``.
     """
 
-    def __init__(self, system: openmm.System, forces: list):
-        sub = openmm.System()
-        for i in range(system.getNumParticles()):
-            sub.addParticle(system.getParticleMass(i))
-        for force in forces:
-            sub.addForce(openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(force)))
-        self.names = [type(f).__name__ for f in forces]
-        self.context = openmm.Context(sub, openmm.VerletIntegrator(1e-3), openmm.Platform.getPlatformByName("Reference"))
+    def __init__(self, system: openmm.System, indices: list[int]):
+        self.names = [type(system.getForce(i)).__name__ for i in indices]
+        self.context = openmm.Context(subsystem(system, indices), openmm.VerletIntegrator(1e-3),
+                                      openmm.Platform.getPlatformByName("Reference"))
 
     def __call__(self, c):
         positions = c.permute(2, 1, 0).cpu().numpy()
@@ -442,5 +446,5 @@ def build_energy_terms(system: openmm.System, sequential_energies: bool = True) 
         except (KeyError, ExpressionError, NotImplementedError):
             sequential.append(index)
     if sequential and sequential_energies:
-        terms.append((-1, SequentialTerm(system, [system.getForce(i) for i in sequential])))
+        terms.append((-1, SequentialTerm(system, sequential)))
     return terms, sequential
