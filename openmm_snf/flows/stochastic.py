@@ -66,7 +66,7 @@ class _StochasticBlock(Block):
 
     def _displacement(self, a, b):
         """a − b, minimum image on periodic dims."""
-        return self._wrap(a - b) if self.periodic_mask is not None else a - b
+        return self._wrap(a - b)
 
     def forward(self, x, *, generator: torch.Generator | None = None):
         return self._run(x, generator)
