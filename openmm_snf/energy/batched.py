@@ -132,7 +132,8 @@ class OpenMMEnergy(EnergyModel):
         self._platform, self._properties = make_platform(platform, precision=precision, threads=threads)
         self.platform_name = self._platform.getName()
         self.precision = reported_precision(self.platform_name, precision)
-        custom = any(type(f).__name__.startswith("Custom") for f in mol.system.getForces())
+        names = {type(f).__name__ for f in mol.system.getForces()}
+        custom = any(name.startswith("Custom") for name in names)
         if forces_from == "auto":
             self.forces_from = "torch" if self.platform_name in ("CPU", "Reference") else "openmm"
             self.forces_only_from = ("openmm" if self.platform_name == "CPU" and not custom
@@ -141,7 +142,6 @@ class OpenMMEnergy(EnergyModel):
             self.forces_from = self.forces_only_from = forces_from
         routes = {self.forces_from, self.forces_only_from}
         self.loop_below = (0 if self.platform_name == "Reference" else 16) if loop_below is None else int(loop_below)
-        names = {type(f).__name__ for f in mol.system.getForces()}
         self.recenter = "CustomExternalForce" not in names
         reference = self._centered(mol.positions[None])[0]
         if copy_radius is None:
