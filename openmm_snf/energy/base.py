@@ -73,8 +73,7 @@ class EnergyModel:
 
     def energy_and_forces(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(u (B,), forces (B, n_atoms, 3) in kT/nm), same dtype and device as x; no autograd graph."""
-        u, forces = self._run(x, energies=True)
-        return u, forces
+        return self._run(x, energies=True)
 
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Forces (B, n_atoms, 3) in kT/nm only (skips per-sample energies), same dtype/device as x."""
