@@ -37,7 +37,8 @@ __all__ = ["MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlo
 
 
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).sum(-1)
+    """Sum over all but the batch dimension, in float64 (path terms are accumulated in float64)."""
+    return t.flatten(1).to(torch.float64).sum(-1)
 
 
 class _StochasticBlock(Block):
@@ -147,7 +148,7 @@ class OverdampedLangevinBlock(_StochasticBlock):
         scale = math.sqrt(2 * eps)
         create = self.differentiable_forces and torch.is_grad_enabled()
         _, grad = energy_and_gradient(self.energy, y, create_graph=create)
-        delta_s = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
+        delta_s = torch.zeros(y.shape[0], dtype=torch.float64, device=y.device)
         for _ in range(self.n_steps):
             y_new = self._wrap(y - eps * grad + scale * self._noise(y, generator))
             _, grad_new = energy_and_gradient(self.energy, y_new, create_graph=create)
