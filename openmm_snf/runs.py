@@ -6,6 +6,7 @@ A run folder holds
 * ``reference.npy``    the frames (n, n_atoms, 3) nm that fixed the internal-coordinate statistics;
 * ``data.dcd/.pdb``    the training data, when the run made them by MD;
 * ``checkpoint.pt``    model, optimizer and RNG state (resumable), written atomically by the trainer;
+* ``best.pt``          the model of the best validation loss, when training validates (``validation_fraction``);
 * ``metrics.jsonl``    one JSON object per iteration.
 
 Configuration sections (YAML; every key optional, see :data:`DEFAULTS`): ``system`` (how to load it),
@@ -35,7 +36,7 @@ from .flows import Reshape, build_snf
 from .io import atomic_outputs, read_trajectory, write_trajectory
 from .md import MDSettings, run_md
 from .systems import SHIPPED_DIR, MolecularSystem, load_system
-from .train import Trainer, TrainConfig, load_checkpoint
+from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
 __all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "sample"]
 
@@ -226,7 +227,8 @@ def _prepare(folder: Path, config: dict | None, resume: bool):
 
 
 def load_run(folder, *, device: str | None = None) -> Run:
-    """Reopen a trained run for sampling (model weights from ``checkpoint.pt``)."""
+    """Reopen a trained run for sampling: model weights from ``best.pt`` (the best validation) when the
+    run wrote one, else from ``checkpoint.pt`` (the last iteration)."""
     folder = Path(folder)
     for name in ("config.yaml", "reference.npy", "checkpoint.pt"):
         if not (folder / name).is_file():
@@ -237,7 +239,8 @@ def load_run(folder, *, device: str | None = None) -> Run:
         config["device"] = device
     mol = _load_mol(config)
     run = _assemble(folder, config, mol, np.load(folder / "reference.npy"))
-    state = load_checkpoint(run.checkpoint_path, map_location=_device(config["device"]))
+    best = folder / BEST_NAME
+    state = load_checkpoint(best if best.is_file() else run.checkpoint_path, map_location=_device(config["device"]))
     run.snf.load_state_dict(state["model"])
     run.snf.eval()
     return run

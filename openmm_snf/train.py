@@ -10,6 +10,14 @@ counted; checkpoints are written to a temporary file and renamed, and hold every
 resume bit-for-bit on the same device (model, optimizer, iteration, RNG state, skip count).
 Metrics go to a JSON-lines file, one object per iteration.
 
+Validation (``validation_fraction`` > 0): the last fraction of the data frames (a contiguous block, so
+that frames correlated in time with it mostly stay out of training too) is held out and never trained
+on. Every ``validate_every`` iterations the forward-KL loss on it (mean −log q in eval mode under
+``torch.no_grad()``, with a generator reseeded from ``seed`` so validations are comparable) is logged as
+``val_loss``; with ``keep_best`` the best model so far is written to ``best.pt`` beside the checkpoint,
+and ``patience`` validations without improvement stop training. Validation runs in single-process
+training only (a process group with validation_fraction > 0 is an error).
+
 Data parallelism (see :mod:`openmm_snf.distributed`): the global batch is cut into ``n_shards``
 shards, each drawn with its own generator stream; with a process group the shards are spread over the
 ranks, gradients and metrics are summed in one all-reduce, and only rank 0 writes checkpoints and
@@ -37,10 +45,12 @@ from .flows.builder import build_snf_from_config
 from .flows.snf import SNF
 from .weights import kish_ess
 
-__all__ = ["TrainConfig", "Trainer", "save_checkpoint", "load_checkpoint", "load_snf", "learning_rate_at"]
+__all__ = ["TrainConfig", "Trainer", "save_checkpoint", "load_checkpoint", "load_snf", "learning_rate_at",
+           "split_validation", "BEST_NAME"]
 
 CHECKPOINT_FORMAT = "openmm-snf-checkpoint-v1"
 LR_SCHEDULES = ("constant", "cosine", "exponential")
+BEST_NAME = "best.pt"
 
 
 @dataclass
@@ -64,6 +74,11 @@ class TrainConfig:
             its loss weighted by its share of the batch. None: the checkpoint's count when resuming,
             else the number of ranks (1 in a single process). Runs with equal (seed, batch_size,
             n_shards) agree on any number of ranks that divides n_shards.
+        validation_fraction: fraction of the data frames held out for validation, the last ones (0: no
+            validation). Single-process training only.
+        validate_every: iterations between validations (val_loss in the metrics of those iterations).
+        keep_best: write the model of the best validation so far to ``best.pt`` beside the checkpoint.
+        patience: validations without improvement after which training stops (0: never early).
     """
 
     n_iterations: int = 1000
@@ -79,6 +94,10 @@ class TrainConfig:
     ess_every: int = 10
     seed: int = 0
     n_shards: int | None = None
+    validation_fraction: float = 0.0
+    validate_every: int = 50
+    keep_best: bool = True
+    patience: int = 0
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -89,6 +108,10 @@ class TrainConfig:
             raise ValueError("weight_forward and weight_reverse must be >= 0 and not both 0")
         if self.n_shards is not None and not 1 <= self.n_shards <= self.batch_size:
             raise ValueError(f"n_shards must be between 1 and batch_size ({self.batch_size}), got {self.n_shards}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.validate_every < 1 or self.patience < 0:
+            raise ValueError("need validate_every >= 1 and patience >= 0")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -110,6 +133,17 @@ def learning_rate_at(config: TrainConfig, iteration: int) -> float:
     else:
         factor = 1.0
     return config.learning_rate * factor
+
+
+def split_validation(data: torch.Tensor | None, fraction: float):
+    """(training frames, held-out frames or None): the last ``round(fraction · N)`` frames are held out."""
+    if data is None or fraction == 0:
+        return data, None
+    n_held_out = round(fraction * len(data))
+    if not 1 <= n_held_out < len(data):
+        raise ValueError(f"validation_fraction {fraction} of {len(data)} data frames leaves no validation or "
+                         "no training frames")
+    return data[:-n_held_out], data[-n_held_out:]
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -160,16 +194,20 @@ class Trainer:
     Args:
         snf: the model (from :func:`~openmm_snf.flows.build_snf` if checkpoints are wanted).
         config: :class:`TrainConfig`.
-        data: data-space samples (N, ...) for the forward-KL term (required if weight_forward > 0),
-            e.g. (N, n_atoms, 3) nm from MD; moved to the model's device and dtype.
+        data: data-space samples (N, ...) for the forward-KL term and validation (required if
+            weight_forward > 0 or validation_fraction > 0), e.g. (N, n_atoms, 3) nm from MD; moved to
+            the model's device and dtype. The last validation_fraction of them are held out
+            (:attr:`val_data`) and never trained on (:attr:`data` holds the rest).
         energy_regularizer: maps raw reduced energies (B,) to those used in the reverse-KL loss.
         checkpoint_path: where to write checkpoints; if it exists and ``resume`` is True, training
-            continues from it.
+            continues from it. With validation and keep_best, the best model is written to
+            ``best.pt`` in the same folder (no file without a checkpoint path).
         metrics_path: JSON-lines file, one object per iteration (appended to when resuming).
         progress: show a tqdm bar (loss, acceptance, ESS, skipped steps).
         process_group: a torch.distributed process group for data-parallel training (None: this
             process alone). Every rank builds the same model, data and arguments; rank 0's parameters
             are broadcast; only rank 0 writes the checkpoint and metrics, and :meth:`save` is collective.
+            Validation is not supported with a process group (ValueError).
     """
 
     def __init__(self, snf: SNF, config: TrainConfig, *, data: torch.Tensor | None = None,
@@ -178,15 +216,19 @@ class Trainer:
         self.snf = snf
         self.config = config
         self.device, dtype = snf.prior.device, snf.prior.dtype
-        if config.weight_forward > 0:
+        if config.validation_fraction > 0 and process_group is not None:
+            raise ValueError("validation (validation_fraction > 0) runs in single-process training only; "
+                             "set validation_fraction to 0 for data-parallel training")
+        if config.weight_forward > 0 or config.validation_fraction > 0:
             if data is None or len(data) < 1:
-                raise ValueError("weight_forward > 0 needs data (N, ...) for the forward-KL term")
+                raise ValueError("weight_forward > 0 or validation_fraction > 0 needs data (N, ...)")
             data = torch.as_tensor(data).to(self.device, dtype)
             if not torch.isfinite(data).all():
                 raise ValueError("training data contain NaN or infinite values")
-        self.data = data
+        self.data, self.val_data = split_validation(data, config.validation_fraction)
         self.energy_regularizer = energy_regularizer
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.best_path = None if self.checkpoint_path is None else self.checkpoint_path.with_name(BEST_NAME)
         self.metrics_path = None if metrics_path is None else Path(metrics_path)
         self.progress = progress
         self.optimizer = torch.optim.Adam(snf.parameters(), lr=config.learning_rate,
@@ -195,6 +237,7 @@ class Trainer:
         self.is_main = rank_of(process_group) == 0
         self.iteration = 0
         self.n_skipped = 0
+        self.best_val_loss, self.best_iteration, self.n_stale = math.inf, 0, 0
         state = None
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path, map_location=self.device)
@@ -225,6 +268,9 @@ class Trainer:
             generator.set_state(generator_states[k].to("cpu"))
         self.iteration = int(state["iteration"])
         self.n_skipped = int(state["n_skipped"])
+        self.best_val_loss = float(state.get("best_val_loss", math.inf))
+        self.best_iteration = int(state.get("best_iteration", 0))
+        self.n_stale = int(state.get("n_stale", 0))
 
     def save(self, path=None) -> Path | None:
         """Write a resumable checkpoint (atomically) and return its path.
@@ -242,8 +288,42 @@ class Trainer:
         streams = ({"generator_state": states[0]} if self.n_shards == 1 else
                    {"generator_states": [states[k] for k in range(self.n_shards)]})
         save_checkpoint(path, self.snf, optimizer=self.optimizer.state_dict(), iteration=self.iteration,
-                        n_skipped=self.n_skipped, train_config=asdict(self.config), **streams)
+                        n_skipped=self.n_skipped, train_config=asdict(self.config), best_val_loss=self.best_val_loss,
+                        best_iteration=self.best_iteration, n_stale=self.n_stale, **streams)
         return path
+
+    def validate(self) -> float:
+        """Mean −log q(x) over the held-out frames, float; eval mode (no step-size adaptation), no
+        gradients, in chunks of batch_size, with a generator seeded from ``seed`` for every call (for
+        stochastic blocks the single-path estimate), so successive validations are comparable."""
+        if self.val_data is None:
+            raise ValueError("no validation frames: set validation_fraction > 0")
+        generator = torch.Generator(device=self.device).manual_seed(self.config.seed)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        was_training = self.snf.training
+        self.snf.eval()
+        try:
+            with torch.no_grad():
+                for chunk in self.val_data.split(self.config.batch_size):
+                    total += self.snf.forward_kl_loss(chunk, generator=generator) * len(chunk)
+        finally:
+            self.snf.train(was_training)
+        return float(total) / len(self.val_data)
+
+    def _record_validation(self, val_loss: float) -> None:
+        """Track the best validation (writing ``best.pt`` with keep_best) and the validations since."""
+        if not val_loss < self.best_val_loss:  # NaN never improves
+            self.n_stale += 1
+            return
+        self.best_val_loss, self.best_iteration, self.n_stale = val_loss, self.iteration, 0
+        if self.config.keep_best and self.best_path is not None:
+            save_checkpoint(self.best_path, self.snf, iteration=self.iteration, val_loss=val_loss,
+                            train_config=asdict(self.config))
+
+    @property
+    def stopped_early(self) -> bool:
+        """Whether ``patience`` validations in a row brought no improvement (training stops)."""
+        return bool(self.config.patience) and self.n_stale >= self.config.patience
 
     def _samples_now(self) -> bool:
         """Whether this iteration draws weighted samples (reverse KL, or an ESS/acceptance check)."""
@@ -376,7 +456,8 @@ class Trainer:
                 "skipped": not finite, "n_skipped": self.n_skipped, **info}
 
     def train(self, n_iterations: int | None = None) -> list[dict]:
-        """Run until ``n_iterations`` (default config.n_iterations) total iterations; return metrics."""
+        """Run until ``n_iterations`` (default config.n_iterations) total iterations, or until
+        :attr:`stopped_early`; return the metrics (with ``val_loss`` every validate_every iterations)."""
         target = self.config.n_iterations if n_iterations is None else n_iterations
         history = []
         self.snf.train()
@@ -385,8 +466,11 @@ class Trainer:
         log = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path and self.is_main else None
         try:
             start = time.perf_counter()
-            while self.iteration < target:
+            while self.iteration < target and not self.stopped_early:
                 metrics = self.step()
+                if self.val_data is not None and self.iteration % self.config.validate_every == 0:
+                    metrics["val_loss"] = self.validate()
+                    self._record_validation(metrics["val_loss"])
                 metrics["elapsed_s"] = time.perf_counter() - start
                 history.append(metrics)
                 if log is not None:
@@ -414,6 +498,8 @@ def _postfix(metrics: dict) -> dict:
         postfix["acc"] = f"{sum(acceptance.values()) / len(acceptance):.2f}"
     if "ess_fraction" in metrics:
         postfix["ess"] = f"{metrics['ess_fraction']:.2f}"
+    if "val_loss" in metrics:
+        postfix["val"] = f"{metrics['val_loss']:.3f}"
     if metrics["n_skipped"]:
         postfix["skipped"] = metrics["n_skipped"]
     return postfix

@@ -1,5 +1,6 @@
 """Trainer: losses go down, non-finite steps are skipped, checkpoints are atomic and resume exactly."""
 import json
+import math
 
 import pytest
 import torch
@@ -125,3 +126,110 @@ def test_config_validation_and_schedule():
     assert learning_rate_at(cfg, 0) == 1.0 and abs(learning_rate_at(cfg, 10) - 0.01) < 1e-12
     with pytest.raises(FileNotFoundError):
         load_checkpoint("/nonexistent/ckpt.pt")
+
+
+def validating_config(**changes):
+    values = dict(n_iterations=12, batch_size=32, learning_rate=3e-3, ess_every=0, validation_fraction=0.1,
+                  validate_every=4, checkpoint_every=0)
+    return TrainConfig(**{**values, **changes})
+
+
+def test_validation_frames_are_never_trained_on():
+    data = double_well_data(200)
+    snf = small_snf()
+    trainer = Trainer(snf, validating_config(n_iterations=8), data=data, progress=False)
+    torch.testing.assert_close(trainer.val_data, data[-20:])
+    torch.testing.assert_close(trainer.data, data[:-20])
+    seen = {True: [], False: []}
+    loss = snf.forward_kl_loss
+
+    def recording(x, **kwargs):
+        seen[snf.training].append(x)
+        return loss(x, **kwargs)
+
+    snf.forward_kl_loss = recording
+    trainer.train()
+    trained, validated = torch.cat(seen[True]), torch.cat(seen[False])
+    assert len(trained) == 8 * 32 and torch.cdist(trained, data[-20:]).min() > 0
+    torch.testing.assert_close(validated, torch.cat([data[-20:]] * 2))  # two validations, all held-out frames
+
+
+def test_val_loss_is_logged_and_best_pt_holds_the_best_model(tmp_path):
+    data = double_well_data(300)
+    path, log = tmp_path / "checkpoint.pt", tmp_path / "metrics.jsonl"
+    cfg = validating_config(batch_size=8)  # 30 held-out frames: 4 chunks
+    trainer = Trainer(small_snf(), cfg, data=data, checkpoint_path=path, metrics_path=log, progress=False)
+    trainer.train()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = {m["iteration"]: m["val_loss"] for m in lines if "val_loss" in m}
+    assert sorted(losses) == [4, 8, 12] and all(math.isfinite(v) for v in losses.values())
+    best_iteration = min(losses, key=losses.get)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["iteration"] == best_iteration == trainer.best_iteration
+    assert best["val_loss"] == losses[best_iteration] == trainer.best_val_loss
+    assert load_checkpoint(path)["best_val_loss"] == trainer.best_val_loss
+    clone = Trainer(load_snf(tmp_path / "best.pt", DoubleWellEnergy()), cfg, data=data, progress=False)
+    assert clone.validate() == losses[best_iteration]  # same parameters, same fixed generator
+    assert trainer.validate() == losses[12]  # validation is repeatable
+
+
+def scripted(trainer, values):
+    """Replace the trainer's validation by a fixed sequence of losses."""
+    values = iter(values)
+    trainer.validate = lambda: next(values)
+
+
+def test_patience_stops_training_and_resume_keeps_the_best(tmp_path):
+    data, path = double_well_data(200), tmp_path / "checkpoint.pt"
+    cfg = validating_config(n_iterations=100, validate_every=2, patience=3)
+    trainer = Trainer(small_snf(), cfg, data=data, checkpoint_path=path, progress=False)
+    scripted(trainer, [3.0, 2.0, 2.5, 2.1])
+    trainer.train(8)
+    assert (trainer.best_val_loss, trainer.best_iteration, trainer.n_stale) == (2.0, 4, 2)
+    assert not trainer.stopped_early and load_checkpoint(tmp_path / "best.pt")["iteration"] == 4
+
+    resumed = Trainer(small_snf(seed=5), cfg, data=data, checkpoint_path=path, progress=False)
+    assert (resumed.iteration, resumed.best_val_loss, resumed.best_iteration, resumed.n_stale) == (8, 2.0, 4, 2)
+    scripted(resumed, [2.2, 1.0])
+    history = resumed.train()
+    assert resumed.stopped_early and [m["iteration"] for m in history] == [9, 10]
+    assert load_checkpoint(tmp_path / "best.pt")["iteration"] == 4  # 2.2 at iteration 10 was no better
+    assert load_checkpoint(path)["iteration"] == 10
+    assert Trainer(small_snf(), cfg, data=data, checkpoint_path=path, progress=False).train() == []
+
+
+def test_validation_configuration_errors():
+    with pytest.raises(ValueError, match="validation_fraction"):
+        TrainConfig(validation_fraction=1.0)
+    with pytest.raises(ValueError, match="validate_every"):
+        TrainConfig(validate_every=0)
+    with pytest.raises(ValueError, match="no validation or no training frames"):
+        Trainer(small_snf(), validating_config(validation_fraction=0.001), data=double_well_data(100),
+                progress=False)
+    with pytest.raises(ValueError, match="single-process"):
+        Trainer(small_snf(), validating_config(), data=double_well_data(100), progress=False,
+                process_group=object())
+    with pytest.raises(ValueError, match="no validation frames"):
+        Trainer(small_snf(), TrainConfig(), data=double_well_data(100), progress=False).validate()
+
+
+def test_load_run_prefers_best_pt(tmp_path):
+    from openmm_snf.runs import build_run, load_run, resolve_config
+    from openmm_snf.train import save_checkpoint
+    overrides = {"data": {"md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
+                 "energy": {"platform": "Reference"},
+                 "training": {"n_iterations": 4, "batch_size": 16, "validation_fraction": 0.25, "validate_every": 2}}
+    config = resolve_config({"source": "double_well"}, overrides=overrides)
+    run, trainer = build_run(tmp_path / "run", config, progress=False)
+    trainer.train()
+    assert len(trainer.val_data) == 10 and (tmp_path / "run" / "best.pt").is_file()
+    with torch.no_grad():
+        for p in run.snf.parameters():
+            p.add_(1.0)
+    save_checkpoint(tmp_path / "run" / "best.pt", run.snf)
+    for (name, a), b in zip(run.snf.state_dict().items(), load_run(tmp_path / "run").snf.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    (tmp_path / "run" / "best.pt").unlink()
+    last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
+    for (name, a), b in zip(last.items(), load_run(tmp_path / "run").snf.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
