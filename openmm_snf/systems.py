@@ -116,6 +116,9 @@ def load_system(source, *, pdb=None, forcefield=None, implicit=None, temperature
     """
     if temperature is not None:
         _check_temperature(temperature, "--temperature")
+    if implicit is not None and implicit.lower() not in IMPLICIT_MODELS:
+        raise SystemLoadError(f"unknown implicit-solvent model {implicit!r}; choose one of "
+                              f"{', '.join(IMPLICIT_MODELS)}")
     source_str = os.fspath(source)
     path = Path(source_str)
     if source_str in shipped_systems():
@@ -198,11 +201,7 @@ def _from_pdb_and_forcefield(pdb_path: Path, forcefield, implicit, temperature) 
     pdb = _read_pdb(pdb_path)
     files = list(forcefield) if forcefield else ["amber14-all.xml"]
     if implicit is not None:
-        key = implicit.lower()
-        if key not in IMPLICIT_MODELS:
-            raise SystemLoadError(f"unknown implicit-solvent model {implicit!r}; choose one of "
-                                  f"{', '.join(IMPLICIT_MODELS)}")
-        files.append(IMPLICIT_MODELS[key])
+        files.append(IMPLICIT_MODELS[implicit.lower()])
     try:
         ff = app.ForceField(*files)
     except Exception as err:
@@ -228,13 +227,8 @@ def _from_prmtop(prmtop_path: Path, inpcrd_path: Path, implicit, temperature) ->
         inpcrd = app.AmberInpcrdFile(str(inpcrd_path))
     except Exception as err:
         raise SystemLoadError(f"could not read Amber files {prmtop_path}, {inpcrd_path}: {err}") from err
-    solvent = None
-    if implicit is not None:
-        solvent = {"obc1": app.OBC1, "obc2": app.OBC2, "gbn": app.GBn, "gbn2": app.GBn2, "hct": app.HCT}.get(
-            implicit.lower())
-        if solvent is None:
-            raise SystemLoadError(f"unknown implicit-solvent model {implicit!r}; choose one of "
-                                  f"{', '.join(IMPLICIT_MODELS)}")
+    solvent = None if implicit is None else {"obc1": app.OBC1, "obc2": app.OBC2, "gbn": app.GBn, "gbn2": app.GBn2,
+                                             "hct": app.HCT}[implicit.lower()]
     system = prmtop.createSystem(nonbondedMethod=app.NoCutoff, constraints=None, implicitSolvent=solvent,
                                  removeCMMotion=False)
     return _finish(prmtop_path.stem, prmtop.topology, system, _positions_nm(inpcrd.positions), temperature,
