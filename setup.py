@@ -13,6 +13,7 @@ setup(
         "openmmtools",
         "mdtraj",
         "torch>=2.2",
+        "numba>=0.59",
         "numpy",
         "scipy",
         "pymbar>=4",

@@ -8,8 +8,8 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
   The loop reads forces straight into a numpy buffer (``read_forces``), as the bridge does: with
   ``State.getForces(asNumpy=True)`` and its unit wrapping the Reference loop is about half as fast;
 * the batched bridge (``OpenMMEnergy``) for B in {1, 64, 512, 4096} on every available platform, on
-  the CPU with the default routes ("CPU": torch terms for energies + forces, OpenMM for forces alone
-  unless the System has custom forces) and with each route forced (``forces_from="torch"/"openmm"``).
+  the CPU with the default route ("compiled": the numba kernel, torch terms for GB forces) and with
+  the other routes forced (``forces_from="torch"/"openmm"``).
 
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 The last two lines are the speed-ups over the best sequential loop for alanine dipeptide in vacuum

@@ -38,25 +38,24 @@ def assert_matches(model, reference, x):
     assert torch.all(model.last_flags == 0)
 
 
-@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+@pytest.mark.parametrize("forces_from", ["compiled", "torch", "openmm"])
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_batched_matches_sequential_reference(mol, platform, forces_from):
     model = OpenMMEnergy(mol, platform=platform, chunk_size=8, loop_below=0, forces_from=forces_from)
-    assert model.forces_from == model.forces_only_from == forces_from
+    assert model.forces_from == forces_from
     reference = SequentialEnergy(mol, platform="Reference")
     assert_matches(model, reference, perturbed(mol, 13))  # odd size, above the chunk size
     assert_matches(model, reference, perturbed(mol, 1, seed=1))
-    tiny_batches_loop = OpenMMEnergy(mol, platform=platform)  # default: fewer than 16 samples use the loop
+    tiny_batches_loop = OpenMMEnergy(mol, platform=platform, forces_from=forces_from, loop_below=16)
     assert_matches(tiny_batches_loop, reference, perturbed(mol, 3, seed=2))
     assert torch.allclose(model.forces(perturbed(mol, 5)), reference.forces(perturbed(mol, 5)),
                           rtol=0, atol=FORCE_TOL_REL * reference.forces(perturbed(mol, 5)).abs().max())
 
 
-def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
+def test_large_batches_are_chunked_and_routes_are_validated():
     mol = load_system("alanine_dipeptide_implicit")
-    model = OpenMMEnergy(mol, platform="CPU")
-    assert model.forces_from == model.forces_only_from == "torch" and model.sequential_forces == []
-    assert "forces from float64 torch terms" in model.describe()
+    model = OpenMMEnergy(mol, platform="CPU", forces_from="torch")
+    assert model.sequential_forces == [] and "forces from float64 torch terms" in model.describe()
     x = perturbed(mol, 1100, scale=0.01)  # more than two passes of the torch terms (512 samples each)
     u, f = model.energy_and_forces(x)
     u_ref, f_ref = SequentialEnergy(mol, platform="CPU", threads=1).energy_and_forces(x[1020:1030])
@@ -66,11 +65,13 @@ def test_torch_route_is_the_cpu_default_and_large_batches_are_chunked():
         OpenMMEnergy(mol, platform="CPU", forces_from="numpy")
 
 
-def test_auto_routes_on_cpu_without_custom_forces():
-    mol = load_system("alanine_dipeptide_vacuum")
-    model = OpenMMEnergy(mol, platform="CPU")  # energies + forces: torch terms; forces alone: OpenMM
-    assert (model.forces_from, model.forces_only_from) == ("torch", "openmm")
-    assert "forces alone from replicated OpenMM CPU Contexts" in model.describe()
+@pytest.mark.parametrize("name, rest", [("alanine_dipeptide_vacuum", False), ("alanine_dipeptide_implicit", True)])
+def test_compiled_route_is_the_cpu_default(name, rest):
+    mol = load_system(name)
+    model = OpenMMEnergy(mol, platform="CPU")
+    assert model.forces_from == "compiled" and model.loop_below == 0
+    assert model.describe().endswith("forces from the compiled float64 kernel"
+                                     + (" and float64 torch terms" if rest else ""))
     x = perturbed(mol, 40)
     reference = SequentialEnergy(mol, platform="Reference")
     assert_matches(model, reference, x)
@@ -127,7 +128,7 @@ def test_temperature_override_scales_reduced_energy():
     assert abs(hot.kT / cold.kT - 1000.0 / 300.0) < 1e-12
 
 
-@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+@pytest.mark.parametrize("forces_from", ["compiled", "torch", "openmm"])
 def test_gradcheck_autograd_function(forces_from):
     mol = load_system("alanine_dipeptide_implicit")
     model = OpenMMEnergy(mol, platform="Reference", forces_from=forces_from)
@@ -138,14 +139,14 @@ def test_gradcheck_autograd_function(forces_from):
     assert torch.allclose(grad, -model.energy_and_forces(x.detach())[1], atol=0)
 
 
-@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+@pytest.mark.parametrize("forces_from", ["compiled", "torch", "openmm"])
 def test_bad_samples_are_flagged_and_do_not_change_the_others(forces_from):
     mol = load_system("alanine_dipeptide_vacuum")
     model = OpenMMEnergy(mol, platform="Reference", forces_from=forces_from)
     good = perturbed(mol, 3)
     u_good, f_good = model.energy_and_forces(good)
     exploded = good[0].clone()
-    exploded[5] += 1e6                       # one atom far away: out of the replicated copy's range
+    exploded[5] += 1e6                       # one atom far away: out of a replicated copy's range
     nan = good[1].clone()
     nan[3, 1] = float("nan")
     overlap = good[2].clone()
@@ -157,7 +158,10 @@ def test_bad_samples_are_flagged_and_do_not_change_the_others(forces_from):
     assert torch.equal(u[[0, 2, 5]], u_good)
     assert torch.allclose(f[[0, 2, 5]], f_good, rtol=0, atol=1e-10 * f_good.abs().max())
     assert flags[[0, 2, 5]].tolist() == [0, 0, 0]
-    assert flags[1] & BadSample.OUT_OF_RANGE
+    if forces_from == "openmm":  # copies in one Context: the spread sample is evaluated alone
+        assert flags[1] & BadSample.OUT_OF_RANGE
+    else:  # no copies, no range: evaluated in the batch
+        assert flags[1] == 0
     assert flags[3] & BadSample.NONFINITE_INPUT and torch.isnan(u[3]) and torch.isnan(f[3]).all()
     assert flags[4] & (BadSample.NONFINITE_ENERGY | BadSample.NONFINITE_FORCES)
     # the exploded sample still gets its exact (huge) energy: compare with the plain loop

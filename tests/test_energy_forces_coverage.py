@@ -87,7 +87,7 @@ VARIANTS = {"gbsaobc_cutoff": gbsaobc_and_cutoff, "custom": custom_bonded_and_ex
             "gbn2": lambda: app_gb_model("gbn2")}
 
 
-@pytest.mark.parametrize("forces_from", ["torch", "openmm"])
+@pytest.mark.parametrize("forces_from", ["compiled", "torch", "openmm"])
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_matches_reference_loop(name, forces_from):
     mol = VARIANTS[name]()

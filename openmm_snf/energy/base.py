@@ -24,7 +24,7 @@ class BadSample(enum.IntFlag):
     """Per-sample flags (bit mask) of :attr:`EnergyModel.last_flags`."""
 
     NONFINITE_INPUT = 1   # a coordinate is nan/inf: energy and forces are nan, OpenMM is not called
-    OUT_OF_RANGE = 2      # atoms spread beyond the batched copies' radius: evaluated alone (exact, slower)
+    OUT_OF_RANGE = 2      # atoms spread beyond replicated copies' radius (openmm route): evaluated alone, exactly
     NONFINITE_ENERGY = 4  # the energy is inf/nan (e.g. overlapping atoms)
     NONFINITE_FORCES = 8  # some force component is inf/nan
 
