@@ -53,7 +53,7 @@ class EnergyModel:
 
     ``_evaluate(x, energies, device)`` gets a float64 numpy array (B, n_atoms, 3) in nm (and the
     torch device of the caller's tensor) and returns (energies (B,) kJ/mol or None, forces
-    (B, n_atoms, 3) kJ/mol/nm, flags (B,) int), all numpy.
+    (B, n_atoms, 3) kJ/mol/nm, flags (B,) int), all new numpy arrays (the forces are scaled in place).
     """
 
     platform_name: str
@@ -85,7 +85,8 @@ class EnergyModel:
         with np.errstate(all="ignore"):  # overflow/invalid values are the true results of bad samples
             energy, forces, flags = self._evaluate(positions, energies, x.device)
         self.last_flags = torch.as_tensor(flags, dtype=torch.int64, device=x.device)
-        f = torch.as_tensor(forces / self.kT).to(device=x.device, dtype=x.dtype)
+        forces /= self.kT  # in place: ``_evaluate`` returns arrays of its own
+        f = torch.as_tensor(forces).to(device=x.device, dtype=x.dtype)
         u = None if energy is None else torch.as_tensor(energy / self.kT).to(device=x.device, dtype=x.dtype)
         return u, f
 
@@ -106,7 +107,8 @@ class EnergyModel:
     @staticmethod
     def _output_flags(energy, forces, flags):
         """Add NONFINITE_ENERGY / NONFINITE_FORCES to ``flags`` (in place) and return it."""
-        if energy is not None:
+        if energy is not None and not np.isfinite(energy.sum()):  # a finite sum: all finite (fast path)
             flags[~np.isfinite(energy)] |= int(BadSample.NONFINITE_ENERGY)
-        flags[~np.isfinite(forces).all(axis=(1, 2))] |= int(BadSample.NONFINITE_FORCES)
+        if not np.isfinite(forces.sum()):
+            flags[~np.isfinite(forces).all(axis=(1, 2))] |= int(BadSample.NONFINITE_FORCES)
         return flags
