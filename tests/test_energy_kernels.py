@@ -82,7 +82,7 @@ def test_results_do_not_depend_on_the_thread_count():
     one = CompiledTerms(terms, threads=1)(x)
     two = CompiledTerms(terms, threads=2)(x)
     assert np.array_equal(one[0], two[0]) and np.array_equal(one[1], two[1])
-    alone = CompiledTerms(terms)(x[5:6])  # and not on the batch around a sample
+    alone = CompiledTerms(terms)(x[5:6])  # nor on the batch around a sample (one block: the serial kernel)
     assert np.array_equal(alone[0], one[0][5:6]) and np.array_equal(alone[1], one[1][5:6])
 
 

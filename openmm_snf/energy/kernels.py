@@ -91,12 +91,16 @@ class CompiledTerms:
         x = np.ascontiguousarray(x, dtype=np.float64)
         energy = np.empty(len(x))
         forces = np.empty(x.shape)
+        args = (x, self.bonds, self.bond_params, self.angles, self.angle_params, self.quads, self.torsion_start,
+                self.torsion_params, self.plain, self.plain_params, self.cut, self.cut_params, self.reaction_field,
+                energy, forces)
+        if len(x) <= _CHUNK:  # one block: no threads to start (saves ~20 us)
+            _serial_kernel(*args)
+            return energy, forces
         previous = numba.get_num_threads()
         numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
         try:
-            _kernel(x, self.bonds, self.bond_params, self.angles, self.angle_params, self.quads, self.torsion_start,
-                    self.torsion_params, self.plain, self.plain_params, self.cut, self.cut_params,
-                    self.reaction_field, energy, forces)
+            _parallel_kernel(*args)
         finally:
             numba.set_num_threads(previous)
         return energy, forces
@@ -139,7 +143,6 @@ def _add(f, atom, scale, g0, g1, g2, m):  # pragma: no cover - compiled
         f[2, atom, b] += scale * g2[b]
 
 
-@numba.njit(parallel=True, cache=True, error_model="numpy", boundscheck=False)
 def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain_p, cut, cut_p, rf,
             energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
     """Energies (B,) and forces (B, n_atoms, 3) of x (B, n_atoms, 3), block by block of _CHUNK samples.
@@ -288,3 +291,8 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                     forces[lo + b, a, k] = f[k, a, b]
         for b in range(m):
             energy[lo + b] = e[b]
+
+
+_OPTIONS = dict(cache=True, error_model="numpy", boundscheck=False)
+_parallel_kernel = numba.njit(parallel=True, **_OPTIONS)(_kernel)
+_serial_kernel = numba.njit(**_OPTIONS)(_kernel)  # the same arithmetic, for batches of one block
