@@ -1,4 +1,7 @@
 """The compiled kernel: the same numbers as the float64 torch terms and OpenMM's Reference platform."""
+import os
+
+import numba
 import numpy as np
 import openmm
 import pytest
@@ -94,3 +97,13 @@ def test_overlapping_atoms_give_non_finite_results_without_an_exception():
     energy, forces = CompiledTerms(terms)(x)
     assert not np.isfinite(energy[1]) and not np.isfinite(forces[1]).all()  # inf or inf - inf
     assert np.isfinite(energy[[0, 2]]).all() and np.isfinite(forces[[0, 2]]).all()
+
+
+def test_parallel_kernel_runs_on_numba_workqueue_threads():
+    """numba's OpenMP layer beside torch's made small torch ops ~1000x slower; the package picks workqueue."""
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        pytest.skip("the user chose numba's threading layer")
+    mol = load_system("alanine_dipeptide_vacuum")
+    terms, _ = build_energy_terms(mol.system)
+    CompiledTerms(terms)(perturbed(mol, 100))  # > one block: the parallel kernel
+    assert numba.threading_layer() == "workqueue"
