@@ -220,3 +220,23 @@ def test_metropolis_preserves_target_and_detailed_balance():
     d = a * b ** 2 - a ** 2 * b
     assert abs(float(d.mean())) < 4 * float(d.std() / math.sqrt(n))
     assert float((a != b).double().mean()) > 0.3
+
+
+def test_metropolis_gradient_flows_through_the_end_energies_only():
+    """With autograd the output is the chain's state (same draws as without) with an identity Jacobian,
+    and ΔS = u(out) - u(in) has gradient ∇u(out) - ∇u(in): what differentiating every step gives."""
+    x = torch.linspace(-2.0, 2.0, 7, dtype=torch.float64)[:, None]
+    block = MetropolisBlock(quartic, n_steps=5, step_size=0.8)
+    with torch.no_grad():
+        plain, plain_ds = block(x, generator=torch.Generator().manual_seed(3))
+    leaf = x.clone().requires_grad_(True)
+    out, delta_s = block(leaf, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out.detach(), plain) and torch.equal(delta_s.detach(), plain_ds)
+    weights = torch.arange(1.0, 8.0, dtype=torch.float64)[:, None]
+    (grad,) = torch.autograd.grad((weights * out).sum() + delta_s.sum(), leaf)
+
+    def du(z):
+        return 0.25 * 4 * z ** 3 - 2 * z + 0.3
+
+    assert (plain != x).any()  # some moves were accepted
+    torch.testing.assert_close(grad, weights + du(plain) - du(x))
