@@ -6,6 +6,7 @@ Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -223,6 +224,12 @@ def _add_sample(sub) -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="samples drawn per batch")
     p.add_argument("--resample", type=int, metavar="M",
                    help="also write OUT-resampled.dcd: M frames drawn by weight (unweighted)")
+    p.add_argument("--anneal", type=int, default=0, metavar="K",
+                   help="refine a flow-only model (model.stochastic: null) by annealed importance sampling: K "
+                        "Metropolis stages in its prior space from the prior to the pulled-back target; weights "
+                        "stay exact, the ESS grows with K (each stage costs --anneal-steps flow passes + energies)")
+    p.add_argument("--anneal-steps", type=int, default=2, help="Metropolis steps per annealing stage")
+    p.add_argument("--anneal-step-size", type=float, default=0.2, help="proposal width in prior units")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_distributed_arguments(p)
@@ -234,6 +241,7 @@ def _run_sample(args) -> int:
     from .io import check_outputs_free, read_weighted_trajectory, trajectory_paths, write_resampled_trajectory, \
         write_weighted_trajectory
     from .distributed import run_on_main
+    from .flows.anneal import annealed
     from .runs import load_run, sample
     from .weights import kish_ess
     paths = trajectory_paths(args.out)
@@ -242,6 +250,9 @@ def _run_sample(args) -> int:
                                            ([resampled.dcd, resampled.pdb] if args.resample else []), args.force),
                 args.process_group)
     run = load_run(args.run_dir, device=args.device)
+    if args.anneal:
+        run = dataclasses.replace(run, snf=annealed(run.snf, args.anneal, n_steps=args.anneal_steps,
+                                                     step_size=args.anneal_step_size))
     result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
                     process_group=args.process_group)
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them

@@ -198,3 +198,21 @@ def test_umbrella_writes_mbar_weighted_frames(tmp_path, capsys):
     assert 0.5 < result["delta_f"] < 4.0
     _fails(["umbrella", "alanine_dipeptide_vacuum", "--out", str(tmp_path / "v.dcd"), "--cv", "distance:0,1"],
            capsys, "not a dihedral")
+
+
+def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys):
+    config = tmp_path / "flow.yaml"
+    config.write_text("model: {stochastic: null}\ntraining: {n_iterations: 150}\n")
+    run = tmp_path / "flow"
+    assert main(["train", "double_well", "--out", str(run), "--config", str(config), "--platform", "CPU"]) == 0
+    capsys.readouterr()
+    samples = tmp_path / "annealed.dcd"
+    assert main(["sample", str(run), "--n", "3000", "--out", str(samples), "--anneal", "10", "--seed", "2"]) == 0
+    assert "Kish ESS" in capsys.readouterr().out
+    assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["ci_low"] <= EXACT_DOUBLE_WELL_DF <= result["ci_high"], result
+    # a run with Metropolis blocks cannot be annealed: a clear error, nothing written
+    refused = tmp_path / "refused.dcd"
+    assert main(["sample", str(double_well_run / "run"), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
+    assert "without stochastic blocks" in capsys.readouterr().err and not refused.exists()

@@ -1,4 +1,5 @@
 """Flow blocks, stochastic blocks and the SNF sequence (see :mod:`openmm_snf.flows.base`)."""
+from .anneal import annealed
 from .augment import MarginalizeAuxiliary
 from .base import Block, InverseBlock, push_forward, wrap_angle
 from .builder import PAPER_ALANINE_DIPEPTIDE, PAPER_DOUBLE_WELL, build_snf, build_snf_from_config
@@ -16,4 +17,4 @@ __all__ = ["Block", "InverseBlock", "push_forward", "wrap_angle", "Prior", "MLP"
            "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "PulledBackEnergy",
            "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy", "energy_and_gradient", "SNF",
            "SNFSample", "build_snf", "build_snf_from_config", "rq_spline", "PAPER_ALANINE_DIPEPTIDE",
-           "PAPER_DOUBLE_WELL"]
+           "PAPER_DOUBLE_WELL", "annealed"]

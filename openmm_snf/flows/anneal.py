@@ -1,0 +1,46 @@
+"""Annealed refinement of a trained flow: Metropolis blocks in its prior space, before the flow.
+
+For a deterministic flow F (couplings, then e.g. the IC transform) with prior u_Z, the target pulled
+back into the prior space is u_F(z) = u_X(F(z)) − log|det J_F(z)|. :func:`annealed` returns the SNF
+
+    z ~ prior -> MC(u_λ1) -> MC(u_λ2) -> ... -> MC(u_λK = u_F) -> F -> x,
+    u_λ = (1 − λ) u_Z + λ u_F,   λ_k = k / K,
+
+whose SNF weight, log w = u_Z(z_0) − u_X(x) + log|det J_F| + Σ_k [u_λk(out_k) − u_λk(in_k)],
+telescopes to the annealed importance sampling weight Σ_k [u_λ(k−1)(z_(k−1)) − u_λk(z_(k−1))]
+(Neal 2001): exact for any number of stages and steps. More stages bring the weights closer to
+uniform as long as the Metropolis steps keep up; the flow has made the prior space nearly Gaussian, so
+isotropic proposals suit it. Each Metropolis step costs one pass of the whole flow and one energy per
+sample (no gradients). Measured on alanine dipeptide at 1000 K (README): a spline flow's ESS 0.8% -> 10%
+with 80 stages of 2 steps.
+"""
+from __future__ import annotations
+
+from .energies import InterpolatedEnergy, PulledBackEnergy
+from .snf import SNF
+from .stochastic import MetropolisBlock
+
+__all__ = ["annealed"]
+
+
+def annealed(snf: SNF, n_stages: int, *, n_steps: int = 2, step_size: float = 0.2) -> SNF:
+    """The SNF that anneals from ``snf``'s prior to its target pulled back through all its blocks.
+
+    Args:
+        snf: a trained SNF without stochastic blocks (a normalizing flow); its modules are shared.
+        n_stages: K >= 1 Metropolis blocks at λ = 1/K, 2/K, ..., 1.
+        n_steps: Metropolis steps per stage; step_size: their proposal width in prior units.
+    """
+    if any(getattr(block, "stochastic", False) for block in snf.blocks):
+        raise ValueError("annealing needs a flow without stochastic blocks (their pull-back is not a function); "
+                         "train with model.stochastic: null")
+    if n_stages < 1 or n_steps < 1 or not step_size > 0:
+        raise ValueError(f"need n_stages >= 1, n_steps >= 1 and step_size > 0, got {n_stages}, {n_steps}, "
+                         f"{step_size}")
+    pulled_back = PulledBackEnergy(list(snf.blocks), snf.target_energy)
+    periodic = snf.prior.periodic_mask
+    stages = [MetropolisBlock(InterpolatedEnergy(snf.prior.energy, pulled_back, k / n_stages), n_steps=n_steps,
+                              step_size=step_size, periodic_mask=periodic) for k in range(1, n_stages + 1)]
+    refined = SNF(snf.prior, stages + list(snf.blocks), snf.target_energy)
+    refined.config = snf.config
+    return refined.train(snf.training)
