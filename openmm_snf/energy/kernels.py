@@ -1,15 +1,18 @@
-"""Compiled CPU kernels: energies and forces of the common native forces, one fused pass per sample.
+"""Compiled CPU kernels: energies and forces of the common native forces in one fused pass.
 
 The torch terms of ``terms.py`` are vectorized over the batch, but every arithmetic step is its own
 kernel over a (terms x batch) array: for a small molecule the time goes into memory traffic and
 kernel launches. Here the same formulas (harmonic bonds and angles, periodic torsions, NonbondedForce
-with NoCutoff or CutoffNonPeriodic) run as one numba-compiled loop per sample, parallel over the
-batch, in float64, writing the sample's energy and forces directly. Exact like the torch terms (the
-same expressions, summed in a fixed order per sample, so results do not depend on the thread count)
-and checked against OpenMM's Reference platform when an :class:`~openmm_snf.energy.OpenMMEnergy` is
-built. Forces without a kernel here (GB models, custom and RB forces) stay on the torch terms.
+with NoCutoff or CutoffNonPeriodic) run in one numba-compiled float64 function, block by block of 32
+samples (parallel over blocks; inside a block each term is a loop over its samples, which the
+compiler vectorizes), writing energies and forces directly. cos(n phi - phase) comes from integer
+powers of cos(phi) and sin(phi); the only transcendental call left is the atan2 of each angle. Exact
+like the torch terms (each sample's arithmetic is fixed, so results do not depend on the thread count
+or the batch around it) and checked against OpenMM's Reference platform when an
+:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (GB models, custom and
+RB forces) stay on the torch terms.
 
-The kernel is compiled once per machine (about 10 s) and cached by numba next to this file (or in
+The kernels are compiled once per machine (a few seconds) and cached by numba next to this file (or in
 ``NUMBA_CACHE_DIR``). Overlapping atoms give inf/nan, never an exception (numpy error model).
 """
 from __future__ import annotations
