@@ -269,3 +269,18 @@ def test_annealing_refuses_stochastic_models_and_bad_settings():
         annealed(SNF(prior, [MetropolisBlock(TARGET)], TARGET), 5)
     with pytest.raises(ValueError, match="n_stages"):
         annealed(SNF(prior, [Permute.swap(2)], TARGET), 0)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_langevin_forces_enter_the_gradient_only_when_asked(differentiable):
+    """One overdamped step y' = y - eps grad u(y) + sqrt(2 eps) eta on u = x^T P x / 2: dy'/dy is
+    I - eps P with differentiable forces, I with constant ones (the weights are exact either way)."""
+    precision = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    energy = GaussianEnergy([0.0, 0.0], torch.linalg.inv(precision))
+    eps = 0.1
+    block = OverdampedLangevinBlock(energy, n_steps=1, step_size=eps, differentiable_forces=differentiable)
+    y = torch.tensor([[0.3, -0.2]], dtype=torch.float64, requires_grad=True)
+    out, _ = block(y, generator=torch.Generator().manual_seed(0))
+    jacobian = torch.stack([torch.autograd.grad(out[0, k], y, retain_graph=True)[0][0] for k in range(2)])
+    expected = torch.eye(2, dtype=torch.float64) - (eps * precision if differentiable else 0.0)
+    torch.testing.assert_close(jacobian, expected)
