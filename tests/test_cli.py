@@ -4,6 +4,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mdtraj
 import numpy as np
@@ -216,3 +217,11 @@ def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys)
     refused = tmp_path / "refused.dcd"
     assert main(["sample", str(double_well_run / "run"), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
     assert "without stochastic blocks" in capsys.readouterr().err and not refused.exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_example_configs_resolve(path):
+    from openmm_snf.runs import resolve_config
+    config = resolve_config({"source": "alanine_dipeptide_vacuum"}, path)
+    assert config["model"]["flow"] in ("realnvp", "spline") and config["training"]["n_iterations"] > 0
