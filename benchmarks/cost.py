@@ -30,7 +30,7 @@ from openmm_snf.coordinates import InternalCoordinateTransform
 from openmm_snf.energy import OpenMMEnergy, linlogcut
 from openmm_snf.flows import PAPER_ALANINE_DIPEPTIDE, build_snf
 from openmm_snf.train import TrainConfig, Trainer
-from quality import CountingEnergy, evaluate, parse_args as quality_args, reference
+from quality import CountingEnergy, draw, evaluate, parse_args as quality_args, reference
 
 PAPER_SECONDS_PER_ITERATION = 3.0  # the paper's code on this 2-core machine (issue text)
 
@@ -49,16 +49,7 @@ def train_and_sample(mol, data, stochastic: str, args, ref) -> dict:
     Trainer(snf, config, data=torch.as_tensor(data, dtype=torch.float32),
             energy_regularizer=lambda u: linlogcut(u, high=500.0, max=1e4), progress=args.progress).train()
     train_s, evaluations = time.perf_counter() - start, energy.count
-    generator = torch.Generator().manual_seed(args.seed + 7)
-    xyz, log_w = [], []
-    with torch.no_grad():
-        for first in range(0, args.samples, 1000):
-            batch = snf.sample(min(1000, args.samples - first), generator=generator)
-            xyz.append(batch.x.reshape(-1, mol.n_atoms, 3).double().numpy())
-            log_w.append(batch.log_weights.numpy())
-    xyz, log_w = np.concatenate(xyz), np.concatenate(log_w)
-    finite = np.isfinite(log_w)
-    row = evaluate(mol, ref, dict(xyz=xyz[finite], log_weights=log_w[finite]))
+    row = evaluate(mol, ref, draw(mol, snf, energy, args.samples, args.seed))
     return dict(row, s_per_it=train_s / args.iterations, evals_per_it=evaluations / args.iterations,
                 train_min=train_s / 60)
 

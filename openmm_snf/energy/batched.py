@@ -4,10 +4,10 @@ Three exact routes compute the forces of a batch (``forces_from``; "auto" picks 
 and Reference platforms, openmm on GPU platforms):
 
 * **compiled** (``kernels.py``): harmonic bonds and angles, periodic torsions and NonbondedForce in
-  one numba-compiled float64 loop per sample, parallel over the batch; energies come with the forces
-  at no extra cost. Measured for alanine dipeptide in vacuum on a 2-core CPU: ~8x the best
-  one-sample-at-a-time OpenMM loop, and 4-5x OpenMM's CPU platform holding 512 copies. Forces the
-  kernel does not cover (GB models, custom forces) come from the torch terms.
+  one numba-compiled float64 function over blocks of samples, parallel over the batch; energies come
+  with the forces at no extra cost (measured for alanine dipeptide in vacuum on a 2-core CPU: 10-15x
+  the best one-sample-at-a-time OpenMM loop, see README). Forces the kernel does not cover (GB models,
+  custom forces) come from the torch terms.
 * **torch**: the vectorized float64 terms of ``terms.py``/``gb.py`` compute energies and forces of
   all samples at once, with analytic gradients for bonds, angles, periodic torsions and
   NonbondedForce and autograd for the others (GB models, custom forces, RB torsions); on a GPU they
@@ -23,17 +23,20 @@ On the compiled and torch routes, forces without a vectorized term (CMAP, contin
 functions, GBSAOBCForce with a cutoff) still come from OpenMM, through a replicated Context that
 holds only those forces.
 
-**Per-sample energies** come from the compiled kernel and the torch terms (the torch terms alone on
-the torch route, and on GPU platforms; OpenMM only reports the total energy of a Context); forces without a vectorized term get their energies from a per-sample
-loop over a small Reference Context holding only those forces (``sequential_forces`` lists them).
-Every term is checked against OpenMM's Reference platform, force group by force group (energies,
-and forces on the torch route), when the object is built.
+**Per-sample energies** (OpenMM only reports the total energy of a Context) come from the compiled
+kernel plus the torch terms on the CPU and Reference platforms (on the openmm route too), from the
+torch terms alone on the torch route and on GPU platforms; forces without a vectorized term get their
+energies from a per-sample loop over a small Reference Context holding only those forces
+(``sequential_forces`` lists them).
+Every term is checked against OpenMM's Reference platform when the object is built: the compiled
+kernel (energies and forces) over the force groups it claims, every other term force group by force
+group (energies, and forces on the torch route).
 
 **Bad samples**: non-finite samples are not evaluated (result nan); on routes with replicated
 Contexts, samples whose atoms spread further than ``copy_radius`` from their centre would no longer
 be isolated copies, so they are evaluated alone on a Reference Context of the original System
-(exact); all are flagged in
-``last_flags`` (:class:`~openmm_snf.energy.base.BadSample`) and never change other samples.
+(exact); all are flagged in ``last_flags`` (:class:`~openmm_snf.energy.base.BadSample`) and never
+change other samples.
 
 **Tiny batches** (fewer than ``loop_below`` samples) are evaluated by a short loop over a
 single-molecule Context (the faster of Reference and this platform on one thread, timed once):
@@ -160,7 +163,8 @@ class OpenMMEnergy(EnergyModel):
         if self.per_sample_energies or forces_from != "openmm":
             self.terms, sequential = build_energy_terms(mol.system, sequential_energies=self.per_sample_energies)
             self.sequential_forces = [type(mol.system.getForce(i)).__name__ for i in sequential]
-            if self.platform_name in ("CPU", "Reference") or forces_from == "compiled":
+            # the kernel serves the compiled route, and per-sample energies on CPUs beside OpenMM's forces
+            if forces_from == "compiled" or (forces_from == "openmm" and self.platform_name in ("CPU", "Reference")):
                 self.compiled = CompiledTerms(self.terms, threads=threads)
             self._self_check(mol.positions)
         # the forces the replicated Contexts compute: those the terms do not cover, or all of them
@@ -173,7 +177,7 @@ class OpenMMEnergy(EnergyModel):
         if self.forces_from == "openmm":
             return f"{super().describe()}; forces from replicated OpenMM {self.platform_name} Contexts"
         parts = []
-        if self.compiled is not None and self.compiled.indices and self.forces_from == "compiled":
+        if self.compiled is not None and self.compiled.indices:
             parts.append("the compiled float64 kernel")
         if not parts or self.compiled.rest:
             parts.append("float64 torch terms")
@@ -294,8 +298,7 @@ class OpenMMEnergy(EnergyModel):
         route = self.forces_from
         energy, forces = (None, None)
         if energies or route != "openmm":
-            compiled = self.compiled is not None and route != "torch"
-            energy, forces = self._vectorized(x, energies, route != "openmm", device, compiled)
+            energy, forces = self._vectorized(x, energies, route != "openmm", device, self.compiled is not None)
         if self._replicated[route] is not None:
             openmm_forces = self._batched_forces(route, centered)
             forces = openmm_forces if forces is None else forces + openmm_forces
@@ -365,13 +368,16 @@ class OpenMMEnergy(EnergyModel):
         c = to_components(torch.as_tensor(xs))
         seq = set(range(system.getNumForces())) - {i for i, _ in self.terms if i >= 0}
         checks = []  # (name, force groups, energies (3,), forces (3, n_atoms, 3) or None)
+        claimed = set(self.compiled.indices) if self.compiled is not None else set()
         for i, term in self.terms:
+            if i in claimed:  # checked below as part of the compiled kernel, which replaces it
+                continue
             grad = torch.zeros_like(c) if i >= 0 and self.forces_from == "torch" else None
             energy = evaluate_term(term, c, grad).numpy()
             name = f"force {i} ({type(system.getForce(i)).__name__})" if i >= 0 else "the sequential forces"
             checks.append((name, {i} if i >= 0 else seq, energy,
                            None if grad is None else -grad.permute(2, 1, 0).numpy()))
-        if self.compiled is not None and self.compiled.indices:
+        if claimed:
             names = ", ".join(type(system.getForce(i)).__name__ for i in self.compiled.indices)
             checks.append((f"the compiled kernel ({names})", set(self.compiled.indices), *self.compiled(xs)))
         for b, pos in enumerate(xs):

@@ -28,6 +28,7 @@ from .terms import HarmonicAngleTerm, HarmonicBondTerm, NonbondedTerm, PeriodicT
 __all__ = ["CompiledTerms"]
 
 _NO_SWITCH = -1.0
+_CHUNK = 32  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
 
 # numba's OpenMP layer, loaded beside torch's OpenMP runtime, made every later small torch op ~1000x
 # slower (measured: log + sin of a 128 x 17 tensor, 7 us -> 12 ms); its own "workqueue" layer does not.
@@ -136,9 +137,6 @@ def _torsions(terms):
     start = np.searchsorted(which, np.arange(shift + 1)).astype(np.int64)
     params = np.column_stack([params, np.cos(params[:, 1]), np.sin(params[:, 1])])
     return np.ascontiguousarray(np.concatenate(quads)), start, np.ascontiguousarray(params)
-
-
-_CHUNK = 32  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
 
 
 @numba.njit(cache=True, error_model="numpy", boundscheck=False)
