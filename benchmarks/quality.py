@@ -1,24 +1,29 @@
-"""Sampling quality of a flow-only baseline and an SNF against an exact reference (alanine dipeptide).
+"""Sampling quality of flow-only baselines and annealed SNFs against an exact reference (alanine dipeptide).
 
 For one system this script
 
 1. makes (or reads from ``benchmarks/cache/``) a reference: plain MD with many replicas in one Context
-   (``--reference md``, right for ALDP vacuum at 1000 K) or umbrella sampling along phi analysed with
-   MBAR (``--reference umbrella``, the default for systems at 300 K, where phi > 0 is rare); its
-   ΔF(phi > 0 vs phi < 0) has a 95% interval (block bootstrap for MD, MBAR's analytic error for umbrella);
-2. trains a flow-only baseline (RealNVP couplings, ``stochastic=None``) and the SNF (the same couplings
-   with Metropolis blocks in between) by maximum likelihood on MD data (plus an optional mixed
-   forward/reverse-KL stage), counting every per-sample energy evaluation with a small wrapper;
-3. samples both; the baseline draws as many samples as the SNF's sampling spent energy evaluations
-   (capped by ``--max-baseline-samples``), so both sample at about the same cost; with ``--anneal K``
-   (default 80) the trained baseline flow is also refined by annealed importance sampling
-   (:func:`~openmm_snf.flows.annealed`: K Metropolis stages in its prior space, exact weights);
-4. prints one table: KL(reference || model) of the phi and psi marginals (64 bins on [−π, π)),
-   reweighted and unweighted, Kish ESS in %, ΔF with its 95% bootstrap interval next to the
-   reference's, wall times and energy evaluations, and the SNF paper's KL numbers beside them.
+   (``--reference md``, right for ALDP vacuum at 1000 K; block bootstrap over replicas) or umbrella
+   sampling along phi analysed with MBAR (``--reference umbrella``, the default below 500 K, where
+   phi > 0 is rare; MBAR's analytic error); its ΔF(phi > 0 vs phi < 0) has a 95% interval;
+2. makes independent training frames the same way (another seed; cached): plain MD, or the umbrella
+   windows' frames used *unweighted* (the flow then learns a distribution broader than the target
+   along phi, which covers the rare state; the importance weights undo the difference exactly);
+3. trains a RealNVP flow and a spline flow of the same size (``stochastic=None``) by maximum likelihood
+   on those frames (cached model weights);
+4. samples each flow alone and as the SNF :func:`~openmm_snf.flows.annealed` makes of it (K Metropolis
+   stages in its prior space before the flow, exact weights); the flow alone draws as many samples as
+   its annealed SNF spent energy evaluations (capped by ``--max-baseline-samples``), so each pair is
+   compared at the same sampling cost;
+5. prints one table: KL(reference || model) of the phi and psi marginals (64 bins on [−π, π)),
+   reweighted and unweighted, Kish ESS in % of the samples, ΔF with its 95% bootstrap interval next to
+   the reference's, wall times, energy evaluations, and the SNF paper's KL numbers beside them.
+
+``--end-to-end`` adds the paper's kind of SNF (RealNVP with Metropolis blocks between the couplings,
+trained end to end; slower to train and, on these systems, worse than annealing a flow).
 
 Usage:
-    python benchmarks/quality.py [--system alanine_dipeptide_vacuum] [--quick] [--iterations N] ...
+    python benchmarks/quality.py [--system alanine_dipeptide_vacuum] [--quick] [--samples N] ...
 """
 from __future__ import annotations
 
@@ -43,6 +48,13 @@ from openmm_snf.weights import kish_ess
 CACHE = Path(__file__).resolve().parent / "cache"
 #: SNF paper (Wu, Köhler & Noé 2020), alanine dipeptide torsion-marginal KL, RNVP -> RNVP+MC.
 PAPER_KL = {"phi": (1.69, 0.36), "psi": (0.98, 0.27)}
+#: (replicas, frames per replica, MD steps of 1 fs per frame) by (method, --quick). The full MD reference
+#: (96 million replica steps, ~18 min on 2 cores) has a ΔF interval below 0.1 kT at 1000 K.
+REFERENCE_SIZES = {("md", False): (128, 1500, 500), ("md", True): (32, 200, 250),
+                   ("umbrella", False): (64, 600, 100), ("umbrella", True): (32, 200, 100)}
+#: Training frames by (method, --quick): 192,000 MD frames (the flows were data-limited with 38,400).
+DATA_SIZES = {("md", False): (64, 3000, 50), ("md", True): (32, 500, 50),
+              ("umbrella", False): (64, 1500, 50), ("umbrella", True): (32, 300, 50)}
 
 
 class CountingEnergy:
@@ -63,90 +75,106 @@ def torsions(mol, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values["phi"].astype(np.float64), values["psi"].astype(np.float64)
 
 
-def md_reference(mol, args) -> dict:
-    """Plain replica MD: frames are Boltzmann samples; ΔF by a block bootstrap over consecutive frames."""
-    settings = MDSettings(n_frames=args.reference_frames, steps_per_frame=250, n_replicas=args.reference_replicas,
-                          equilibration_steps=5000, seed=11)
-    frames = run_md(mol, settings).reshape(-1, mol.n_atoms, 3)
-    phi, psi = torsions(mol, frames)
-    return dict(xyz=frames.astype(np.float32), phi=phi, psi=psi, log_weights=np.zeros(len(phi)),
-                block_length=settings.n_frames,
-                method=f"MD {settings.n_replicas} replicas x {settings.n_frames} frames x 250 fs, "
-                       "bootstrap over blocks of one replica's length")
-
-
-def md_delta_f(ref: dict) -> dict:
-    """ΔF of MD frames with a block bootstrap whose blocks are as long as one replica: at 1000 K phi
-    changes state on the time scale of a replica's run, so shorter blocks understate the error."""
-    phi = ref["phi"]
-    result = free_energy_difference(np.zeros(len(phi)), phi > 0, phi < 0, labels=("phi>0", "phi<0"),
-                                    block_length=int(ref["block_length"]))
-    return dict(delta_f=result.delta_f, ci_low=result.ci_low, ci_high=result.ci_high)
-
-
-def umbrella_reference(mol, args) -> dict:
-    """Umbrella windows along phi (one per replica) + MBAR; training data from a short unbiased MD."""
-    n_windows = args.reference_replicas
+def umbrella_bias(mol, n_windows: int, k: float) -> UmbrellaBias:
+    """One harmonic window along phi per replica, centres evenly spaced on [−π, π)."""
     centers = np.linspace(-np.pi, np.pi, n_windows, endpoint=False)
-    bias = UmbrellaBias("dihedral", mol.cvs["phi"]["atoms"], centers, args.umbrella_k)
-    frames = run_md(mol, MDSettings(n_frames=args.reference_frames, steps_per_frame=100, n_replicas=n_windows,
-                                    equilibration_steps=5000, seed=11), bias=bias)
-    phi, psi = torsions(mol, frames.reshape(-1, mol.n_atoms, 3))
-    analysis = umbrella_mbar(phi.reshape(n_windows, -1), bias)
-    result = analysis.delta_f(phi > 0, phi < 0, labels=("phi>0", "phi<0"))
-    data = run_md(mol, MDSettings(n_frames=500, steps_per_frame=250, n_replicas=16, seed=12))
-    return dict(xyz=data.reshape(-1, mol.n_atoms, 3).astype(np.float32), phi=phi, psi=psi,
-                log_weights=analysis.log_weights, delta_f=result.delta_f, ci_low=result.ci_low,
-                ci_high=result.ci_high,
-                method=f"umbrella sampling along phi, {n_windows} windows x {args.reference_frames} frames x 100 fs, "
-                       f"k = {args.umbrella_k:g} kT/rad^2, MBAR")
+    return UmbrellaBias("dihedral", mol.cvs["phi"]["atoms"], centers, k)
 
 
-def reference(mol, args) -> dict:
-    """The cached reference for these settings, computed (and timed) if missing."""
-    name = f"{mol.name}_{args.reference}_{args.reference_replicas}x{args.reference_frames}"
-    if args.reference == "umbrella":
-        name += f"_k{args.umbrella_k:g}"
+def simulate(mol, method: str, size: tuple[int, int, int], seed: int, umbrella_k: float) -> np.ndarray:
+    """Frames (replicas, frames, atoms, 3) of plain MD or of umbrella windows along phi."""
+    replicas, frames, steps = size
+    settings = MDSettings(n_frames=frames, steps_per_frame=steps, n_replicas=replicas, equilibration_steps=5000,
+                          seed=seed)
+    return run_md(mol, settings, bias=umbrella_bias(mol, replicas, umbrella_k) if method == "umbrella" else None)
+
+
+def cached(name: str, compute) -> dict:
+    """The arrays stored under ``benchmarks/cache/NAME.npz``, computed (and timed) if missing."""
     path = CACHE / f"{name}.npz"
     if path.is_file():
         with np.load(path) as stored:
-            ref = {key: stored[key] if stored[key].ndim else stored[key].item() for key in stored.files}
-        ref.setdefault("block_length", args.reference_frames)   # caches written before it was stored
-    else:
-        start = time.perf_counter()
-        ref = md_reference(mol, args) if args.reference == "md" else umbrella_reference(mol, args)
-        ref["wall_s"] = time.perf_counter() - start
-        CACHE.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **ref)
+            return {key: stored[key] if stored[key].ndim else stored[key].item() for key in stored.files}
+    start = time.perf_counter()
+    arrays = compute()
+    arrays["wall_s"] = time.perf_counter() - start
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def reference(mol, args) -> dict:
+    """phi, psi and log weights of the reference frames, and its ΔF(phi > 0 vs phi < 0) with 95% interval."""
+    replicas, frames, steps = args.reference_size
+    name = f"{mol.name}_{args.reference}_{replicas}x{frames}"
+    if args.reference == "umbrella":
+        name += f"_k{args.umbrella_k:g}"
+    elif steps != 250:
+        name += f"x{steps}"
+
+    def compute() -> dict:
+        xyz = simulate(mol, args.reference, args.reference_size, 11, args.umbrella_k)
+        phi, psi = torsions(mol, xyz.reshape(-1, mol.n_atoms, 3))
+        if args.reference == "md":
+            return dict(phi=phi, psi=psi, log_weights=np.zeros(len(phi)))
+        analysis = umbrella_mbar(phi.reshape(replicas, -1), umbrella_bias(mol, replicas, args.umbrella_k))
+        result = analysis.delta_f(phi > 0, phi < 0, labels=("phi>0", "phi<0"))
+        return dict(phi=phi, psi=psi, log_weights=analysis.log_weights, delta_f=result.delta_f,
+                    ci_low=result.ci_low, ci_high=result.ci_high)
+
+    ref = cached(name, compute)
     if args.reference == "md":
-        ref.update(md_delta_f(ref))
+        # at 1000 K phi changes state on the time scale of a replica's run, so the bootstrap blocks are
+        # whole replicas (shorter blocks would understate the error)
+        phi = ref["phi"]
+        result = free_energy_difference(np.zeros(len(phi)), phi > 0, phi < 0, labels=("phi>0", "phi<0"),
+                                        block_length=frames)
+        ref.update(delta_f=result.delta_f, ci_low=result.ci_low, ci_high=result.ci_high,
+                   method=f"MD {replicas} replicas x {frames} frames x {steps} fs, bootstrap over replicas")
+    else:
+        ref["method"] = (f"umbrella sampling along phi, {replicas} windows x {frames} frames x {steps} fs, "
+                         f"k = {args.umbrella_k:g} kT/rad^2, MBAR")
     return ref
 
 
-def build_model(mol, energy, data: np.ndarray, stochastic: str | None, args):
+def training_frames(mol, args) -> tuple[np.ndarray, str]:
+    """Training frames (n, atoms, 3) independent of the reference (another seed), and their description."""
+    replicas, frames, steps = args.data_size
+    name = f"{mol.name}_data_{args.reference}_{replicas}x{frames}x{steps}"
+    data = cached(name, lambda: dict(xyz=simulate(mol, args.reference, args.data_size, 12, args.umbrella_k)
+                                     .reshape(-1, mol.n_atoms, 3).astype(np.float32)))
+    kind = "MD" if args.reference == "md" else "umbrella windows along phi (unweighted)"
+    return np.asarray(data["xyz"], dtype=np.float64), f"{kind}, {replicas} x {frames} frames every {steps} fs"
+
+
+def build_model(mol, energy, data: np.ndarray, flow: str, stochastic: str | None, args):
     transform = InternalCoordinateTransform.from_system(mol, data[:: max(1, len(data) // 2000)], scheme="mixed")
     torch.manual_seed(args.seed)
-    return build_snf(transform.dim, transform.periodic_mask, energy, transform, n_blocks=args.blocks,
-                     flow="realnvp", hidden=tuple(args.hidden), stochastic=stochastic, n_steps=args.mc_steps,
-                     step_size=args.step_size, augment=args.augment)
+    return build_snf(transform.dim, transform.periodic_mask, energy, transform, n_blocks=args.blocks, flow=flow,
+                     hidden=tuple(args.hidden), stochastic=stochastic, n_steps=args.mc_steps,
+                     step_size=args.step_size)
 
 
-def train_and_sample(mol, inner_energy, data, stochastic, args, n_samples=None) -> dict:
-    """Train one model, then draw samples; returns samples, weights, evaluation counts and wall times."""
-    energy = CountingEnergy(inner_energy)
-    snf = build_model(mol, energy, data, stochastic, args)
-    stages = [TrainConfig(n_iterations=args.iterations, batch_size=128, learning_rate=1e-3, ess_every=0,
-                          seed=args.seed)]
-    if args.reverse_iterations:
-        stages.append(TrainConfig(n_iterations=args.reverse_iterations, batch_size=128, learning_rate=3e-4,
-                                  weight_forward=0.5, weight_reverse=0.5, ess_every=0, seed=args.seed + 1))
+def train(mol, energy: CountingEnergy, data: np.ndarray, flow: str, stochastic: str | None, args) -> dict:
+    """A model trained by maximum likelihood on ``data`` (weights cached); its training time and evaluations."""
+    snf = build_model(mol, energy, data, flow, stochastic, args)
+    iterations = args.end_to_end_iterations if stochastic else args.iterations
+    path = CACHE / (f"{mol.name}_model_{args.reference}_{len(data)}_{flow}_{stochastic}_{args.blocks}x"
+                    f"{'-'.join(map(str, args.hidden))}_{iterations}it_seed{args.seed}.pt")
+    if path.is_file():
+        stored = torch.load(path)
+        snf.load_state_dict(stored["state"])
+        return dict(snf=snf, train_s=stored["train_s"], train_evals=stored["train_evals"])
+    config = TrainConfig(n_iterations=iterations, batch_size=args.batch_size, learning_rate=1e-3,
+                         lr_schedule="cosine", ess_every=0, seed=args.seed)
+    energy.count = 0
     start = time.perf_counter()
-    for config in stages:
-        Trainer(snf, config, data=torch.as_tensor(data, dtype=torch.float32),
-                energy_regularizer=lambda u: linlogcut(u, high=500.0, max=1e4), progress=args.progress).train()
-    train_s, train_evals = time.perf_counter() - start, energy.count
-    return dict(draw(mol, snf, energy, n_samples or args.samples, args.seed), train_s=train_s,
-                train_evals=train_evals, snf=snf, energy=energy)
+    Trainer(snf, config, data=torch.as_tensor(data, dtype=torch.float32),
+            energy_regularizer=lambda u: linlogcut(u, high=500.0, max=1e4), progress=args.progress).train()
+    result = dict(snf=snf, train_s=time.perf_counter() - start, train_evals=energy.count)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(state=snf.state_dict(), train_s=result["train_s"], train_evals=result["train_evals"]), path)
+    return result
 
 
 def draw(mol, snf, energy: CountingEnergy, n: int, seed: int) -> dict:
@@ -183,84 +211,93 @@ def evaluate(mol, ref: dict, run: dict) -> dict:
     return row
 
 
-def print_table(mol, ref: dict, rows: dict, runs: dict, args) -> None:
+def print_table(mol, ref: dict, data_method: str, rows: dict, runs: dict, args) -> None:
     print(f"\n{mol.name} at {mol.temperature:g} K; reference: {ref['method']} "
           f"({len(ref['phi'])} frames, {ref['wall_s']:.0f} s)")
-    print(f"model: {args.blocks} RealNVP blocks, hidden {args.hidden}, augment {args.augment}; SNF: Metropolis "
-          f"blocks of {args.mc_steps} steps (step {args.step_size}) after each; ML {args.iterations} it"
-          + (f" + ML/KL {args.reverse_iterations} it" if args.reverse_iterations else "") + ", batch 128")
-    head = (f"{'':<14}{'KL phi rew':>11}{'KL psi rew':>11}{'KL phi unw':>11}{'KL psi unw':>11}{'ESS %':>8}"
+    print(f"training data: {data_method}; flows: {args.blocks} blocks, hidden {args.hidden}, ML {args.iterations} "
+          f"it, batch {args.batch_size}, cosine rate; +AIS(K): K Metropolis stages of 2 steps (0.2) before the flow"
+          + (f"; SNF (end to end): Metropolis blocks of {args.mc_steps} steps ({args.step_size}) between RealNVP "
+             f"couplings, {args.end_to_end_iterations} it" if args.end_to_end else ""))
+    head = (f"{'':<20}{'KL phi rew':>11}{'KL psi rew':>11}{'KL phi unw':>11}{'KL psi unw':>11}{'ESS %':>8}"
             f"{'dF(phi>0 - phi<0) [95%] kT':>30}{'train s':>9}{'sample s':>9}{'train E':>10}{'sample E':>10}"
             f"{'samples':>9}")
     print(head)
     for name, row in rows.items():
         run = runs[name]
         df, low, high = row["df"]
-        print(f"{name:<14}{row['kl_phi_rew']:>11.4f}{row['kl_psi_rew']:>11.4f}{row['kl_phi_unw']:>11.4f}"
+        print(f"{name:<20}{row['kl_phi_rew']:>11.4f}{row['kl_psi_rew']:>11.4f}{row['kl_phi_unw']:>11.4f}"
               f"{row['kl_psi_unw']:>11.4f}{row['ess_pct']:>8.2f}{f'{df:.3f} [{low:.3f}, {high:.3f}]':>30}"
               f"{run['train_s']:>9.0f}{run['sample_s']:>9.0f}{run['train_evals']:>10.3g}{run['sample_evals']:>10.3g}"
               f"{len(run['log_weights']):>9}")
     ref_df = f"{ref['delta_f']:.3f} [{ref['ci_low']:.3f}, {ref['ci_high']:.3f}]"
-    print(f"{'reference':<14}{'':>52}{ref_df:>30}")
-    print(f"{'paper RNVP':<14}{PAPER_KL['phi'][0]:>11.2f}{PAPER_KL['psi'][0]:>11.2f}   (paper's own KL metric)")
-    print(f"{'paper SNF':<14}{PAPER_KL['phi'][1]:>11.2f}{PAPER_KL['psi'][1]:>11.2f}")
+    print(f"{'reference':<20}{'':>52}{ref_df:>30}")
+    print(f"{'paper RNVP':<20}{PAPER_KL['phi'][0]:>11.2f}{PAPER_KL['psi'][0]:>11.2f}   (paper's own KL metric)")
+    print(f"{'paper SNF':<20}{PAPER_KL['phi'][1]:>11.2f}{PAPER_KL['psi'][1]:>11.2f}")
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--system", default="alanine_dipeptide_vacuum")
-    parser.add_argument("--quick", action="store_true", help="a ~5-minute smoke run (small reference, short training)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: small reference and training data, short training, few samples")
     parser.add_argument("--reference", choices=("md", "umbrella"), default=None,
-                        help="default: md above 500 K, umbrella otherwise")
-    parser.add_argument("--reference-replicas", type=int, default=None, help="replicas (umbrella: windows)")
-    parser.add_argument("--reference-frames", type=int, default=None, help="frames per replica")
+                        help="default: md above 500 K, umbrella otherwise; training data are made the same way")
+    parser.add_argument("--reference-size", type=int, nargs=3, default=None, metavar=("REPLICAS", "FRAMES", "STEPS"),
+                        help="reference replicas (umbrella: windows), frames per replica, 1-fs steps per frame")
+    parser.add_argument("--data-size", type=int, nargs=3, default=None, metavar=("REPLICAS", "FRAMES", "STEPS"),
+                        help="training data, the same way")
     parser.add_argument("--umbrella-k", type=float, default=100.0, help="umbrella force constant, kT/rad^2")
-    parser.add_argument("--iterations", type=int, default=None, help="maximum-likelihood iterations")
-    parser.add_argument("--reverse-iterations", type=int, default=None, help="extra ML + reverse-KL iterations")
+    parser.add_argument("--iterations", type=int, default=None, help="maximum-likelihood iterations of the flows")
+    parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
-    parser.add_argument("--augment", type=int, default=0)
-    parser.add_argument("--mc-steps", type=int, default=10)
-    parser.add_argument("--step-size", type=float, default=0.05)
-    parser.add_argument("--samples", type=int, default=None, help="SNF samples")
-    parser.add_argument("--anneal", type=int, default=80,
-                        help="also refine the baseline flow by annealed importance sampling with this many "
-                             "stages of 2 Metropolis steps (0: skip)")
+    parser.add_argument("--anneal", type=int, default=80, help="annealing stages K of the +AIS rows")
+    parser.add_argument("--samples", type=int, default=None, help="samples of each annealed SNF")
     parser.add_argument("--max-baseline-samples", type=int, default=200_000)
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="also train the paper's kind of SNF (Metropolis blocks between RealNVP couplings)")
+    parser.add_argument("--end-to-end-iterations", type=int, default=1000)
+    parser.add_argument("--mc-steps", type=int, default=10, help="Metropolis steps per block of the end-to-end SNF")
+    parser.add_argument("--step-size", type=float, default=0.05, help="their proposal width")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     args = parser.parse_args(argv)
-    quick = args.quick
-    defaults = dict(reference_replicas=32 if quick else 64, reference_frames=200 if quick else 600,
-                    iterations=100 if quick else 500, reverse_iterations=0 if quick else 200,
-                    samples=2000 if quick else 10000)
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    if args.iterations is None:
+        args.iterations = 300 if args.quick else 3000
+    if args.samples is None:
+        args.samples = 1000 if args.quick else 10000
     return args
+
+
+def resolve_sizes(args, temperature: float) -> None:
+    """Fill the reference method and sizes left unset by the command line."""
+    if args.reference is None:
+        args.reference = "md" if temperature > 500 else "umbrella"
+    key = (args.reference, args.quick)
+    args.reference_size = tuple(args.reference_size or REFERENCE_SIZES[key])
+    args.data_size = tuple(args.data_size or DATA_SIZES[key])
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(1)
     mol = load_system(args.system)
-    if args.reference is None:
-        args.reference = "md" if mol.temperature > 500 else "umbrella"
+    resolve_sizes(args, mol.temperature)
     ref = reference(mol, args)
-    data = np.asarray(ref["xyz"], dtype=np.float64)
-    energy = OpenMMEnergy(mol)
-    runs = {"RNVP (flow)": None, "RNVP+MC (SNF)": None}
-    runs["RNVP+MC (SNF)"] = train_and_sample(mol, energy, data, "mc", args)
-    snf_cost = runs["RNVP+MC (SNF)"]["sample_evals"]
-    runs["RNVP (flow)"] = train_and_sample(mol, energy, data, None, args,
-                                           n_samples=min(snf_cost, args.max_baseline_samples))
-    if args.anneal:  # the baseline flow refined by annealed importance sampling (exact weights)
-        flow = runs["RNVP (flow)"]
-        runs[f"RNVP+AIS({args.anneal})"] = dict(draw(mol, annealed(flow["snf"], args.anneal), flow["energy"],
-                                                     args.samples, args.seed), train_s=flow["train_s"],
-                                                train_evals=flow["train_evals"])
+    data, data_method = training_frames(mol, args)
+    energy = CountingEnergy(OpenMMEnergy(mol))
+    runs = {}
+    for flow, label in (("realnvp", "RNVP"), ("spline", "spline")):
+        model = train(mol, energy, data, flow, None, args)
+        annealed_run = draw(mol, annealed(model["snf"], args.anneal), energy, args.samples, args.seed)
+        n_flow = min(annealed_run["sample_evals"], args.max_baseline_samples)
+        runs[f"{label} flow"] = dict(draw(mol, model["snf"], energy, n_flow, args.seed), **model)
+        runs[f"{label}+AIS({args.anneal})"] = dict(annealed_run, **model)
+    if args.end_to_end:
+        model = train(mol, energy, data, "realnvp", "mc", args)
+        runs["RNVP+MC SNF"] = dict(draw(mol, model["snf"], energy, args.samples, args.seed), **model)
     rows = {name: evaluate(mol, ref, run) for name, run in runs.items()}
-    print_table(mol, ref, rows, runs, args)
+    print_table(mol, ref, data_method, rows, runs, args)
     return rows
 
 

@@ -226,10 +226,13 @@ def _add_sample(sub) -> None:
                    help="also write OUT-resampled.dcd: M frames drawn by weight (unweighted)")
     p.add_argument("--anneal", type=int, default=0, metavar="K",
                    help="refine a flow-only model (model.stochastic: null) by annealed importance sampling: K "
-                        "Metropolis stages in its prior space from the prior to the pulled-back target; weights "
+                        "stochastic stages in its prior space from the prior to the pulled-back target; weights "
                         "stay exact, the ESS grows with K (each stage costs --anneal-steps flow passes + energies)")
-    p.add_argument("--anneal-steps", type=int, default=2, help="Metropolis steps per annealing stage")
-    p.add_argument("--anneal-step-size", type=float, default=0.2, help="proposal width in prior units")
+    p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
+                   help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
+    p.add_argument("--anneal-steps", type=int, default=2, help="steps per annealing stage")
+    p.add_argument("--anneal-step-size", type=float, default=0.2,
+                   help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_distributed_arguments(p)
@@ -252,7 +255,7 @@ def _run_sample(args) -> int:
     run = load_run(args.run_dir, device=args.device)
     if args.anneal:
         run = dataclasses.replace(run, snf=annealed(run.snf, args.anneal, n_steps=args.anneal_steps,
-                                                     step_size=args.anneal_step_size))
+                                                     step_size=args.anneal_step_size, kernel=args.anneal_kernel))
     result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
                     process_group=args.process_group)
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them

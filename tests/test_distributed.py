@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_snf.distributed import (DistributedError, init_distributed, local_shards, run_on_main, shard_seed,
+from openmm_snf.distributed import (init_distributed, local_shards, run_on_main, shard_seed,
                                     shutdown_distributed, split_sizes)
 from openmm_snf.train import TrainConfig, Trainer, load_checkpoint
 

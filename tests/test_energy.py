@@ -5,7 +5,6 @@ Tolerances (kJ/mol and relative to the largest force component of the batch):
   CPU platform (single-precision pair forces): energies 1e-3 kJ/mol (energies are computed in float64
   from the parameters on every platform), forces 1e-4 relative (measured ~2e-6).
 """
-import numpy as np
 import pytest
 import torch
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from openmm_snf.flows import (ActNorm, AffineCoupling, GaussianEnergy, InterpolatedEnergy, MetropolisBlock,
-                              OverdampedLangevinBlock, Permute, Prior, SNF, SplineCoupling,
+from openmm_snf.flows import (ActNorm, AffineCoupling, GaussianEnergy, InterpolatedEnergy, MALABlock,
+                              MetropolisBlock, OverdampedLangevinBlock, Permute, Prior, SNF, SplineCoupling,
                               UnderdampedLangevinBlock, rq_spline, wrap_angle)
 from openmm_snf.flows.anneal import annealed
 from openmm_snf.weights import kish_ess, log_mean_exp
@@ -158,6 +158,7 @@ def importance_check(snf, target, seed, n=N, n_sigma=4.0):
 
 STOCHASTIC = {
     "mc": lambda e: MetropolisBlock(e, n_steps=10, step_size=0.5),
+    "mala": lambda e: MALABlock(e, n_steps=10, step_size=0.05),
     "overdamped": lambda e: OverdampedLangevinBlock(e, n_steps=10, step_size=0.05),
     "underdamped": lambda e: UnderdampedLangevinBlock(e, n_steps=10, step_size=0.2, friction=2.0),
 }
@@ -205,10 +206,11 @@ def exact_quartic_samples(n, seed):
     return torch.as_tensor(np.interp(u, cdf, grid), dtype=torch.float64)[:, None], grid, p / p.sum()
 
 
-def test_metropolis_preserves_target_and_detailed_balance():
+@pytest.mark.parametrize("block", [MetropolisBlock(quartic, n_steps=3, step_size=1.0),
+                                   MALABlock(quartic, n_steps=3, step_size=0.3)], ids=["mc", "mala"])
+def test_metropolis_preserves_target_and_detailed_balance(block):
     n = 40000
     x_in, grid, p = exact_quartic_samples(n, seed=5)
-    block = MetropolisBlock(quartic, n_steps=3, step_size=1.0)
     x_out, delta_s = block(x_in, generator=torch.Generator().manual_seed(6))
     assert 0.2 < block.last_acceptance < 0.9
     torch.testing.assert_close(delta_s, quartic(x_out) - quartic(x_in))
@@ -245,14 +247,15 @@ def test_metropolis_gradient_flows_through_the_end_energies_only():
 
 # --- annealed refinement of a flow: exact weights, fewer wasted samples -------------------------
 
-def test_annealed_flow_gives_exact_weights_and_a_larger_ess():
+@pytest.mark.parametrize("kernel, step_size", [("mc", 0.5), ("mala", 0.05)])
+def test_annealed_flow_gives_exact_weights_and_a_larger_ess(kernel, step_size):
     torch.set_default_dtype(torch.float64)
     try:
         target = GaussianEnergy([2.0, -1.5], [[0.3, 0.1], [0.1, 0.2]])  # far from the flow's output
         flow = SNF(Prior(2), [randomize(AffineCoupling(torch.tensor([True, False]), None, hidden=(8,)), std=0.2),
                               randomize(AffineCoupling(torch.tensor([False, True]), None, hidden=(8,)), std=0.2,
                                         seed=1)], target)
-        refined = annealed(flow, 20, n_steps=3, step_size=0.5)
+        refined = annealed(flow, 20, n_steps=3, step_size=step_size, kernel=kernel)
         assert len(refined.blocks) == 22 and refined.blocks[-1] is flow.blocks[-1]  # the flow is shared
         importance_check(refined, target, seed=21)
         generator = torch.Generator().manual_seed(4)
@@ -269,6 +272,8 @@ def test_annealing_refuses_stochastic_models_and_bad_settings():
         annealed(SNF(prior, [MetropolisBlock(TARGET)], TARGET), 5)
     with pytest.raises(ValueError, match="n_stages"):
         annealed(SNF(prior, [Permute.swap(2)], TARGET), 0)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        annealed(SNF(prior, [Permute.swap(2)], TARGET), 5, kernel="hmc")
 
 
 @pytest.mark.parametrize("differentiable", [False, True])

@@ -10,10 +10,10 @@ from .energies import (DoubleWellEnergy, GaussianEnergy, InterpolatedEnergy, Pul
 from .priors import Prior
 from .snf import SNF, SNFSample
 from .splines import rq_spline
-from .stochastic import MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
+from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
 __all__ = ["Block", "InverseBlock", "push_forward", "wrap_angle", "Prior", "MLP", "AffineCoupling",
-           "SplineCoupling", "ActNorm", "Permute", "Reshape", "MarginalizeAuxiliary", "MetropolisBlock",
+           "SplineCoupling", "ActNorm", "Permute", "Reshape", "MarginalizeAuxiliary", "MALABlock", "MetropolisBlock",
            "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "PulledBackEnergy",
            "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy", "energy_and_gradient", "SNF",
            "SNFSample", "build_snf", "build_snf_from_config", "rq_spline", "PAPER_ALANINE_DIPEPTIDE",

@@ -24,12 +24,12 @@ from .couplings import AffineCoupling, SplineCoupling
 from .energies import InterpolatedEnergy, PulledBackEnergy
 from .priors import Prior, as_periodic_mask
 from .snf import SNF
-from .stochastic import MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
+from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
 __all__ = ["build_snf", "build_snf_from_config", "PAPER_ALANINE_DIPEPTIDE", "PAPER_DOUBLE_WELL"]
 
 FLOWS = ("realnvp", "spline")
-STOCHASTIC = ("mc", "langevin", "underdamped", None)
+STOCHASTIC = ("mc", "mala", "langevin", "underdamped", None)
 
 #: The paper's alanine dipeptide model (augment = 3 × 22 atoms; use with the IC transform).
 PAPER_ALANINE_DIPEPTIDE = dict(n_blocks=5, flow="realnvp", hidden=(128, 128, 128), activation="relu",
@@ -51,9 +51,10 @@ def _masks(dim: int, augment: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _stochastic_block(kind, energy, periodic, n_steps, step_size, friction, target_acceptance):
-    if kind == "mc":
-        return MetropolisBlock(energy, n_steps=n_steps, step_size=step_size, periodic_mask=periodic,
-                               target_acceptance=target_acceptance)
+    if kind in ("mc", "mala"):
+        block = MetropolisBlock if kind == "mc" else MALABlock
+        return block(energy, n_steps=n_steps, step_size=step_size, periodic_mask=periodic,
+                     target_acceptance=target_acceptance)
     if kind == "langevin":
         return OverdampedLangevinBlock(energy, n_steps=n_steps, step_size=step_size, periodic_mask=periodic)
     return UnderdampedLangevinBlock(energy, n_steps=n_steps, step_size=step_size, friction=friction,
@@ -74,9 +75,10 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
         transform: optional deterministic block latent (B, D) -> data (e.g. IC -> Cartesian nm).
         n_blocks: coupling pairs K, each followed by a stochastic block when ``stochastic``.
         flow: "realnvp" or "spline"; hidden/activation: conditioner MLPs.
-        stochastic: "mc", "langevin", "underdamped" or None.
+        stochastic: "mc" (random-walk Metropolis), "mala" (Metropolis-adjusted Langevin), "langevin"
+            (unadjusted overdamped), "underdamped" or None.
         lambdas: K values in [0, 1]; default linspace(0, 1, K) (just [1] for K = 1).
-        n_steps, step_size: per stochastic block (MC proposal width, Langevin ε or Δt).
+        n_steps, step_size: per stochastic block (MC proposal width, MALA/Langevin ε or Δt).
         augment: number A of Gaussian auxiliary momenta (0: none).
         n_bins, spline_bound: spline resolution and interval [−bound, bound] of ordinary dims.
         friction: underdamped Langevin γ. target_acceptance: MC step-size adaptation in training.

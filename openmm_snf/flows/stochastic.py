@@ -1,4 +1,5 @@
-"""Stochastic blocks (the paper's Sec. 3–4): Metropolis MC, overdamped and underdamped Langevin.
+"""Stochastic blocks (the paper's Sec. 3–4): Metropolis MC (random walk or Langevin proposals, MALA),
+overdamped and underdamped Langevin.
 
 Each block runs a few steps of a Markov kernel that leaves p_λ ∝ exp(−u_λ) invariant, where
 ``energy`` is u_λ in the space where the block sits (build it with
@@ -6,7 +7,7 @@ Each block runs a few steps of a Markov kernel that leaves p_λ ∝ exp(−u_λ)
 :class:`~openmm_snf.flows.energies.PulledBackEnergy`). Every block returns the exact log
 path-probability ratio ΔS = log q̃(input | output) − log q(output | input) of the steps it took:
 
-* Metropolis (detailed balance, q̃ = q): ΔS = u_λ(out) − u_λ(in);
+* Metropolis and MALA (detailed balance): ΔS = u_λ(out) − u_λ(in);
 * overdamped Langevin y' = y − ε∇u(y) + √(2ε) η: ΔS = Σ ½(|η|² − |η̃|²) with the
   reconstructed backward noise η̃ = (y − y' + ε∇u(y')) / √(2ε);
 * underdamped Langevin, BAOAB with unit masses and velocities drawn fresh at the start and
@@ -33,7 +34,7 @@ import torch
 from .base import Block, wrap_angle
 from .energies import energy_and_gradient
 
-__all__ = ["MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlock"]
+__all__ = ["MALABlock", "MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlock"]
 
 
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
@@ -105,21 +106,22 @@ class MetropolisBlock(_StochasticBlock):
         not depend on it), and ΔS = u(out) - u(in) is differentiated through the two end energies
         only: the same gradient as differentiating through every step, at two energy graphs per block
         instead of n_steps + 1."""
-        step = float(self.step_size)
         u_start = self.energy(y)
         expand = (-1,) + (1,) * (y.ndim - 1)
         with torch.no_grad():
             chain, u = y.detach(), u_start.detach()
+            state = self._chain_state(chain)
             n_accepted = torch.zeros((), dtype=torch.float64, device=y.device)
             for _ in range(self.n_steps):
-                proposal = self._wrap(chain + step * self._noise(chain, generator))
-                u_proposal = self.energy(proposal)
-                log_ratio = torch.where(torch.isfinite(u_proposal), u - u_proposal,
-                                        torch.full_like(u, -math.inf))
+                proposal, u_proposal, log_q_ratio, proposal_state = self._propose(chain, state, generator)
+                log_ratio = u - u_proposal + log_q_ratio
+                log_ratio = torch.where(torch.isfinite(log_ratio), log_ratio, torch.full_like(u, -math.inf))
                 uniform = torch.rand(y.shape[0], generator=generator, dtype=y.dtype, device=y.device)
                 accept = torch.log(uniform) < log_ratio
                 chain = torch.where(accept.view(expand), proposal, chain)
                 u = torch.where(accept, u_proposal, u)
+                if state is not None:
+                    state = torch.where(accept.view(expand), proposal_state, state)
                 n_accepted = n_accepted + accept.sum()
         acceptance = float(n_accepted) / (self.n_steps * y.shape[0])
         self.last_acceptance = acceptance
@@ -130,8 +132,40 @@ class MetropolisBlock(_StochasticBlock):
             return out, self.energy(out) - u_start
         return chain, u - u_start
 
+    def _chain_state(self, y):
+        """What a proposal needs to know about the current state besides y (nothing here)."""
+        return None
+
+    def _propose(self, y, state, generator):
+        """A proposal, its energy, log q(y | proposal) − log q(proposal | y) and its chain state."""
+        proposal = self._wrap(y + float(self.step_size) * self._noise(y, generator))
+        return proposal, self.energy(proposal), 0.0, None
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", target_acceptance={self.target_acceptance}"
+
+
+class MALABlock(MetropolisBlock):
+    """Metropolis-adjusted Langevin: proposals y' = y − ε∇u(y) + √(2ε) η, accepted with the
+    Metropolis-Hastings ratio exp(u(y) − u(y')) q(y | y') / q(y' | y). Like Metropolis it satisfies
+    detailed balance, so ΔS = u_λ(out) − u_λ(in); unlike unadjusted Langevin it cannot run away where
+    forces are huge (such proposals are rejected). Costs a gradient (forces) per step.
+
+    Args: as :class:`MetropolisBlock`, with ``step_size`` the Langevin step ε.
+    """
+
+    def _chain_state(self, y):
+        return energy_and_gradient(self.energy, y)[1]
+
+    def _propose(self, y, grad, generator):
+        eps = float(self.step_size)
+        scale = math.sqrt(2 * eps)
+        noise = self._noise(y, generator)
+        proposal = self._wrap(y - eps * grad + scale * noise)
+        u_proposal, grad_proposal = energy_and_gradient(self.energy, proposal)
+        backward = (self._displacement(y, proposal) + eps * grad_proposal) / scale
+        log_q_ratio = 0.5 * (_per_sample_sum(noise ** 2) - _per_sample_sum(backward ** 2))
+        return proposal, u_proposal, log_q_ratio, grad_proposal
 
 
 class OverdampedLangevinBlock(_StochasticBlock):
