@@ -12,9 +12,10 @@ For one system this script
 3. trains a RealNVP flow and a spline flow of the same size (``stochastic=None``) by maximum likelihood
    on those frames (cached model weights);
 4. samples each flow alone and as the SNF :func:`~openmm_snf.flows.annealed` makes of it (K Metropolis
-   stages in its prior space before the flow, exact weights); the flow alone draws as many samples as
-   its annealed SNF spent energy evaluations (capped by ``--max-baseline-samples``), so each pair is
-   compared at the same sampling cost;
+   stages in its prior space before the flow, exact weights; for the spline flow also with MALA
+   stages, i.e. Langevin steps that use forces); the flow alone draws as many samples as its annealed
+   SNF spent energy evaluations (capped by ``--max-baseline-samples``), so each pair is compared at
+   the same sampling cost;
 5. prints one table: KL(reference || model) of the phi and psi marginals (64 bins on [−π, π)),
    reweighted and unweighted, Kish ESS in % of the samples, ΔF with its 95% bootstrap interval next to
    the reference's, wall times, energy evaluations, and the SNF paper's KL numbers beside them.
@@ -49,9 +50,10 @@ CACHE = Path(__file__).resolve().parent / "cache"
 #: SNF paper (Wu, Köhler & Noé 2020), alanine dipeptide torsion-marginal KL, RNVP -> RNVP+MC.
 PAPER_KL = {"phi": (1.69, 0.36), "psi": (0.98, 0.27)}
 #: (replicas, frames per replica, MD steps of 1 fs per frame) by (method, --quick). The full MD reference
-#: (96 million replica steps, ~18 min on 2 cores) has a ΔF interval below 0.1 kT at 1000 K.
+#: (96 million replica steps, 25 min on 2 cores) has a ΔF interval below 0.1 kT at 1000 K; the umbrella
+#: one 240 ps per window.
 REFERENCE_SIZES = {("md", False): (128, 1500, 500), ("md", True): (32, 200, 250),
-                   ("umbrella", False): (64, 600, 100), ("umbrella", True): (32, 200, 100)}
+                   ("umbrella", False): (64, 2400, 100), ("umbrella", True): (32, 200, 100)}
 #: Training frames by (method, --quick): 192,000 MD frames (the flows were data-limited with 38,400).
 DATA_SIZES = {("md", False): (64, 3000, 50), ("md", True): (32, 500, 50),
               ("umbrella", False): (64, 1500, 50), ("umbrella", True): (32, 300, 50)}
@@ -216,6 +218,7 @@ def print_table(mol, ref: dict, data_method: str, rows: dict, runs: dict, args) 
           f"({len(ref['phi'])} frames, {ref['wall_s']:.0f} s)")
     print(f"training data: {data_method}; flows: {args.blocks} blocks, hidden {args.hidden}, ML {args.iterations} "
           f"it, batch {args.batch_size}, cosine rate; +AIS(K): K Metropolis stages of 2 steps (0.2) before the flow"
+          + (f"; +MALA(K): the same with MALA steps (ε = {args.mala_step:g})" if args.mala_step else "")
           + (f"; SNF (end to end): Metropolis blocks of {args.mc_steps} steps ({args.step_size}) between RealNVP "
              f"couplings, {args.end_to_end_iterations} it" if args.end_to_end else ""))
     head = (f"{'':<20}{'KL phi rew':>11}{'KL psi rew':>11}{'KL phi unw':>11}{'KL psi unw':>11}{'ESS %':>8}"
@@ -252,6 +255,9 @@ def parse_args(argv=None):
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128])
     parser.add_argument("--anneal", type=int, default=80, help="annealing stages K of the +AIS rows")
+    parser.add_argument("--mala-step", type=float, default=0.05,
+                        help="Langevin step ε of the spline+MALA(K) row: the spline flow annealed with MALA stages "
+                             "(0: skip)")
     parser.add_argument("--samples", type=int, default=None, help="samples of each annealed SNF")
     parser.add_argument("--max-baseline-samples", type=int, default=200_000)
     parser.add_argument("--end-to-end", action="store_true",
@@ -293,6 +299,9 @@ def main(argv=None) -> dict:
         n_flow = min(annealed_run["sample_evals"], args.max_baseline_samples)
         runs[f"{label} flow"] = dict(draw(mol, model["snf"], energy, n_flow, args.seed), **model)
         runs[f"{label}+AIS({args.anneal})"] = dict(annealed_run, **model)
+    if args.mala_step:  # the spline flow annealed with Langevin (MALA) stages: forces pulled back through it
+        mala = annealed(model["snf"], args.anneal, step_size=args.mala_step, kernel="mala")
+        runs[f"spline+MALA({args.anneal})"] = dict(draw(mol, mala, energy, args.samples, args.seed), **model)
     if args.end_to_end:
         model = train(mol, energy, data, "realnvp", "mc", args)
         runs["RNVP+MC SNF"] = dict(draw(mol, model["snf"], energy, args.samples, args.seed), **model)
