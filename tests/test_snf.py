@@ -131,7 +131,7 @@ def test_sampling_is_reproducible_with_a_generator_and_reports_acceptance():
 
 
 @pytest.mark.parametrize("flow", ["realnvp", "spline"])
-@pytest.mark.parametrize("stochastic", ["mc", "langevin", "underdamped", None])
+@pytest.mark.parametrize("stochastic", ["mc", "mala", "langevin", "underdamped", None])
 def test_builder_layouts_rebuild_from_config(flow, stochastic):
     periodic = [True, False, False]
     target = lambda x: (x[:, 1:] ** 2).sum(-1) - torch.cos(x[:, 0])  # noqa: E731

@@ -13,7 +13,7 @@ path-probability ratio ΔS = log q̃(input | output) − log q(output | input) o
 * underdamped Langevin, BAOAB with unit masses and velocities drawn fresh at the start and
   discarded at the end: ΔS = ½|v₀|² − ½|v_K|² + Σ_O ½(|v_after|² − |v_before|²).
 
-All three kernels are their own time reverse, so ``inverse`` runs the same kernel and returns its
+All these kernels are their own time reverse, so ``inverse`` runs the same kernel and returns its
 ΔS; the SNF never needs to know which kind a block is. Noise is drawn on the input's device and
 dtype from the optional ``generator``.
 
@@ -149,7 +149,8 @@ class MALABlock(MetropolisBlock):
     """Metropolis-adjusted Langevin: proposals y' = y − ε∇u(y) + √(2ε) η, accepted with the
     Metropolis-Hastings ratio exp(u(y) − u(y')) q(y | y') / q(y' | y). Like Metropolis it satisfies
     detailed balance, so ΔS = u_λ(out) − u_λ(in); unlike unadjusted Langevin it cannot run away where
-    forces are huge (such proposals are rejected). Costs a gradient (forces) per step.
+    forces are huge (such proposals are rejected). Costs a gradient (forces) per step. In training, the
+    output and ΔS carry gradients as in :class:`MetropolisBlock` (the chain itself is not differentiated).
 
     Args: as :class:`MetropolisBlock`, with ``step_size`` the Langevin step ε.
     """
