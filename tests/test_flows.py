@@ -225,6 +225,20 @@ def test_metropolis_preserves_target_and_detailed_balance(block):
     assert float((a != b).double().mean()) > 0.3
 
 
+def test_metropolis_chains_leave_states_of_infinite_energy():
+    """A chain that starts in a clash (u = +inf) accepts any proposal of finite energy and never
+    accepts a non-finite one."""
+    def walled(x):
+        u = 0.5 * x[:, 0] ** 2
+        return torch.where(x[:, 0] > 1.0, torch.full_like(u, math.inf), torch.where(x[:, 0] < -3.0, u * math.nan, u))
+
+    start = torch.full((500, 1), 2.0, dtype=torch.float64)
+    out, _ = MetropolisBlock(walled, n_steps=5, step_size=1.5)(start, generator=torch.Generator().manual_seed(0))
+    moved = out[:, 0] != 2.0
+    assert moved.float().mean() > 0.5
+    assert torch.isfinite(walled(out[moved])).all()
+
+
 def test_metropolis_gradient_flows_through_the_end_energies_only():
     """With autograd the output is the chain's state (same draws as without) with an identity Jacobian,
     and ΔS = u(out) - u(in) has gradient ∇u(out) - ∇u(in): what differentiating every step gives."""

@@ -114,8 +114,8 @@ class MetropolisBlock(_StochasticBlock):
             n_accepted = torch.zeros((), dtype=torch.float64, device=y.device)
             for _ in range(self.n_steps):
                 proposal, u_proposal, log_q_ratio, proposal_state = self._propose(chain, state, generator)
-                log_ratio = u - u_proposal + log_q_ratio
-                log_ratio = torch.where(torch.isfinite(log_ratio), log_ratio, torch.full_like(u, -math.inf))
+                valid = torch.isfinite(u_proposal) & torch.isfinite(log_q_ratio)  # from +inf, any valid move
+                log_ratio = torch.where(valid, u - u_proposal + log_q_ratio, torch.full_like(u, -math.inf))
                 uniform = torch.rand(y.shape[0], generator=generator, dtype=y.dtype, device=y.device)
                 accept = torch.log(uniform) < log_ratio
                 chain = torch.where(accept.view(expand), proposal, chain)
@@ -139,7 +139,8 @@ class MetropolisBlock(_StochasticBlock):
     def _propose(self, y, state, generator):
         """A proposal, its energy, log q(y | proposal) − log q(proposal | y) and its chain state."""
         proposal = self._wrap(y + float(self.step_size) * self._noise(y, generator))
-        return proposal, self.energy(proposal), 0.0, None
+        u_proposal = self.energy(proposal)
+        return proposal, u_proposal, torch.zeros_like(u_proposal), None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", target_acceptance={self.target_acceptance}"
