@@ -13,7 +13,8 @@ uniform as long as the Metropolis steps keep up; the flow has made the prior spa
 isotropic proposals suit it. Each Metropolis step costs one pass of the whole flow and one energy per
 sample (no gradients). With ``kernel="mala"`` the stages are Metropolis-adjusted Langevin blocks
 instead (forces pulled back through the flow by autograd: a backward pass per step). Measured on
-alanine dipeptide at 1000 K (README): a spline flow's ESS 0.8% -> 10% with 80 stages of 2 steps.
+alanine dipeptide at 1000 K (README, "Quality"): a RealNVP flow's ESS 11% -> 59% with 80 stages of
+2 Metropolis steps.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def annealed(snf: SNF, n_stages: int, *, n_steps: int = 2, step_size: float = 0.
 
     Args:
         snf: a trained SNF without stochastic blocks (a normalizing flow); its modules are shared.
-        n_stages: K >= 1 Metropolis blocks at λ = 1/K, 2/K, ..., 1.
+        n_stages: K >= 1 stochastic blocks at λ = 1/K, 2/K, ..., 1.
         n_steps: steps per stage; step_size: their proposal width in prior units ("mc") or the
             Langevin step ε ("mala"; the noise is √(2ε), so ε = 0.02 moves about as far as 0.2).
         kernel: "mc" or "mala" (see :data:`ANNEALING_KERNELS`).
