@@ -360,7 +360,9 @@ def _add_demo(sub) -> None:
     p.add_argument("--system", default="alanine_dipeptide_vacuum", help="shipped system")
     p.add_argument("--out", default="demo", help="output folder")
     p.add_argument("--iterations", type=int, help="training iterations (default: the system's train.yaml)")
-    p.add_argument("--n", type=int, default=5000, help="samples to draw")
+    p.add_argument("--n", type=int, default=10000, help="samples to draw")
+    p.add_argument("--anneal", type=int, default=40, metavar="K",
+                   help="annealing stages for a flow-only model (the alanine dipeptide default; 0: plain flow samples)")
     p.set_defaults(run=_run_demo)
 
 
@@ -370,24 +372,37 @@ def _demo_states(system: str) -> list[str]:
 
 def _run_demo(args) -> int:
     from pathlib import Path
+    import yaml
     out = Path(args.out)
     run_dir, samples = out / "run", out / "samples.dcd"
     train = ["train", args.system, "--out", str(run_dir)] + (["--iterations", str(args.iterations)]
                                                              if args.iterations else [])
     if (run_dir / "config.yaml").is_file():
         train.append("--resume")
-    steps = [train, ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"],
-             ["free-energy", str(samples), "--states", *_demo_states(args.system)]]
+    status = _demo_step(train)
+    if status:
+        return status
+    with open(run_dir / "config.yaml") as handle:
+        config = yaml.safe_load(handle)
+    sample = ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"]
+    if args.anneal and config["model"].get("stochastic") is None:  # a flow: anneal its samples (exact weights)
+        sample += ["--anneal", str(args.anneal)]
+    steps = [sample, ["free-energy", str(samples), "--states", *_demo_states(args.system)]]
     if args.system != "double_well":  # its MD data sit in both wells by design: not an equilibrium reference
+        # bootstrap blocks of one replica's frames: consecutive MD frames are correlated
         steps.append(["free-energy", str(run_dir / "data.dcd"), "--states", *_demo_states(args.system),
-                      "--block-length", "50"])
+                      "--block-length", str(config["data"]["md"]["n_frames"])])
     steps.append(["report", str(run_dir), "--samples", str(samples), "--force"])
     for argv in steps:
-        print(f"\n$ openmm-snf {' '.join(argv)}", flush=True)
-        status = main(argv)
+        status = _demo_step(argv)
         if status:
             return status
     return 0
+
+
+def _demo_step(argv: list[str]) -> int:
+    print(f"\n$ openmm-snf {' '.join(argv)}", flush=True)
+    return main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

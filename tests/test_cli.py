@@ -207,12 +207,14 @@ def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys)
     run = tmp_path / "flow"
     assert main(["train", "double_well", "--out", str(run), "--config", str(config), "--platform", "CPU"]) == 0
     capsys.readouterr()
-    samples = tmp_path / "annealed.dcd"
-    assert main(["sample", str(run), "--n", "3000", "--out", str(samples), "--anneal", "10", "--seed", "2"]) == 0
-    assert "Kish ESS" in capsys.readouterr().out
-    assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["ci_low"] <= EXACT_DOUBLE_WELL_DF <= result["ci_high"], result
+    for kernel, step in (("mc", "0.2"), ("mala", "0.05")):
+        samples = tmp_path / f"annealed-{kernel}.dcd"
+        assert main(["sample", str(run), "--n", "3000", "--out", str(samples), "--anneal", "10", "--anneal-kernel",
+                     kernel, "--anneal-step-size", step, "--seed", "2"]) == 0
+        assert "Kish ESS" in capsys.readouterr().out
+        assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["ci_low"] <= EXACT_DOUBLE_WELL_DF <= result["ci_high"], (kernel, result)
     # a run with Metropolis blocks cannot be annealed: a clear error, nothing written
     refused = tmp_path / "refused.dcd"
     assert main(["sample", str(double_well_run / "run"), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
