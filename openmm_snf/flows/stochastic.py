@@ -106,11 +106,10 @@ class MetropolisBlock(_StochasticBlock):
         not depend on it), and ΔS = u(out) - u(in) is differentiated through the two end energies
         only: the same gradient as differentiating through every step, at two energy graphs per block
         instead of n_steps + 1."""
-        u_start = self.energy(y)
+        u_start, state = self._start(y)
         expand = (-1,) + (1,) * (y.ndim - 1)
         with torch.no_grad():
             chain, u = y.detach(), u_start.detach()
-            state = self._chain_state(chain)
             n_accepted = torch.zeros((), dtype=torch.float64, device=y.device)
             for _ in range(self.n_steps):
                 proposal, u_proposal, log_q_ratio, proposal_state = self._propose(chain, state, generator)
@@ -132,9 +131,10 @@ class MetropolisBlock(_StochasticBlock):
             return out, self.energy(out) - u_start
         return chain, u - u_start
 
-    def _chain_state(self, y):
-        """What a proposal needs to know about the current state besides y (nothing here)."""
-        return None
+    def _start(self, y):
+        """u(y) (differentiable while training) and what a proposal needs to know about y besides y and
+        its energy (nothing here)."""
+        return self.energy(y), None
 
     def _propose(self, y, state, generator):
         """A proposal, its energy, log q(y | proposal) − log q(proposal | y) and its chain state."""
@@ -156,8 +156,11 @@ class MALABlock(MetropolisBlock):
     Args: as :class:`MetropolisBlock`, with ``step_size`` the Langevin step ε.
     """
 
-    def _chain_state(self, y):
-        return energy_and_gradient(self.energy, y)[1]
+    def _start(self, y):
+        """u(y) and ∇u(y); one energy graph when sampling, a second (differentiable) u while training."""
+        if torch.is_grad_enabled() and y.requires_grad:
+            return self.energy(y), energy_and_gradient(self.energy, y)[1]
+        return energy_and_gradient(self.energy, y)
 
     def _propose(self, y, grad, generator):
         eps = float(self.step_size)
