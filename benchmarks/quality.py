@@ -161,8 +161,9 @@ def train(mol, energy: CountingEnergy, data: np.ndarray, flow: str, stochastic: 
     """A model trained by maximum likelihood on ``data`` (weights cached); its training time and evaluations."""
     snf = build_model(mol, energy, data, flow, stochastic, args)
     iterations = args.end_to_end_iterations if stochastic else args.iterations
-    path = CACHE / (f"{mol.name}_model_{args.reference}_{len(data)}_{flow}_{stochastic}_{args.blocks}x"
-                    f"{'-'.join(map(str, args.hidden))}_{iterations}it_seed{args.seed}.pt")
+    blocks = f"{stochastic}{args.mc_steps}x{args.step_size:g}" if stochastic else "None"
+    path = CACHE / (f"{mol.name}_model_{args.reference}_{len(data)}_{flow}_{blocks}_{args.blocks}x"
+                    f"{'-'.join(map(str, args.hidden))}_{iterations}it_batch{args.batch_size}_seed{args.seed}.pt")
     if path.is_file():
         stored = torch.load(path)
         snf.load_state_dict(stored["state"])
