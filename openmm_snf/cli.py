@@ -372,7 +372,7 @@ def _demo_states(system: str) -> list[str]:
 
 def _run_demo(args) -> int:
     from pathlib import Path
-    import yaml
+    from .runs import read_run_config
     out = Path(args.out)
     run_dir, samples = out / "run", out / "samples.dcd"
     train = ["train", args.system, "--out", str(run_dir)] + (["--iterations", str(args.iterations)]
@@ -382,8 +382,7 @@ def _run_demo(args) -> int:
     status = _demo_step(train)
     if status:
         return status
-    with open(run_dir / "config.yaml") as handle:
-        config = yaml.safe_load(handle)
+    config = read_run_config(run_dir)
     sample = ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"]
     if args.anneal and config["model"].get("stochastic") is None:  # a flow: anneal its samples (exact weights)
         sample += ["--anneal", str(args.anneal)]

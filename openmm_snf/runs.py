@@ -38,7 +38,8 @@ from .md import MDSettings, run_md
 from .systems import SHIPPED_DIR, MolecularSystem, load_system
 from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
-__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "sample"]
+__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "read_run_config",
+           "sample"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
@@ -226,6 +227,11 @@ def _prepare(folder: Path, config: dict | None, resume: bool):
     return config, mol, train_cfg, data, reference
 
 
+def read_run_config(folder) -> dict:
+    """The resolved configuration a run folder was trained with (its ``config.yaml``)."""
+    return _read_yaml(Path(folder) / "config.yaml", "run configuration")
+
+
 def load_run(folder, *, device: str | None = None) -> Run:
     """Reopen a trained run for sampling: model weights from ``best.pt`` (the best validation) when the
     run wrote one, else from ``checkpoint.pt`` (the last iteration)."""
@@ -234,7 +240,7 @@ def load_run(folder, *, device: str | None = None) -> Run:
         if not (folder / name).is_file():
             raise RunConfigError(f"{folder} is not a finished run: {name} is missing (train it with "
                                  f"'openmm-snf train ... --out {folder}')")
-    config = _read_yaml(folder / "config.yaml", "run configuration")
+    config = read_run_config(folder)
     if device is not None:
         config["device"] = device
     mol = _load_mol(config)
