@@ -4,13 +4,17 @@ A run folder holds
 
 * ``config.yaml``      the resolved configuration (defaults + the system's ``train.yaml`` + the user's file);
 * ``reference.npy``    the frames (n, n_atoms, 3) nm that fixed the internal-coordinate statistics;
-* ``data.dcd/.pdb``    the training data, when the run made them by MD;
+* ``data.dcd/.pdb``    the training data, when the run made them (parallel tempering or MD), with their
+                       ``.weights.npz``/``.csv`` sidecar (log weights for the target temperature);
 * ``checkpoint.pt``    model, optimizer and RNG state (resumable), written atomically by the trainer;
 * ``best.pt``          the model of the best validation loss, when training validates (``validation_fraction``);
 * ``metrics.jsonl``    one JSON object per iteration.
 
 Configuration sections (YAML; every key optional, see :data:`DEFAULTS`): ``system`` (how to load it),
-``energy`` (OpenMM platform), ``data`` (a DCD path, or MD settings to make one), ``coordinates``
+``energy`` (OpenMM platform), ``data`` (a DCD path — its weights sidecar, when there is one, weights
+the frames —, or how to make data: ``method`` tempering (default: parallel tempering up to
+2.5 x T, :mod:`openmm_snf.tempering`, so that the data cross barriers without knowing the states) or
+md (plain MD at T), with the ``tempering`` / ``md`` settings), ``coordinates``
 (``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms), ``model`` (arguments of
 :func:`~openmm_snf.flows.build_snf`), ``training`` (:class:`~openmm_snf.train.TrainConfig`),
 ``regularization`` (linlogcut of the training energies, or null), ``device`` (cpu, cuda or auto).
@@ -33,9 +37,11 @@ from .coordinates import InternalCoordinateTransform
 from .distributed import gather_in_order, local_shards, rank_of, run_on_main, shard_seed, split_sizes, world_size_of
 from .energy import OpenMMEnergy, linlogcut
 from .flows import Reshape, build_snf
-from .io import atomic_outputs, read_trajectory, write_trajectory
+from .io import atomic_outputs, read_trajectory, read_weighted_trajectory, resample, trajectory_paths, \
+    write_trajectory, write_weighted_trajectory
 from .md import MDSettings, run_md
 from .systems import SHIPPED_DIR, MolecularSystem, load_system
+from .tempering import TemperingSettings, run_tempering
 from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
 __all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "read_run_config",
@@ -45,7 +51,8 @@ DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
     "device": "cpu",
     "energy": {"platform": None, "precision": "mixed", "threads": None},
-    "data": {"path": None, "max_reference_frames": 2000,
+    "data": {"path": None, "max_reference_frames": 2000, "method": "tempering",
+             "tempering": asdict(TemperingSettings()),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
     "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [64, 64], "stochastic": "mc", "n_steps": 10,
@@ -141,22 +148,48 @@ def _transform(mol: MolecularSystem, config: dict, reference: np.ndarray):
     return block.dim, block.periodic_mask, block
 
 
-def _make_data(mol: MolecularSystem, config: dict, folder: Path) -> np.ndarray:
-    """Training frames (n, n_atoms, 3) nm: the configured DCD, or MD run now and saved as data.dcd."""
-    path = config["data"]["path"]
-    if path is not None:
-        traj = read_trajectory(path)
+def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Training frames (n, n_atoms, 3) nm and their log weights (n,) or None (equal weights): the
+    configured DCD (weighted by its sidecar when it has one), or data made now and saved as data.dcd."""
+    data = config["data"]
+    if data["path"] is not None:
+        if trajectory_paths(data["path"]).npz.is_file():
+            weighted = read_weighted_trajectory(data["path"])
+            traj, log_weights = weighted.traj, weighted.log_weights
+            print(f"training data {data['path']}: weighted by {trajectory_paths(data['path']).npz.name} (Kish ESS "
+                  f"{weighted.ess:.0f} of {weighted.n_frames} frames)")
+        else:
+            traj, log_weights = read_trajectory(data["path"]), None
         if traj.n_atoms != mol.n_atoms:
-            raise RunConfigError(f"data {path}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
-        return traj.xyz.astype(np.float64)
+            raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
+        return traj.xyz.astype(np.float64), log_weights
     folder.mkdir(parents=True, exist_ok=True)
-    frames = run_md(mol, MDSettings(**config["data"]["md"]), platform=config["energy"]["platform"] or "CPU",
-                    threads=config["energy"]["threads"]).reshape(-1, mol.n_atoms, 3)
-    write_trajectory(folder / "data.dcd", mol, frames, force=True)
-    return frames
+    if data["method"] == "md":
+        frames = run_md(mol, MDSettings(**data["md"]), platform=config["energy"]["platform"] or "CPU",
+                        threads=config["energy"]["threads"], progress=progress).reshape(-1, mol.n_atoms, 3)
+        write_trajectory(folder / "data.dcd", mol, frames, force=True)
+        return frames, None
+    if data["method"] != "tempering":
+        raise RunConfigError(f"data.method must be 'tempering' or 'md', got {data['method']!r}")
+    energy = OpenMMEnergy(mol, platform=config["energy"]["platform"], threads=config["energy"]["threads"])
+    result = run_tempering(mol, TemperingSettings(**data["tempering"]), energy=energy, progress=progress)
+    frames, log_weights = result.frames(), result.log_weights()
+    write_weighted_trajectory(folder / "data.dcd", mol, frames, log_weights, result.reduced_energies.reshape(-1),
+                              force=True, extra=tempering_extra(mol, result))
+    return frames, log_weights
 
 
-def _reference_frames(data: np.ndarray, limit: int) -> np.ndarray:
+def tempering_extra(mol: MolecularSystem, result) -> dict:
+    """Sidecar fields of tempering frames: kT, temperatures, each frame's rung and the exchange rates."""
+    return {"kT": mol.kT, "temperature": mol.temperature, "temperatures": result.temperatures,
+            "temperature_index": result.temperature_index, "exchange_acceptance": result.acceptance}
+
+
+def _reference_frames(data: np.ndarray, log_weights: np.ndarray | None, limit: int) -> np.ndarray:
+    """At most ``limit`` frames that represent the data: evenly strided, or drawn by weight."""
+    if log_weights is not None:
+        index = np.unique(resample(log_weights, min(limit, len(data)), np.random.default_rng(0)))
+        return np.ascontiguousarray(data[index])
     stride = max(1, int(np.ceil(len(data) / limit)))
     return np.ascontiguousarray(data[::stride])
 
@@ -181,21 +214,22 @@ def build_run(folder, config: dict, *, resume: bool = False, progress: bool = Tr
     single process trains on the frames it just made); the trainer trains data-parallel.
     """
     folder = Path(folder)
-    prepared = run_on_main(lambda: _prepare(folder, config, resume), process_group)
+    prepared = run_on_main(lambda: _prepare(folder, config, resume, progress), process_group)
     if process_group is not None:  # every rank reads the folder, so all train on the same (DCD) data
-        prepared = _prepare(folder, None, True)
-    config, mol, train_cfg, data, reference = prepared
+        prepared = _prepare(folder, None, True, progress)
+    config, mol, train_cfg, (data, log_weights), reference = prepared
     run = _assemble(folder, config, mol, reference)
     regularization = config["regularization"]
     regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
     trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
-                      energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
+                      data_log_weights=log_weights, energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
                       metrics_path=run.metrics_path, resume=resume, progress=progress, process_group=process_group)
     return run, trainer
 
 
-def _prepare(folder: Path, config: dict | None, resume: bool):
-    """Write a new run folder (or read an existing one): (config, mol, TrainConfig, data or None, reference)."""
+def _prepare(folder: Path, config: dict | None, resume: bool, progress: bool = True):
+    """Write a new run folder (or read an existing one):
+    (config, mol, TrainConfig, (data or None, log weights or None), reference)."""
     config_path, reference_path = folder / "config.yaml", folder / "reference.npy"
     if resume:
         if not config_path.is_file():
@@ -207,15 +241,15 @@ def _prepare(folder: Path, config: dict | None, resume: bool):
     mol = _load_mol(config)
     train_cfg = TrainConfig.from_dict(config["training"])
     needs_reference = config["coordinates"]["scheme"] != "cartesian" and mol.n_atoms >= 3
-    data = None
+    data = (None, None)
     if resume:
         reference = np.load(reference_path)
         if train_cfg.weight_forward > 0:
             data = _make_data(mol, _merge(config, {"data": {"path": config["data"]["path"] or
-                                                            str(folder / "data.dcd")}}, "run"), folder)
+                                                            str(folder / "data.dcd")}}, "run"), folder, progress)
     elif needs_reference or train_cfg.weight_forward > 0:
-        data = _make_data(mol, config, folder)
-        reference = _reference_frames(data, config["data"]["max_reference_frames"])
+        data = _make_data(mol, config, folder, progress)
+        reference = _reference_frames(*data, config["data"]["max_reference_frames"])
     else:
         reference = mol.positions[None]
     if not resume:

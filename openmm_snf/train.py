@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -146,6 +147,17 @@ def split_validation(data: torch.Tensor | None, fraction: float):
     return data[:-n_held_out], data[-n_held_out:]
 
 
+def _frame_probabilities(log_weights, n_frames: int, device) -> torch.Tensor:
+    """Normalized float64 frame probabilities (n_frames,) from log weights; ValueError if unusable."""
+    lw = torch.as_tensor(np.asarray(log_weights, dtype=np.float64)).to(device)
+    if lw.shape != (n_frames,):
+        raise ValueError(f"data_log_weights must have one entry per data frame ({n_frames}), got shape "
+                         f"{tuple(lw.shape)}")
+    if torch.isnan(lw).any() or torch.isposinf(lw).any() or not torch.isfinite(lw).any():
+        raise ValueError("data_log_weights must be finite (or -inf for frames of zero weight)")
+    return torch.softmax(lw, dim=0)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -198,6 +210,10 @@ class Trainer:
             weight_forward > 0 or validation_fraction > 0), e.g. (N, n_atoms, 3) nm from MD; moved to
             the model's device and dtype. The last validation_fraction of them are held out
             (:attr:`val_data`) and never trained on (:attr:`data` holds the rest).
+        data_log_weights: optional (N,) log importance weights of the frames for the target (e.g. MBAR
+            weights of tempered or umbrella data): minibatches are then drawn with probability
+            proportional to the weights, so the forward-KL term estimates E_target[-log q]; held-out
+            frames are resampled once by weight (seeded) so that the validation loss estimates the same.
         energy_regularizer: maps raw reduced energies (B,) to those used in the reverse-KL loss.
         checkpoint_path: where to write checkpoints; if it exists and ``resume`` is True, training
             continues from it. With validation and keep_best, the best model is written to
@@ -211,8 +227,8 @@ class Trainer:
     """
 
     def __init__(self, snf: SNF, config: TrainConfig, *, data: torch.Tensor | None = None,
-                 energy_regularizer=None, checkpoint_path=None, metrics_path=None, resume: bool = True,
-                 progress: bool = True, process_group=None):
+                 data_log_weights=None, energy_regularizer=None, checkpoint_path=None, metrics_path=None,
+                 resume: bool = True, progress: bool = True, process_group=None):
         self.snf = snf
         self.config = config
         self.device, dtype = snf.prior.device, snf.prior.dtype
@@ -226,6 +242,15 @@ class Trainer:
             if not torch.isfinite(data).all():
                 raise ValueError("training data contain NaN or infinite values")
         self.data, self.val_data = split_validation(data, config.validation_fraction)
+        self.data_probs = None
+        if data_log_weights is not None and self.data is not None:
+            probs = _frame_probabilities(data_log_weights, len(data), self.device)
+            self.data_probs = probs[:len(self.data)] / probs[:len(self.data)].sum()
+            if self.val_data is not None:
+                generator = torch.Generator(device=self.device).manual_seed(config.seed)
+                held_out = probs[len(self.data):]
+                self.val_data = self.val_data[torch.multinomial(held_out / held_out.sum(), len(self.val_data),
+                                                                replacement=True, generator=generator)]
         self.energy_regularizer = energy_regularizer
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.best_path = None if self.checkpoint_path is None else self.checkpoint_path.with_name(BEST_NAME)
@@ -335,7 +360,10 @@ class Trainer:
         cfg, forward, reverse, sample = self.config, 0.0, 0.0, None
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         if cfg.weight_forward > 0:
-            index = torch.randint(len(self.data), (n,), generator=generator, device=self.device)
+            if self.data_probs is None:
+                index = torch.randint(len(self.data), (n,), generator=generator, device=self.device)
+            else:
+                index = torch.multinomial(self.data_probs, n, replacement=True, generator=generator)
             forward = self.snf.forward_kl_loss(self.data[index], generator=generator)
             loss = loss + cfg.weight_forward * forward
         if cfg.weight_reverse > 0:

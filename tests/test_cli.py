@@ -75,7 +75,7 @@ def test_resume_continues_and_same_seed_same_samples(double_well_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(double_well_run / "run", run)
     before = sum(1 for _ in open(run / "metrics.jsonl"))
-    assert main(["train", "double_well", "--out", str(run), "--resume", "--iterations", "310"]) == 0
+    assert main(["train", "double_well", "--out", str(run), "--resume", "--iterations", "610"]) == 0
     assert sum(1 for _ in open(run / "metrics.jsonl")) == before + 10
     a, b = tmp_path / "a.dcd", tmp_path / "b.dcd"
     for out in (a, b):
@@ -202,10 +202,7 @@ def test_umbrella_writes_mbar_weighted_frames(tmp_path, capsys):
 
 
 def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys):
-    config = tmp_path / "flow.yaml"
-    config.write_text("model: {stochastic: null}\ntraining: {n_iterations: 150}\n")
-    run = tmp_path / "flow"
-    assert main(["train", "double_well", "--out", str(run), "--config", str(config), "--platform", "CPU"]) == 0
+    run = double_well_run / "run"  # the double well's default model is a flow without stochastic blocks
     capsys.readouterr()
     for kernel, step in (("mc", "0.2"), ("mala", "0.05")):
         samples = tmp_path / f"annealed-{kernel}.dcd"
@@ -216,8 +213,13 @@ def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys)
         result = json.loads(capsys.readouterr().out)
         assert result["ci_low"] <= EXACT_DOUBLE_WELL_DF <= result["ci_high"], (kernel, result)
     # a run with Metropolis blocks cannot be annealed: a clear error, nothing written
+    config = tmp_path / "snf.yaml"
+    config.write_text("model: {flow: realnvp, stochastic: mc}\ntraining: {n_iterations: 2}\n"
+                      "data: {tempering: {n_frames: 20, equilibration_steps: 0}}\n")
+    snf_run = tmp_path / "snf"
+    assert main(["train", "double_well", "--out", str(snf_run), "--config", str(config)]) == 0
     refused = tmp_path / "refused.dcd"
-    assert main(["sample", str(double_well_run / "run"), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
+    assert main(["sample", str(snf_run), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
     assert "without stochastic blocks" in capsys.readouterr().err and not refused.exists()
 
 

@@ -216,7 +216,8 @@ def test_validation_configuration_errors():
 def test_load_run_prefers_best_pt(tmp_path):
     from openmm_snf.runs import build_run, load_run, resolve_config
     from openmm_snf.train import save_checkpoint
-    overrides = {"data": {"md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
+    overrides = {"data": {"method": "md",
+                          "md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
                  "energy": {"platform": "Reference"},
                  "training": {"n_iterations": 4, "batch_size": 16, "validation_fraction": 0.25, "validate_every": 2}}
     config = resolve_config({"source": "double_well"}, overrides=overrides)
@@ -233,3 +234,36 @@ def test_load_run_prefers_best_pt(tmp_path):
     last = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["model"]
     for (name, a), b in zip(last.items(), load_run(tmp_path / "run").snf.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_weighted_data_train_the_flow_toward_the_weighted_distribution():
+    """Frames from a flat x-distribution, weighted by exp(-u(x)) (what tempering/umbrella sidecars give):
+    the flow learns the double well's population split; the same frames unweighted teach a flat split."""
+    gen = torch.Generator().manual_seed(4)
+    n = 6000
+    x = torch.stack([torch.rand(n, generator=gen, dtype=torch.float64) * 5.0 - 2.5,
+                     torch.randn(n, generator=gen, dtype=torch.float64)], 1)
+    energy = DoubleWellEnergy()
+    log_w = -(energy(x) - 0.5 * x[:, 1] ** 2)  # flat proposal in x; y already Boltzmann
+    grid = torch.linspace(-4, 4, 40001, dtype=torch.float64)
+    p = torch.exp(-(grid ** 4 - 6 * grid ** 2 - 0.5 * grid))
+    exact_right = float(p[grid > 0].sum() / p.sum())  # 0.844
+    fractions = {}
+    for weighted in (True, False):
+        torch.manual_seed(0)
+        snf = build_snf(2, None, energy, n_blocks=3, hidden=(32, 32), stochastic=None)
+        cfg = TrainConfig(n_iterations=300, batch_size=256, learning_rate=3e-3, ess_every=0)
+        Trainer(snf, cfg, data=x.float(), data_log_weights=log_w.numpy() if weighted else None,
+                progress=False).train()
+        drawn = snf.sample(4000, generator=torch.Generator().manual_seed(1)).x
+        fractions[weighted] = float((drawn[:, 0] > 0).double().mean())
+    assert abs(fractions[True] - exact_right) < 0.06, fractions
+    assert abs(fractions[False] - 0.5) < 0.06, fractions
+
+
+def test_data_log_weights_are_checked():
+    with pytest.raises(ValueError, match="one entry per data frame"):
+        Trainer(small_snf(), TrainConfig(), data=double_well_data(100), data_log_weights=[0.0] * 99, progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        Trainer(small_snf(), TrainConfig(), data=double_well_data(3), data_log_weights=[0.0, float("nan"), 0.0],
+                progress=False)
