@@ -52,17 +52,20 @@ def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(process_group=None)
 
 
-def _add_dynamics_arguments(parser: argparse.ArgumentParser, *, frames: int, steps_per_frame: int,
-                            equilibration: int, per: str) -> None:
-    """Options shared by md and umbrella (Langevin MD of replicas in one Context)."""
+def _add_dynamics_arguments(parser: argparse.ArgumentParser, *, frames, steps_per_frame, equilibration,
+                            per: str) -> None:
+    """Options shared by md and umbrella (Langevin dynamics of many copies); with ``frames`` None every
+    default is None: the system's training-data settings decide."""
+    own = frames is not None
     parser.add_argument("--frames", type=int, default=frames, help=f"frames saved per {per}")
     parser.add_argument("--steps-per-frame", type=int, default=steps_per_frame,
                         help="integration steps between saved frames")
     parser.add_argument("--equilibration", type=int, default=equilibration, help="steps before the first saved frame")
-    parser.add_argument("--timestep", type=float, default=1.0, help="time step in fs")
-    parser.add_argument("--friction", type=float, default=1.0, help="Langevin friction in 1/ps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of velocities and Langevin noise")
-    parser.add_argument("--platform", default="CPU", help="OpenMM platform (CUDA, OpenCL, CPU, Reference)")
+    parser.add_argument("--timestep", type=float, default=1.0 if own else None, help="time step in fs")
+    parser.add_argument("--friction", type=float, default=1.0 if own else None, help="Langevin friction in 1/ps")
+    parser.add_argument("--seed", type=int, default=0 if own else None, help="seed of velocities and Langevin noise")
+    parser.add_argument("--platform", default="CPU" if own else None,
+                        help="OpenMM platform (CUDA, OpenCL, CPU, Reference)")
     parser.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
@@ -75,27 +78,66 @@ def _md_settings(args, n_replicas: int):
 
 
 def _add_md(sub) -> None:
-    p = sub.add_parser("md", formatter_class=_Formatter, help="reference Langevin MD (training data, reference)",
-                       description="Langevin MD (LangevinMiddleIntegrator) of many independent replicas in one "
-                                   "OpenMM Context. Writes OUT (DCD, replica after replica) and the PDB topology "
-                                   "beside it; mdtraj.load(OUT, top=OUT.pdb) reads it.")
+    p = sub.add_parser("md", formatter_class=_Formatter, help="training data / reference by parallel tempering or MD",
+                       description="Langevin dynamics of many copies of the molecule at once. By default parallel "
+                                   "tempering: ladders of temperatures from the system's T up to --max-temperature, "
+                                   "neighbouring rungs swapping by the replica-exchange rule, so that the data "
+                                   "cross barriers that plain MD at T never crosses; every rung's frames are kept "
+                                   "and weighted for T by MBAR in OUT.weights.npz. '--max-temperature T' (the "
+                                   "system's own) is plain Langevin MD. The defaults are the data 'openmm-snf "
+                                   "train SYSTEM' would make (a shipped system's train.yaml, else the package's); "
+                                   "'train --data OUT' uses the weights. Writes OUT (DCD), the PDB topology and "
+                                   "the weights sidecar beside it; mdtraj.load(OUT, top=OUT.pdb) reads it.")
     _add_system_arguments(p)
-    p.add_argument("--out", required=True, help="output .dcd (the .pdb topology is written beside it)")
-    p.add_argument("--replicas", type=int, default=16, help="independent replicas integrated together")
-    _add_dynamics_arguments(p, frames=1000, steps_per_frame=250, equilibration=5000, per="replica")
+    p.add_argument("--out", required=True, help="output .dcd (the .pdb topology and weights are written beside it)")
+    p.add_argument("--replicas", type=int, help="independent ladders (with --method md: independent replicas)")
+    p.add_argument("--max-temperature", type=float, metavar="K",
+                   help="hottest rung in kelvin (default 2.5 x T; T itself: plain MD at T)")
+    p.add_argument("--temperatures", type=int, metavar="N",
+                   help="rungs per ladder (default: enough for exchange rates of a few tens of percent)")
+    p.add_argument("--method", choices=["tempering", "md"],
+                   help="tempering (the default, through the batched energy) or md (plain MD at T in one "
+                        "replicated OpenMM Context)")
+    _add_dynamics_arguments(p, frames=None, steps_per_frame=None, equilibration=None, per="copy")
     p.set_defaults(run=_run_md)
 
 
+def _md_config(args) -> dict:
+    """The run configuration whose ``data`` section the md command makes, with its options applied."""
+    from .runs import resolve_config
+    source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
+              "temperature": args.temperature}
+    config = resolve_config(source)
+    method = args.method or config["data"]["method"]
+    shared = {"n_frames": args.frames, "steps_per_frame": args.steps_per_frame, "timestep": args.timestep,
+              "friction": args.friction, "equilibration_steps": args.equilibration, "seed": args.seed}
+    if method == "tempering":
+        own = {"n_ladders": args.replicas, "max_temperature": args.max_temperature,
+               "n_temperatures": args.temperatures}
+    else:
+        own = {"n_replicas": args.replicas}
+        if args.max_temperature is not None or args.temperatures is not None:
+            raise ValueError("--max-temperature and --temperatures need --method tempering")
+    settings = {key: value for key, value in {**shared, **own}.items() if value is not None}
+    energy = {key: value for key, value in (("platform", args.platform), ("threads", args.threads)) if value}
+    return resolve_config(source, overrides={"data": {"method": method, method: settings}, "energy": energy})
+
+
 def _run_md(args) -> int:
-    from .io import check_outputs_free, trajectory_paths, write_trajectory
-    from .md import run_md
+    from .io import check_outputs_free, trajectory_paths
+    from .runs import make_data
+    config = _md_config(args)
     mol = _load(args)
     paths = trajectory_paths(args.out)
-    check_outputs_free([paths.dcd, paths.pdb], args.force)
-    frames = run_md(mol, _md_settings(args, args.replicas), platform=args.platform, threads=args.threads)
-    write_trajectory(paths.dcd, mol, frames.reshape(-1, mol.n_atoms, 3), force=args.force)
-    print(f"wrote {paths.dcd} ({frames.shape[0]} replicas x {frames.shape[1]} frames, "
-          f"{frames.shape[1] * args.steps_per_frame * args.timestep / 1000:.1f} ps each) and {paths.pdb}")
+    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv], args.force)
+    frames, log_weights = make_data(mol, config, paths.dcd, force=args.force)
+    data = config["data"]
+    if data["method"] == "md":
+        print(f"wrote {paths.dcd} ({len(frames)} frames of plain MD at {mol.temperature:g} K) and {paths.pdb}")
+        return 0
+    from .weights import kish_ess
+    print(f"wrote {paths.dcd} ({len(frames)} frames of parallel tempering from {mol.temperature:g} K), {paths.pdb} "
+          f"and {paths.npz.name} (MBAR weights for {mol.temperature:g} K, Kish ESS {kish_ess(log_weights):.0f})")
     return 0
 
 

@@ -26,6 +26,7 @@ OpenMM Context on its own device) and model from the folder, which must be on a 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,8 +45,8 @@ from .systems import SHIPPED_DIR, MolecularSystem, load_system
 from .tempering import TemperingSettings, run_tempering
 from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
-__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "read_run_config",
-           "sample"]
+__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "make_data",
+           "read_run_config", "sample"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
@@ -148,40 +149,48 @@ def _transform(mol: MolecularSystem, config: dict, reference: np.ndarray):
     return block.dim, block.periodic_mask, block
 
 
-def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool = True) -> tuple:
     """Training frames (n, n_atoms, 3) nm and their log weights (n,) or None (equal weights): the
     configured DCD (weighted by its sidecar when it has one), or data made now and saved as data.dcd."""
     data = config["data"]
-    if data["path"] is not None:
-        if trajectory_paths(data["path"]).npz.is_file():
-            weighted = read_weighted_trajectory(data["path"])
-            traj, log_weights = weighted.traj, weighted.log_weights
-            print(f"training data {data['path']}: weighted by {trajectory_paths(data['path']).npz.name} (Kish ESS "
-                  f"{weighted.ess:.0f} of {weighted.n_frames} frames)")
-        else:
-            traj, log_weights = read_trajectory(data["path"]), None
-        if traj.n_atoms != mol.n_atoms:
-            raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
-        return traj.xyz.astype(np.float64), log_weights
-    folder.mkdir(parents=True, exist_ok=True)
+    if data["path"] is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        return make_data(mol, config, folder / "data.dcd", force=True, progress=progress)
+    if trajectory_paths(data["path"]).npz.is_file():
+        weighted = read_weighted_trajectory(data["path"])
+        traj, log_weights = weighted.traj, weighted.log_weights
+        print(f"training data {data['path']}: weighted by {trajectory_paths(data['path']).npz.name} (Kish ESS "
+              f"{weighted.ess:.0f} of {weighted.n_frames} frames)")
+    else:
+        traj, log_weights = read_trajectory(data["path"]), None
+    if traj.n_atoms != mol.n_atoms:
+        raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
+    return traj.xyz.astype(np.float64), log_weights
+
+
+def make_data(mol: MolecularSystem, config: dict, path_dcd, *, force: bool = False, progress: bool = True) -> tuple:
+    """Make the data of ``config["data"]`` (method tempering or md) and write them to ``path_dcd``
+    (+ PDB, and for tempering the weights sidecar); return (frames (n, n_atoms, 3) nm, log weights or None)."""
+    data = config["data"]
     if data["method"] == "md":
         frames = run_md(mol, MDSettings(**data["md"]), platform=config["energy"]["platform"] or "CPU",
                         threads=config["energy"]["threads"], progress=progress).reshape(-1, mol.n_atoms, 3)
-        write_trajectory(folder / "data.dcd", mol, frames, force=True)
+        write_trajectory(path_dcd, mol, frames, force=force)
         return frames, None
     if data["method"] != "tempering":
         raise RunConfigError(f"data.method must be 'tempering' or 'md', got {data['method']!r}")
     energy = OpenMMEnergy(mol, platform=config["energy"]["platform"], threads=config["energy"]["threads"])
     result = run_tempering(mol, TemperingSettings(**data["tempering"]), energy=energy, progress=progress)
     frames, log_weights = result.frames(), result.log_weights()
-    write_weighted_trajectory(folder / "data.dcd", mol, frames, log_weights, result.reduced_energies.reshape(-1),
-                              force=True, extra=tempering_extra(mol, result))
+    write_weighted_trajectory(path_dcd, mol, frames, log_weights, result.reduced_energies.reshape(-1),
+                              force=force, extra=_tempering_extra(mol, result))
     return frames, log_weights
 
 
-def tempering_extra(mol: MolecularSystem, result) -> dict:
-    """Sidecar fields of tempering frames: kT, temperatures, each frame's rung and the exchange rates."""
-    return {"kT": mol.kT, "temperature": mol.temperature, "temperatures": result.temperatures,
+def _tempering_extra(mol: MolecularSystem, result) -> dict:
+    """Sidecar fields of tempering frames: kT, CVs, temperatures, each frame's rung and the exchange rates."""
+    return {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(mol.cvs),
+            "temperatures": result.temperatures,
             "temperature_index": result.temperature_index, "exchange_acceptance": result.acceptance}
 
 

@@ -43,7 +43,10 @@ class TemperingSettings:
     hottest rung (None: 2.5 x the system's temperature, where barriers of 10 kT become 4 kT);
     n_temperatures: rungs per ladder (None: from the number of atoms, so that neighbouring rungs'
     energy distributions overlap, see :func:`default_ladder`); timestep in fs; friction in 1/ps;
-    equilibration_steps: steps (with exchanges) before the first saved frame; seed: the noise.
+    equilibration_steps: steps (with exchanges) before the first saved frame; seed: the noise;
+    hydrogen_mass: amu given to every hydrogen, taken from the heavy atom it is bonded to (None: the
+    System's masses). Masses change the dynamics, never the Boltzmann distribution of positions, so
+    heavier hydrogens buy a longer time step for free.
     """
 
     n_frames: int = 500
@@ -55,6 +58,7 @@ class TemperingSettings:
     friction: float = 1.0
     equilibration_steps: int = 1000
     seed: int = 0
+    hydrogen_mass: float | None = None
 
     def validate(self) -> None:
         for name in ("n_frames", "steps_per_frame", "n_ladders"):
@@ -75,6 +79,9 @@ class TemperingSettings:
                                                      and self.max_temperature > 0):
             raise ValueError(f"tempering max_temperature must be a positive number of kelvin, got "
                              f"{self.max_temperature!r}")
+        if self.hydrogen_mass is not None and not (isinstance(self.hydrogen_mass, (int, float))
+                                                   and 0 < self.hydrogen_mass < 6):
+            raise ValueError(f"tempering hydrogen_mass must be between 0 and 6 amu, got {self.hydrogen_mass!r}")
 
 
 def default_ladder(temperature: float, max_temperature: float, n_atoms: int,
@@ -158,6 +165,22 @@ def _minimized(mol: MolecularSystem) -> np.ndarray:
                       dtype=np.float64)
 
 
+def _masses(mol: MolecularSystem, hydrogen_mass: float | None) -> np.ndarray:
+    """Particle masses (n_atoms,) in amu, hydrogens repartitioned to ``hydrogen_mass`` (None: as in the System)."""
+    masses = np.array([mol.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(mol.n_atoms)])
+    if hydrogen_mass is not None:
+        for bond in mol.topology.bonds():
+            for h, heavy in ((bond[0], bond[1]), (bond[1], bond[0])):
+                if h.element is not None and h.element.symbol == "H" and (heavy.element is None or
+                                                                          heavy.element.symbol != "H"):
+                    masses[heavy.index] -= hydrogen_mass - masses[h.index]
+                    masses[h.index] = hydrogen_mass
+    if np.any(masses <= 0):
+        raise ValueError(f"{mol.name}: tempering needs every particle to have a positive mass (got "
+                         f"{masses.min():g} amu{'; lower hydrogen_mass' if hydrogen_mass else ''})")
+    return masses
+
+
 class _Ladders:
     """The state of all copies: positions, velocities, each copy's rung; one LangevinMiddle step at a time."""
 
@@ -165,9 +188,7 @@ class _Ladders:
         self.energy, self.rng = energy, rng
         self.n_ladders, self.n_temps = settings.n_ladders, len(temperatures)
         n_copies = self.n_ladders * self.n_temps
-        self.masses = np.array([mol.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(mol.n_atoms)])
-        if np.any(self.masses <= 0):
-            raise ValueError(f"{mol.name}: tempering needs every particle to have a mass (massless particles found)")
+        self.masses = _masses(mol, settings.hydrogen_mass)
         self.kT0 = kT_in_kj_per_mol(temperatures[0])
         self.temperatures = temperatures
         self.rung = np.tile(np.arange(self.n_temps), self.n_ladders)  # copy -> rung (copies of ladder l: l*K ...)

@@ -78,3 +78,24 @@ def test_starts_put_replicas_in_both_wells():
     assert np.all(frames[0::2, :, 0, 0] < 0) and np.all(frames[1::2, :, 0, 0] > 0)
     with pytest.raises(ValueError, match=r"starts must be a list of finite \(1, 3\) nm structures"):
         run_md(mol, MDSettings(starts=[[0.0, 0.0]]))
+
+
+def test_cli_md_tempers_by_default_and_weights_for_the_target(tmp_path, capsys):
+    """The README workflow's first step: 'md double_well' alone reaches both wells (no hand-placed starts)
+    and its sidecar weights give the exact right-well population; --max-temperature T is plain MD."""
+    out = tmp_path / "md.dcd"
+    assert main(["md", "double_well", "--out", str(out), "--seed", "3"]) == 0
+    assert "parallel tempering" in capsys.readouterr().out
+    sidecar = np.load(tmp_path / "md.weights.npz")
+    traj = mdtraj.load(str(out), top=str(tmp_path / "md.pdb"))
+    x = traj.xyz[:, 0, 0]
+    assert len(sidecar["temperatures"]) >= 2 and sidecar["temperature_index"].shape == x.shape
+    right = float(sidecar["weights"][x > 0].sum())
+    assert abs(right - 0.8443) < 0.06, right
+    plain = tmp_path / "plain.dcd"
+    assert main(["md", "double_well", "--out", str(plain), "--max-temperature", "300", "--frames", "100",
+                 "--equilibration", "0"]) == 0
+    assert np.mean(mdtraj.load(str(plain), top=str(tmp_path / "plain.pdb")).xyz[:, 0, 0] > 0) < 0.05
+    assert main(["md", "double_well", "--out", str(tmp_path / "m.dcd"), "--method", "md",
+                 "--temperatures", "3"]) == 2
+    assert "--method tempering" in capsys.readouterr().err

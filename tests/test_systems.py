@@ -15,7 +15,8 @@ def reference_energy(system, positions_nm):
 
 
 def test_shipped_names():
-    assert shipped_systems() == ["alanine_dipeptide_implicit", "alanine_dipeptide_vacuum", "double_well"]
+    assert shipped_systems() == ["alanine_dipeptide_implicit", "alanine_dipeptide_vacuum", "double_well",
+                                 "trialanine_implicit"]
 
 
 @pytest.mark.parametrize("name,factory,temperature", [
