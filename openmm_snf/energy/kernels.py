@@ -3,14 +3,15 @@
 The torch terms of ``terms.py`` are vectorized over the batch, but every arithmetic step is its own
 kernel over a (terms x batch) array: for a small molecule the time goes into memory traffic and
 kernel launches. Here the same formulas (harmonic bonds and angles, periodic torsions, NonbondedForce
-with NoCutoff or CutoffNonPeriodic) run in one numba-compiled float64 function, block by block of 32
+with NoCutoff or CutoffNonPeriodic, one generalized-Born force of the kinds ``openmm.app`` builds:
+see ``gb_kernel.py``) run in one numba-compiled float64 function, block by block of 32
 samples (parallel over blocks; inside a block each term is a loop over its samples, which the
 compiler vectorizes), writing energies and forces directly. cos(n phi - phase) comes from integer
 powers of cos(phi) and sin(phi); the only transcendental call left is the atan2 of each angle. Exact
 like the torch terms (each sample's arithmetic is fixed, so results do not depend on the thread count
 or the batch around it) and checked against OpenMM's Reference platform when an
-:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (GB models, custom and
-RB forces) stay on the torch terms.
+:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (custom and RB
+forces, GB forces of other forms) stay on the torch terms.
 
 The kernels are compiled once per machine (a few seconds) and cached by numba next to this file (or in
 ``NUMBA_CACHE_DIR``). Overlapping atoms give inf/nan, never an exception (numpy error model).
@@ -23,6 +24,8 @@ import os
 import numba
 import numpy as np
 
+from .gb import CustomGBTerm, GBSAOBCTerm
+from .gb_kernel import gb_block, pack
 from .terms import HarmonicAngleTerm, HarmonicBondTerm, NonbondedTerm, PeriodicTorsionTerm
 
 __all__ = ["CompiledTerms"]
@@ -55,13 +58,14 @@ class CompiledTerms:
 
     Attributes:
         indices: the force indices this object evaluates; :attr:`rest` the (index, term) pairs it
-            leaves to the torch terms (another kind, or a second NonbondedForce).
+            leaves to the torch terms (another kind, a second NonbondedForce or GB force, a GB force
+            of another form); :attr:`gb_model` the name of the GB model it evaluates, or None.
     """
 
     def __init__(self, terms, threads: int | None = None):
         self.threads = threads
         self.indices, self.rest = [], []
-        bonds, angles, torsions, nonbonded = [], [], [], None
+        bonds, angles, torsions, nonbonded, gb = [], [], [], None, None
         for index, term in terms:
             if isinstance(term, HarmonicBondTerm):
                 bonds.append(term)
@@ -71,6 +75,8 @@ class CompiledTerms:
                 torsions.append(term)
             elif isinstance(term, NonbondedTerm) and nonbonded is None:
                 nonbonded = term
+            elif isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None:
+                gb = term.model
             else:
                 self.rest.append((index, term))
                 continue
@@ -80,6 +86,8 @@ class CompiledTerms:
         self.angles = _concat([_columns(t) for t in angles], 3, np.int64)
         self.angle_params = _concat([_params(t, ("theta0", "k")) for t in angles], 2)
         self.quads, self.torsion_start, self.torsion_params = _torsions(torsions)
+        self.gb_model = None if gb is None else gb.name
+        self.gb = pack(gb)
         pair_params = ("four_eps", "sigma_sq", "qq")
         self.plain = np.zeros((0, 2), np.int64)
         self.plain_params = np.zeros((0, 3))
@@ -103,7 +111,7 @@ class CompiledTerms:
         forces = np.empty(x.shape)
         args = (x, self.bonds, self.bond_params, self.angles, self.angle_params, self.quads, self.torsion_start,
                 self.torsion_params, self.plain, self.plain_params, self.cut, self.cut_params, self.reaction_field,
-                energy, forces)
+                *self.gb, energy, forces)
         if len(x) <= _CHUNK:  # one block: no threads to start (saves ~20 us)
             _serial_kernel(*args)
             return energy, forces
@@ -151,7 +159,7 @@ def _add(f, atom, scale, g0, g1, g2, m):  # pragma: no cover - compiled
 
 
 def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain_p, cut, cut_p, rf,
-            energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
+            gb_atoms, gb_consts, gb_m0, gb_d0, energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
     """Energies (B,) and forces (B, n_atoms, 3) of x (B, n_atoms, 3), block by block of _CHUNK samples.
 
     Inside a block, coordinates and forces are component-major (3, n_atoms, _CHUNK) and every term is
@@ -292,6 +300,8 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                 g[0, b], g[1, b], g[2, b] = scale * d0, scale * d1, scale * d2
             _add(f, j, -1.0, g[0], g[1], g[2], m)
             _add(f, i, 1.0, g[0], g[1], g[2], m)
+        if gb_atoms.shape[0]:
+            gb_block(c, f, e, m, gb_atoms, gb_consts, gb_m0, gb_d0)
         for a in range(n_atoms):
             for k in range(3):
                 for b in range(m):
