@@ -18,7 +18,9 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["gb_block", "pack"]
+__all__ = ["CHUNK", "gb_block", "pack"]
+
+CHUNK = 32  # samples per block; a compile-time trip count lets every loop over them vectorize (measured 3-5x)
 
 _OPTIONS = dict(cache=True, error_model="numpy", boundscheck=False)
 _EMPTY_TABLE = np.zeros((1, 1))
@@ -45,22 +47,23 @@ def pack(model) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 @numba.njit(inline="always", **_OPTIONS)
-def _integral(r, o, s, native):  # pragma: no cover - compiled
-    """(HCT Born-integral term, its r-derivative) of an atom of offset radius o from a neighbour of
-    scaled radius s at distance r: select(step(r+s-o), 0.5 (1/L - 1/U + (r - s^2/r)(1/U^2 - 1/L^2)/4
-    + log(L/U)/(2r)), 0), U = r + s, L = max(o, |r - s|); ``native`` adds 1/o - 1/L where o < s - r."""
-    if r + s - o < 0.0:
-        return 0.0, 0.0
-    u = r + s
-    d = abs(r - s)
-    if o >= d:
-        big_l, dl = o, 0.0
-    else:
-        big_l, dl = d, (1.0 if r >= s else -1.0)
-    inv_l, inv_u, inv_r = 1.0 / big_l, 1.0 / u, 1.0 / r
+def _integral_geometry(r, o, s):  # pragma: no cover - compiled
+    """(L, dL/dr, active) of the HCT integral of an atom of offset radius o from a neighbour of scaled
+    radius s at distance r: L = max(o, |r - s|); active = step(r + s - o) (1.0 or 0.0)."""
+    d = r - s
+    dl = 1.0 if d >= 0.0 else -1.0
+    d = d * dl
+    inner = o >= d
+    return (o if inner else d), (0.0 if inner else dl), (1.0 if r + s - o >= 0.0 else 0.0)
+
+
+@numba.njit(inline="always", **_OPTIONS)
+def _integral(r, inv_r, o, s, big_l, dl, active, log_lu, native):  # pragma: no cover - compiled
+    """(HCT Born-integral term, its r-derivative): active * 0.5 (1/L - 1/U + (r - s^2/r)(1/U^2 - 1/L^2)/4
+    + log(L/U)/(2r)), U = r + s; ``native`` (GBSAOBCForce) adds 1/o - 1/L where o < s - r."""
+    inv_l, inv_u = 1.0 / big_l, 1.0 / (r + s)
     inv_l2, inv_u2 = inv_l * inv_l, inv_u * inv_u
     s2r = s * s * inv_r
-    log_lu = math.log(big_l * inv_u)
     value = 0.5 * (inv_l - inv_u + 0.25 * (r - s2r) * (inv_u2 - inv_l2) + 0.5 * log_lu * inv_r)
     deriv = 0.5 * (-dl * inv_l2 + inv_u2 + 0.25 * (1.0 + s2r * inv_r) * (inv_u2 - inv_l2)
                    + 0.5 * (r - s2r) * (dl * inv_l2 * inv_l - inv_u2 * inv_u)
@@ -68,57 +71,90 @@ def _integral(r, o, s, native):  # pragma: no cover - compiled
     if native and o < s - r:
         value += 1.0 / o - inv_l
         deriv += dl * inv_l2
-    return value, deriv
+    return (value, deriv) if active != 0.0 else (0.0, 0.0)
 
 
 @numba.njit(inline="always", **_OPTIONS)
 def _neck(r, m0, d0, limit):  # pragma: no cover - compiled
     """(neck term, its r-derivative): step(limit - r) m0 / (1 + 100 x^2 + 3e5 x^6), x = r - d0."""
-    if r > limit:
-        return 0.0, 0.0
     x = r - d0
     x2 = x * x
     x4 = x2 * x2
     inv = 1.0 / (1.0 + 100.0 * x2 + 300000.0 * x4 * x2)
-    return m0 * inv, -m0 * inv * inv * (200.0 * x + 1800000.0 * x4 * x)
+    inside = r <= limit
+    return (m0 * inv if inside else 0.0), (-m0 * inv * inv * (200.0 * x + 1800000.0 * x4 * x) if inside else 0.0)
 
 
 @numba.njit(inline="always", **_OPTIONS)
-def _pair_integrals(r, atoms, i, j, consts, m0, d0):  # pragma: no cover - compiled
-    """(dI_i, dI_i/dr, dI_j, dI_j/dr) of one pair at distance r (zero beyond the cutoff)."""
-    if not r < consts[7]:
-        return 0.0, 0.0, 0.0, 0.0
-    native = consts[2] != 0.0
-    vi, di = _integral(r, atoms[i, 1], atoms[j, 2], native)
-    vj, dj = _integral(r, atoms[j, 1], atoms[i, 2], native)
-    scale = consts[9]
-    if scale != 0.0:
-        a, b = int(atoms[i, 8]), int(atoms[j, 8])
-        limit = atoms[i, 3] + atoms[j, 3] + consts[10]
-        ni, dni = _neck(r, m0[a, b], d0[a, b], limit)
-        nj, dnj = _neck(r, m0[b, a], d0[b, a], limit)
-        vi, di, vj, dj = vi + scale * ni, di + scale * dni, vj + scale * nj, dj + scale * dnj
-    return vi, di, vj, dj
+def _scatter(f, i, j, g):  # pragma: no cover - compiled
+    """f[:, j] -= g[:3]; f[:, i] += g[:3] (one store stream per loop: vectorizes)."""
+    for k in range(3):
+        for b in range(CHUNK):
+            f[k, j, b] -= g[k, b]
+        for b in range(CHUNK):
+            f[k, i, b] += g[k, b]
 
 
 @numba.njit(**_OPTIONS)
-def gb_block(c, f, e, m, atoms, consts, m0, d0):  # pragma: no cover - compiled; tested through CompiledTerms
-    """Add the GB energies to e (CHUNK,) and forces to f (3, n, CHUNK) of the block's m samples
-    with coordinates c (3, n, CHUNK), for the model packed by :func:`pack`."""
-    n, chunk = atoms.shape[0], c.shape[2]
-    integral = np.zeros((n, chunk))
+def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; tested through CompiledTerms
+    """Add the GB energies to e (CHUNK,) and forces to f (3, n, CHUNK) of a block of CHUNK samples
+    with coordinates c (3, n, CHUNK), for the model packed by :func:`pack` (a partial block is padded
+    with copies of a real sample: every sample's arithmetic is its own).
+
+    Every pair loop is split so that the loops of arithmetic vectorize and only the log/exp calls
+    run one by one.
+    """
+    n, m = atoms.shape[0], CHUNK
+    native, hct = consts[2] != 0.0, consts[1] != 0.0
+    coulomb, inv_in, inv_out, kappa = consts[3], consts[4], consts[5], consts[6]
+    cutoff, shift, neck_scale, neck_cut = consts[7], consts[8], consts[9], consts[10]
+    integral = np.zeros((n, CHUNK))
+    slope = np.empty((n * (n - 1) // 2, 2, CHUNK))  # dI_i/dr / r and dI_j/dr / r of each pair
+    g = np.empty((12, CHUNK))
+    pair = 0
     for i in range(n):  # pass 1: Born integrals
+        o_i, s_i = atoms[i, 1], atoms[i, 2]
         for j in range(i + 1, n):
+            o_j, s_j = atoms[j, 1], atoms[j, 2]
             for b in range(m):
                 d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 r = math.sqrt(d0_ * d0_ + d1_ * d1_ + d2_ * d2_)
-                vi, _, vj, _ = _pair_integrals(r, atoms, i, j, consts, m0, d0)
-                integral[i, b] += vi
-                integral[j, b] += vj
-    hct, coulomb, inv_in, inv_out, kappa = consts[1] != 0.0, consts[3], consts[4], consts[5], consts[6]
-    born = np.empty((n, chunk))
-    chain = np.empty((n, chunk))  # dB/dI, then dE/dI
-    de_db = np.empty((n, chunk))
+                l_i, dl_i, on_i = _integral_geometry(r, o_i, s_j)
+                l_j, dl_j, on_j = _integral_geometry(r, o_j, s_i)
+                inside = 1.0 if r < cutoff else 0.0
+                g[0, b], g[1, b], g[2, b], g[3, b], g[4, b] = r, l_i, dl_i, on_i * inside, l_i / (r + s_j)
+                g[5, b], g[6, b], g[7, b], g[8, b] = l_j, dl_j, on_j * inside, l_j / (r + s_i)
+            for b in range(m):  # the only scalar calls of this pass
+                g[4, b] = math.log(g[4, b])
+                g[8, b] = math.log(g[8, b])
+            for b in range(m):
+                r = g[0, b]
+                inv_r = 1.0 / r
+                v_i, dv_i = _integral(r, inv_r, o_i, s_j, g[1, b], g[2, b], g[3, b], g[4, b], native)
+                v_j, dv_j = _integral(r, inv_r, o_j, s_i, g[5, b], g[6, b], g[7, b], g[8, b], native)
+                g[9, b], g[10, b], g[11, b] = v_i, v_j, inv_r
+                slope[pair, 0, b], slope[pair, 1, b] = dv_i * inv_r, dv_j * inv_r
+            if neck_scale != 0.0:
+                a, z = int(atoms[i, 8]), int(atoms[j, 8])
+                m0_ij, d0_ij, m0_ji, d0_ji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
+                limit = atoms[i, 3] + atoms[j, 3] + neck_cut
+                for b in range(m):
+                    r = g[0, b]
+                    n_i, dn_i = _neck(r, m0_ij, d0_ij, limit)
+                    n_j, dn_j = _neck(r, m0_ji, d0_ji, limit)
+                    inside = r < cutoff
+                    g[9, b] += neck_scale * n_i if inside else 0.0
+                    g[10, b] += neck_scale * n_j if inside else 0.0
+                    slope[pair, 0, b] += neck_scale * dn_i * g[11, b] if inside else 0.0
+                    slope[pair, 1, b] += neck_scale * dn_j * g[11, b] if inside else 0.0
+            for b in range(m):
+                integral[i, b] += g[9, b]
+            for b in range(m):
+                integral[j, b] += g[10, b]
+            pair += 1
+    born = np.empty((n, CHUNK))
+    chain = np.empty((n, CHUNK))  # dB/dI, then dE/dI
+    de_db = np.empty((n, CHUNK))
     for i in range(n):  # Born radii, self and surface energies
         q, o, radius, alpha, beta, gamma, ace = (atoms[i, 0], atoms[i, 1], atoms[i, 3], atoms[i, 4], atoms[i, 5],
                                                  atoms[i, 6], atoms[i, 7])
@@ -136,16 +172,13 @@ def gb_block(c, f, e, m, atoms, consts, m0, d0):  # pragma: no cover - compiled;
                 db_di = born_i * born_i * (1.0 - t * t) * (alpha + psi * (3.0 * gamma * psi - 2.0 * beta)) * o / radius
             screen = math.exp(-kappa * born_i) if kappa != 0.0 else 1.0
             pref = inv_in - screen * inv_out
-            energy = half_qq * pref * inv_b
-            derivative = half_qq * (kappa * screen * inv_out - pref * inv_b) * inv_b
             ratio = radius * inv_b
             ratio3 = ratio * ratio * ratio
             surface = ace * ratio3 * ratio3
-            e[b] += energy + surface
-            de_db[i, b] = derivative - 6.0 * surface * inv_b
+            e[b] += half_qq * pref * inv_b + surface
+            de_db[i, b] = half_qq * (kappa * screen * inv_out - pref * inv_b) * inv_b - 6.0 * surface * inv_b
             born[i, b] = born_i
             chain[i, b] = db_di
-    cutoff, shift = consts[7], consts[8]
     for i in range(n):  # pass 2: pair energies, direct forces, dE/dB
         for j in range(i + 1, n):
             qq = -coulomb * atoms[i, 0] * atoms[j, 0]
@@ -153,37 +186,44 @@ def gb_block(c, f, e, m, atoms, consts, m0, d0):  # pragma: no cover - compiled;
                 d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 r2 = d0_ * d0_ + d1_ * d1_ + d2_ * d2_
                 bb = born[i, b] * born[j, b]
-                ex = math.exp(-0.25 * r2 / bb)
-                fij = math.sqrt(r2 + bb * ex)
-                inv_f = 1.0 / fij
-                screen = math.exp(-kappa * fij) if kappa != 0.0 else 1.0
+                g[0, b], g[1, b], g[2, b] = r2, bb, -0.25 * r2 / bb
+            for b in range(m):  # the only scalar calls of this pass
+                g[2, b] = math.exp(g[2, b])
+            if kappa != 0.0:
+                for b in range(m):
+                    g[3, b] = math.exp(-kappa * math.sqrt(g[0, b] + g[1, b] * g[2, b]))
+            else:
+                for b in range(m):
+                    g[3, b] = 1.0
+            for b in range(m):
+                r2, bb, ex, screen = g[0, b], g[1, b], g[2, b], g[3, b]
+                inv_f = 1.0 / math.sqrt(r2 + bb * ex)
                 pref = inv_in - screen * inv_out
                 de_df = qq * (kappa * screen * inv_out * (inv_f - shift) - pref * inv_f * inv_f)
                 inside = r2 < cutoff * cutoff
                 e[b] += qq * pref * (inv_f - shift) if inside else 0.0
                 scale = de_df * (1.0 - 0.25 * ex) * inv_f if inside else 0.0  # dE/dr / r
                 dbb = de_df * ex * (1.0 + 0.25 * r2 / bb) * 0.5 * inv_f if inside else 0.0  # dE/d(B_i B_j)
-                de_db[i, b] += dbb * born[j, b]
-                de_db[j, b] += dbb * born[i, b]
-                f[0, j, b] -= scale * d0_
-                f[1, j, b] -= scale * d1_
-                f[2, j, b] -= scale * d2_
-                f[0, i, b] += scale * d0_
-                f[1, i, b] += scale * d1_
-                f[2, i, b] += scale * d2_
+                g[4, b] = dbb * born[j, b]
+                g[5, b] = dbb * born[i, b]
+                g[0, b] = scale * (c[0, j, b] - c[0, i, b])
+                g[1, b] = scale * (c[1, j, b] - c[1, i, b])
+                g[2, b] = scale * (c[2, j, b] - c[2, i, b])
+            for b in range(m):
+                de_db[i, b] += g[4, b]
+            for b in range(m):
+                de_db[j, b] += g[5, b]
+            _scatter(f, i, j, g)
     for i in range(n):
         for b in range(m):
             chain[i, b] *= de_db[i, b]
+    pair = 0
     for i in range(n):  # pass 3: through the Born radii
         for j in range(i + 1, n):
             for b in range(m):
-                d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
-                r = math.sqrt(d0_ * d0_ + d1_ * d1_ + d2_ * d2_)
-                _, di, _, dj = _pair_integrals(r, atoms, i, j, consts, m0, d0)
-                scale = (chain[i, b] * di + chain[j, b] * dj) / r
-                f[0, j, b] -= scale * d0_
-                f[1, j, b] -= scale * d1_
-                f[2, j, b] -= scale * d2_
-                f[0, i, b] += scale * d0_
-                f[1, i, b] += scale * d1_
-                f[2, i, b] += scale * d2_
+                scale = chain[i, b] * slope[pair, 0, b] + chain[j, b] * slope[pair, 1, b]
+                g[0, b] = scale * (c[0, j, b] - c[0, i, b])
+                g[1, b] = scale * (c[1, j, b] - c[1, i, b])
+                g[2, b] = scale * (c[2, j, b] - c[2, i, b])
+            _scatter(f, i, j, g)
+            pair += 1
