@@ -150,7 +150,7 @@ def _make_data(mol: MolecularSystem, config: dict, folder: Path) -> np.ndarray:
             raise RunConfigError(f"data {path}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
         return traj.xyz.astype(np.float64)
     folder.mkdir(parents=True, exist_ok=True)
-    frames = run_md(mol, MDSettings(**config["data"]["md"]), platform=config["energy"]["platform"] or "CPU",
+    frames = run_md(mol, MDSettings(**config["data"]["md"]), platform=config["energy"]["platform"],
                     threads=config["energy"]["threads"]).reshape(-1, mol.n_atoms, 3)
     write_trajectory(folder / "data.dcd", mol, frames, force=True)
     return frames
