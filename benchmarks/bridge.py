@@ -14,7 +14,8 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 Implicit solvent (energies + forces): alanine dipeptide (OBC1) and tri-alanine ACE-ALA-ALA-NME
 (amber14 + OBC2; built here from the test peptide when ``systems/trialanine_implicit`` is not shipped),
-the sequential loops against the CPU's torch GB route and its compiled route, B in {64, 512, 4096}.
+the sequential loops against the CPU's torch GB route and its compiled route (and the GPU platforms'
+replicated Contexts), B in {64, 512, 4096} (``--batch-sizes`` if given; 64 and 512 with ``--quick``).
 
 The speed-ups over the best sequential loop for alanine dipeptide in vacuum at B = 512 on the best
 available platform: ``forces_speedup_vs_sequential=<ratio>`` and ``speedup_vs_sequential=<ratio>``
@@ -158,7 +159,7 @@ def print_batched(system, mode, where, size, rate, best_loop):
     print(f"{system:28s} {mode:16s} {'batched':10s} {where:36s} {size:5d} {rate:11.0f} {rate / best_loop:11.2f}")
 
 
-def implicit_section(quick: bool, min_time: float, n_loop: int) -> tuple[float, float]:
+def implicit_section(quick: bool, sizes, min_time: float, n_loop: int) -> tuple[float, float]:
     """Implicit-solvent rows; returns (compiled over torch, best batched over best loop) for ALDP at B=512."""
     mode, specs = "energies+forces", {}
     routes = [("CPU", {"forces_from": "torch"}), ("CPU", {"forces_from": "compiled"})]
@@ -170,7 +171,7 @@ def implicit_section(quick: bool, min_time: float, n_loop: int) -> tuple[float, 
         print_loops(system, mode, loops)
         for name, kwargs in routes:
             model = OpenMMEnergy(mol, platform=name, **kwargs)
-            for size in IMPLICIT_SIZES[:2] if quick else IMPLICIT_SIZES:
+            for size in sizes:
                 x = configurations(mol, size, seed=1)
                 call = run_mode(model, mode)
                 rate = size / best_time(lambda: call(x), min_time)
@@ -243,7 +244,8 @@ def main(argv=None):
         print(f"# ALDP vacuum, B=512, {mode}, alternating timings: "
               + ", ".join(f"{k} {512 / t:.0f}/s" for k, t in times.items())
               + f"; best: {best_batched} over {best_loop}")
-    implicit = None if args.no_implicit else implicit_section(args.quick, min_time, n_loop)
+    implicit_sizes = args.batch_sizes or (IMPLICIT_SIZES[:2] if args.quick else IMPLICIT_SIZES)
+    implicit = None if args.no_implicit else implicit_section(args.quick, implicit_sizes, min_time, n_loop)
     if "forces" in ratios and "energies+forces" in ratios:
         print(f"forces_speedup_vs_sequential={ratios['forces']:.2f}")
         print(f"speedup_vs_sequential={ratios['energies+forces']:.2f}")
