@@ -1,13 +1,15 @@
 """The batched bridge: a whole batch in one call, with exact per-sample energies and forces.
 
 Three exact routes compute the forces of a batch (``forces_from``; "auto" picks compiled on the CPU
-and Reference platforms, openmm on GPU platforms):
+and Reference platforms, openmm on GPU platforms; the platform itself, when not named, is the first
+usable of CUDA, OpenCL on a GPU, CPU and Reference, see ``platforms.py``):
 
-* **compiled** (``kernels.py``): harmonic bonds and angles, periodic torsions and NonbondedForce in
-  one numba-compiled float64 function over blocks of samples, parallel over the batch; energies come
-  with the forces at no extra cost (measured for alanine dipeptide in vacuum on a 2-core CPU: 10-15x
-  the best one-sample-at-a-time OpenMM loop, see README). Forces the kernel does not cover (GB models,
-  custom forces) come from the torch terms.
+* **compiled** (``kernels.py``): harmonic bonds and angles, periodic torsions, NonbondedForce and the
+  generalized-Born models of ``openmm.app`` (HCT, OBC1, OBC2, GBn, GBn2; native GBSAOBCForce) in one
+  numba-compiled float64 function over blocks of samples, parallel over the batch; energies come
+  with the forces at no extra cost (measured on a 2-core CPU: 10-15x the best one-sample-at-a-time
+  OpenMM loop for alanine dipeptide, see README). Forces the kernel does not cover (custom forces, RB
+  torsions, GB forces of other forms) come from the torch terms.
 * **torch**: the vectorized float64 terms of ``terms.py``/``gb.py`` compute energies and forces of
   all samples at once, with analytic gradients for bonds, angles, periodic torsions and
   NonbondedForce and autograd for the others (GB models, custom forces, RB torsions); on a GPU they
