@@ -5,6 +5,7 @@ implicit/{hct,obc1,obc2,gbn,gbn2}.xml, NoCutoff and CutoffNonPeriodic (0.6 nm: s
 one model with salt (kappa > 0) and without the ACE surface term, and the native GBSAOBCForce.
 """
 import functools
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -23,14 +24,14 @@ from test_energy_forces_coverage import gbsaobc_and_cutoff
 
 MODELS = ("hct", "obc1", "obc2", "gbn", "gbn2")
 NAMES = {"hct": "HCT", "obc1": "OBC1", "obc2": "OBC2", "gbn": "GBn", "gbn2": "GBn2"}
-TRIPEPTIDE = "tests/data/ace_ser_phe_nme.pdb"
+TRIPEPTIDE = Path(__file__).parent / "data" / "ace_ser_phe_nme.pdb"  # Ace-Ala-Ser-Phe-Nme
 
 
 @functools.lru_cache(maxsize=None)
 def zwitterion():
     """(topology, positions nm) of Ala-Ser-Phe with charged termini, made from the capped test peptide:
     caps and the amide H removed, OXT placed in the carboxylate plane, hydrogens added by Modeller."""
-    pdb = app.PDBFile(TRIPEPTIDE)
+    pdb = app.PDBFile(str(TRIPEPTIDE))
     modeller = app.Modeller(pdb.topology, pdb.positions)
     modeller.delete([r for r in modeller.topology.residues() if r.name in ("ACE", "NME")])
     modeller.delete([a for a in modeller.topology.atoms() if a.residue.index == 0 and a.name == "H"])
