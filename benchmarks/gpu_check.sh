@@ -44,8 +44,9 @@ EOF
 
 step tests 90 python3 -m pytest -q -rs tests -k cuda
 step bridge 210 python3 benchmarks/bridge.py --quick --batch-sizes 64 512 4096
+echo 'model: {stochastic: null}' > "$work/config.yaml"  # a plain flow: sample --anneal needs one
 step train 90 python3 -m openmm_snf.cli train alanine_dipeptide_implicit --out "$work/run" --iterations 60 \
-    --device cuda
+    --config "$work/config.yaml" --device cuda
 step sample 60 python3 -m openmm_snf.cli sample "$work/run" --n 4096 --anneal 20 --out "$work/samples.dcd"
 cp "$work/run/metrics.jsonl" "$logs/" 2>/dev/null
 rm -rf "$work"
