@@ -12,31 +12,76 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
   the other routes forced (``forces_from="torch"/"openmm"``).
 
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
-The last two lines are the speed-ups over the best sequential loop for alanine dipeptide in vacuum
-at B = 512 on the best available platform:  ``forces_speedup_vs_sequential=<ratio>`` and
-``speedup_vs_sequential=<ratio>`` (energies + forces). For these two, every loop variant and every
-batched variant of the table are timed again in alternation (best of many rounds each), so that all
-see the same load on a shared machine; the ratio is the fastest batched over the fastest loop there.
+Implicit solvent (energies + forces): alanine dipeptide (OBC1) and tri-alanine ACE-ALA-ALA-NME
+(amber14 + OBC2; built here from the test peptide when ``systems/trialanine_implicit`` is not shipped),
+the sequential loops against the CPU's torch GB route and its compiled route (and the GPU platforms'
+replicated Contexts), B in {64, 512, 4096} (``--batch-sizes`` if given; 64 and 512 with ``--quick``).
 
-Usage:  python benchmarks/bridge.py [--quick] [--batch-sizes 1 64 512 4096]
+The speed-ups over the best sequential loop for alanine dipeptide in vacuum at B = 512 on the best
+available platform: ``forces_speedup_vs_sequential=<ratio>`` and ``speedup_vs_sequential=<ratio>``
+(energies + forces); then, the last two lines, alanine dipeptide in implicit solvent at B = 512,
+energies + forces: ``implicit_speedup_vs_torch=<ratio>`` (compiled over torch route, CPU) and
+``implicit_speedup_vs_sequential=<ratio>`` (the fastest batched variant over the fastest loop). For
+these, every loop variant and every batched variant are timed again in alternation (best of many
+rounds each), so that all see the same load on a shared machine.
+
+Usage:  python benchmarks/bridge.py [--quick] [--batch-sizes 1 64 512 4096] [--no-implicit]
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform as host
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import openmm
+import openmm.app as app
 import torch
 
 from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy, SequentialEnergy
 from openmm_snf.energy.platforms import available_platforms
+from openmm_snf.systems import shipped_systems
 
 SYSTEMS = ("alanine_dipeptide_vacuum", "alanine_dipeptide_implicit")
 MODES = ("forces", "energies+forces")
+IMPLICIT = ("alanine_dipeptide_implicit", "trialanine_implicit")
+IMPLICIT_SIZES = (64, 512, 4096)
+TEST_PEPTIDE = Path(__file__).resolve().parents[1] / "tests" / "data" / "ace_ser_phe_nme.pdb"
+
+
+def write_trialanine_pdb(path: Path) -> None:
+    """ACE-ALA-ALA-NME from the test peptide ACE-ALA-SER-PHE-NME: SER cut to ALA at CB, PHE's N, H, CA
+    made the NME cap (N, H, C), hydrogens added by Modeller (amber14), minimized in vacuum."""
+    pdb = app.PDBFile(str(TEST_PEPTIDE))
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    _, _, ser, phe, nme = modeller.topology.residues()
+    modeller.delete([a for a in ser.atoms() if a.name not in {"N", "H", "CA", "HA", "CB", "C", "O"}]
+                    + [a for a in phe.atoms() if a.name not in {"N", "H", "CA"}] + list(nme.atoms()))
+    _, _, ala, cap = modeller.topology.residues()
+    ala.name, cap.name = "ALA", "NME"
+    next(a for a in cap.atoms() if a.name == "CA").name = "C"
+    forcefield = app.ForceField("amber14-all.xml")
+    modeller.addHydrogens(forcefield)
+    system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(modeller.positions)
+    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 500)
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(modeller.topology, context.getState(getPositions=True).getPositions(), handle)
+
+
+def load_benchmark_system(name: str):
+    """A shipped system; tri-alanine (amber14 + OBC2) is built when it is not shipped."""
+    if name in shipped_systems() or name != "trialanine_implicit":
+        return load_system(name)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trialanine.pdb"
+        write_trialanine_pdb(path)
+        return load_system(path, implicit="obc2")
 
 
 def configurations(mol, n: int, seed: int = 0) -> torch.Tensor:
@@ -93,10 +138,65 @@ def label(name, kwargs):
     return f"{name}" + (f"({extras})" if extras else "")
 
 
+def sequential_rates(mol, mode, n_loop, min_time, specs) -> dict:
+    """label -> configurations/s of every sequential loop variant on ``n_loop`` configurations."""
+    loops = {}
+    x_loop = configurations(mol, n_loop)
+    for name, kwargs in sequential_variants():
+        call = run_mode(SequentialEnergy(mol, platform=name, **kwargs), mode)
+        loops[label(name, kwargs)] = n_loop / best_time(lambda: call(x_loop), min_time, 2)
+        specs[label(name, kwargs)] = (name, kwargs)
+    return loops
+
+
+def print_loops(system, mode, loops):
+    best_loop = max(loops.values())
+    for what, rate in loops.items():
+        print(f"{system:28s} {mode:16s} {'loop':10s} {what:36s} {'any':>5s} {rate:11.0f} {rate / best_loop:11.2f}")
+
+
+def print_batched(system, mode, where, size, rate, best_loop):
+    print(f"{system:28s} {mode:16s} {'batched':10s} {where:36s} {size:5d} {rate:11.0f} {rate / best_loop:11.2f}")
+
+
+def implicit_section(quick: bool, sizes, min_time: float, n_loop: int) -> tuple[float, float]:
+    """Implicit-solvent rows; returns (compiled over torch, best batched over best loop) for ALDP at B=512."""
+    mode, specs = "energies+forces", {}
+    routes = [("CPU", {"forces_from": "torch"}), ("CPU", {"forces_from": "compiled"})]
+    routes += [(gpu, {"precision": "mixed", "chunk_size": 4096}) for gpu in ("CUDA", "OpenCL")
+               if gpu in available_platforms()]
+    for system in IMPLICIT:
+        mol = load_benchmark_system(system)
+        loops = sequential_rates(mol, mode, n_loop, min_time, specs)
+        print_loops(system, mode, loops)
+        for name, kwargs in routes:
+            model = OpenMMEnergy(mol, platform=name, **kwargs)
+            for size in sizes:
+                x = configurations(mol, size, seed=1)
+                call = run_mode(model, mode)
+                rate = size / best_time(lambda: call(x), min_time)
+                print_batched(system, mode, f"{label(name, kwargs)} {model.precision}", size, rate, max(loops.values()))
+    mol = load_system("alanine_dipeptide_implicit")
+    x = configurations(mol, 512, seed=2)
+    calls = {"loop " + what: partial(run_mode(SequentialEnergy(mol, platform=name, **kwargs), mode), x)
+             for what, (name, kwargs) in specs.items()}
+    for name, kwargs in routes:
+        calls["batched " + label(name, kwargs)] = partial(run_mode(OpenMMEnergy(mol, platform=name, **kwargs), mode), x)
+    times = interleaved_times(calls, 8 if quick else 20)
+    best_loop = min((k for k in times if k.startswith("loop")), key=times.get)
+    best_batched = min((k for k in times if k.startswith("batched")), key=times.get)
+    print(f"# ALDP implicit, B=512, {mode}, alternating timings: "
+          + ", ".join(f"{k} {512 / t:.0f}/s" for k, t in times.items())
+          + f"; best: {best_batched} over {best_loop}")
+    vs_torch = times["batched CPU(forces_from=torch)"] / times["batched CPU(forces_from=compiled)"]
+    return vs_torch, times[best_loop] / times[best_batched]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="B in {1, 64, 512}, short timings (~1-2 minutes)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--no-implicit", action="store_true", help="skip the implicit-solvent section")
     args = parser.parse_args(argv)
     sizes = args.batch_sizes or ([1, 64, 512] if args.quick else [1, 64, 512, 4096])
     min_time = 0.15 if args.quick else 0.6
@@ -109,16 +209,9 @@ def main(argv=None):
     for system in SYSTEMS:
         mol = load_system(system)
         for mode in MODES:
-            loops = {}
-            x_loop = configurations(mol, n_loop)
-            for name, kwargs in sequential_variants():
-                call = run_mode(SequentialEnergy(mol, platform=name, **kwargs), mode)
-                loops[label(name, kwargs)] = n_loop / best_time(lambda: call(x_loop), min_time, 2)
-                specs[label(name, kwargs)] = (name, kwargs)
+            loops = sequential_rates(mol, mode, n_loop, min_time, specs)
             best_loop = max(loops.values())
-            for what, rate in loops.items():
-                print(f"{system:28s} {mode:16s} {'loop':10s} {what:36s} {'any':>5s} {rate:11.0f} "
-                      f"{rate / best_loop:11.2f}")
+            print_loops(system, mode, loops)
             for name, kwargs in batched_variants(args.quick):
                 model = OpenMMEnergy(mol, platform=name, **kwargs)
                 specs[label(name, kwargs)] = (name, kwargs)
@@ -127,9 +220,7 @@ def main(argv=None):
                     x = configurations(mol, size, seed=1)
                     rate = size / best_time(lambda: call(x), min_time)
                     results[(system, mode, label(name, kwargs), size)] = (rate, best_loop, loops)
-                    where = f"{label(name, kwargs)} {model.precision}"
-                    print(f"{system:28s} {mode:16s} {'batched':10s} {where:36s} "
-                          f"{size:5d} {rate:11.0f} {rate / best_loop:11.2f}")
+                    print_batched(system, mode, f"{label(name, kwargs)} {model.precision}", size, rate, best_loop)
     mol = load_system("alanine_dipeptide_vacuum")
     x = configurations(mol, 512, seed=2)
     ratios = {}
@@ -153,9 +244,14 @@ def main(argv=None):
         print(f"# ALDP vacuum, B=512, {mode}, alternating timings: "
               + ", ".join(f"{k} {512 / t:.0f}/s" for k, t in times.items())
               + f"; best: {best_batched} over {best_loop}")
+    implicit_sizes = args.batch_sizes or (IMPLICIT_SIZES[:2] if args.quick else IMPLICIT_SIZES)
+    implicit = None if args.no_implicit else implicit_section(args.quick, implicit_sizes, min_time, n_loop)
     if "forces" in ratios and "energies+forces" in ratios:
         print(f"forces_speedup_vs_sequential={ratios['forces']:.2f}")
         print(f"speedup_vs_sequential={ratios['energies+forces']:.2f}")
+    if implicit is not None:
+        print(f"implicit_speedup_vs_torch={implicit[0]:.2f}")
+        print(f"implicit_speedup_vs_sequential={implicit[1]:.2f}")
 
 
 if __name__ == "__main__":

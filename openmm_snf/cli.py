@@ -64,8 +64,8 @@ def _add_dynamics_arguments(parser: argparse.ArgumentParser, *, frames, steps_pe
     parser.add_argument("--timestep", type=float, default=1.0 if own else None, help="time step in fs")
     parser.add_argument("--friction", type=float, default=1.0 if own else None, help="Langevin friction in 1/ps")
     parser.add_argument("--seed", type=int, default=0 if own else None, help="seed of velocities and Langevin noise")
-    parser.add_argument("--platform", default="CPU" if own else None,
-                        help="OpenMM platform (CUDA, OpenCL, CPU, Reference)")
+    parser.add_argument("--platform", help="OpenMM platform (CUDA, OpenCL, CPU, Reference; default: auto, the "
+                                           "same choice as train and sample: a GPU if usable, else CPU)")
     parser.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 

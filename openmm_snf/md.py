@@ -16,7 +16,7 @@ import openmm
 import openmm.unit as unit
 from tqdm.auto import tqdm
 
-from .energy.platforms import make_platform
+from .energy.platforms import choose_platform, platform_properties
 from .energy.replicate import build_replicated_system
 from .systems import MolecularSystem, kT_in_kj_per_mol
 
@@ -132,7 +132,7 @@ def _is_translation_invariant(system: openmm.System) -> bool:
     return not any(isinstance(f, openmm.CustomExternalForce) for f in system.getForces())
 
 
-def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform: str | None = "CPU",
+def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform: str | None = None,
            threads: int | None = None, progress: bool = True, bias: UmbrellaBias | None = None) -> np.ndarray:
     """Run Langevin MD and return frames of shape (n_replicas, n_frames, n_atoms, 3), float64 nm.
 
@@ -156,7 +156,8 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, settings.friction / unit.picosecond,
                                                  settings.timestep * unit.femtosecond)
     integrator.setRandomNumberSeed(settings.seed + 1)  # OpenMM treats 0 as "pick a random seed"
-    platform_obj, properties = make_platform(platform, threads=threads)
+    choice = choose_platform(platform)  # None: the same automatic choice as the energies'
+    platform_obj, properties = platform_properties(choice, threads=threads)
     context = openmm.Context(system, integrator, platform_obj, properties)
     starts = np.asarray(settings.starts if settings.starts is not None else [mol.positions], dtype=np.float64)
     start = (starts[np.arange(n_rep) % len(starts)] + offsets[:, None, :]).reshape(-1, 3)
@@ -165,7 +166,7 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     context.setVelocitiesToTemperature(temperature * unit.kelvin, settings.seed + 1)
     frames = np.empty((n_rep, int(settings.n_frames), n_atoms, 3))
     bar = tqdm(total=settings.equilibration_steps + settings.n_frames * settings.steps_per_frame,
-               desc=f"MD {mol.name} ({n_rep} replicas)", unit="step", disable=not progress)
+               desc=f"MD {mol.name} ({n_rep} replicas, OpenMM {choice.name})", unit="step", disable=not progress)
     if settings.equilibration_steps:
         integrator.step(int(settings.equilibration_steps))
         bar.update(settings.equilibration_steps)

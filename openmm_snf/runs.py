@@ -173,7 +173,7 @@ def make_data(mol: MolecularSystem, config: dict, path_dcd, *, force: bool = Fal
     (+ PDB, and for tempering the weights sidecar); return (frames (n, n_atoms, 3) nm, log weights or None)."""
     data = config["data"]
     if data["method"] == "md":
-        frames = run_md(mol, MDSettings(**data["md"]), platform=config["energy"]["platform"] or "CPU",
+        frames = run_md(mol, MDSettings(**data["md"]), platform=config["energy"]["platform"],
                         threads=config["energy"]["threads"], progress=progress).reshape(-1, mol.n_atoms, 3)
         write_trajectory(path_dcd, mol, frames, force=force)
         return frames, None

@@ -1,13 +1,15 @@
 """The batched bridge: a whole batch in one call, with exact per-sample energies and forces.
 
 Three exact routes compute the forces of a batch (``forces_from``; "auto" picks compiled on the CPU
-and Reference platforms, openmm on GPU platforms):
+and Reference platforms, openmm on GPU platforms; the platform itself, when not named, is the first
+usable of CUDA, OpenCL on a GPU, CPU and Reference, see ``platforms.py``):
 
-* **compiled** (``kernels.py``): harmonic bonds and angles, periodic torsions and NonbondedForce in
-  one numba-compiled float64 function over blocks of samples, parallel over the batch; energies come
-  with the forces at no extra cost (measured for alanine dipeptide in vacuum on a 2-core CPU: 10-15x
-  the best one-sample-at-a-time OpenMM loop, see README). Forces the kernel does not cover (GB models,
-  custom forces) come from the torch terms.
+* **compiled** (``kernels.py``): harmonic bonds and angles, periodic torsions, NonbondedForce and the
+  generalized-Born models of ``openmm.app`` (HCT, OBC1, OBC2, GBn, GBn2; native GBSAOBCForce) in one
+  numba-compiled float64 function over blocks of samples, parallel over the batch; energies come
+  with the forces at no extra cost (measured on a 2-core CPU: 10-15x the best one-sample-at-a-time
+  OpenMM loop for alanine dipeptide, see README). Forces the kernel does not cover (custom forces, RB
+  torsions, GB forces of other forms) come from the torch terms.
 * **torch**: the vectorized float64 terms of ``terms.py``/``gb.py`` compute energies and forces of
   all samples at once, with analytic gradients for bonds, angles, periodic torsions and
   NonbondedForce and autograd for the others (GB models, custom forces, RB torsions); on a GPU they
@@ -53,7 +55,8 @@ import openmm
 import torch
 
 from .base import BadSample, EnergyEvaluationError, EnergyModel
-from .platforms import make_platform
+from . import platforms
+from .platforms import choose_platform, platform_properties
 from .replicate import build_replicated_system, check_supported, default_spacing, max_copy_radius
 from .kernels import CompiledTerms
 from .terms import build_energy_terms, evaluate_term, subsystem, to_components
@@ -109,7 +112,9 @@ class OpenMMEnergy(EnergyModel):
 
     Args:
         mol: the loaded system (non-periodic; supported forces: see ``replicate.SUPPORTED_FORCES``).
-        platform: OpenMM platform name (None: CUDA if available, else CPU).
+        platform: OpenMM platform name, or None/"auto": the first of CUDA, OpenCL on a GPU, CPU,
+            Reference (``platforms.auto_candidates``) whose route builds, passes its self-check and
+            matches the Reference platform on batches of 1 and 3 samples; :attr:`platform_choice` says why.
         precision: "mixed" (default), "double" or "single" for CUDA/OpenCL; see :func:`reported_precision`.
         threads: CPU platform and compiled-kernel threads (None: all cores).
         chunk_size: most copies in one replicated Context; larger batches are evaluated chunk by chunk.
@@ -136,7 +141,26 @@ class OpenMMEnergy(EnergyModel):
             raise ValueError(f"forces_from must be one of {', '.join(_ROUTES)}, got {forces_from!r}")
         self.system = mol.system
         self.chunk_size = int(chunk_size)
-        self._platform, self._properties = make_platform(platform, precision=precision, threads=threads)
+        self.per_sample_energies = bool(per_sample_energies)
+        auto = platform is None or str(platform).lower() == "auto"
+        choices = platforms.auto_candidates() if auto else [choose_platform(platform)]
+        if auto:
+            choices = [c for c in choices if platforms.usable(c)] or choices[-1:]
+        for k, choice in enumerate(choices):
+            try:
+                self._setup(mol, choice, precision, threads, forces_from, loop_below, copy_radius)
+                if auto:
+                    self._probe()
+                break
+            except Exception as err:  # OpenMM raises plain Exceptions; any failure: the next route
+                if not auto or k == len(choices) - 1:
+                    raise
+                warnings.warn(f"OpenMM platform {choice.name} not chosen: {err}")
+        self.platform_choice = f"auto: {choice.reason}" if auto else None
+
+    def _setup(self, mol, choice, precision, threads, forces_from, loop_below, copy_radius) -> None:
+        """Build everything that depends on the platform (Contexts are made lazily) and self-check it."""
+        self._platform, self._properties = platform_properties(choice, precision=precision, threads=threads)
         self.platform_name = self._platform.getName()
         self.precision = reported_precision(self.platform_name, precision)
         names = {type(f).__name__ for f in mol.system.getForces()}
@@ -158,7 +182,6 @@ class OpenMMEnergy(EnergyModel):
         self._alone = None
         self._loop = None
         self.terms, self.sequential_forces, self.compiled = [], [], None
-        self.per_sample_energies = bool(per_sample_energies)
         sequential = []
         if self.per_sample_energies or forces_from != "openmm":
             self.terms, sequential = build_energy_terms(mol.system, sequential_energies=self.per_sample_energies)
@@ -172,10 +195,32 @@ class OpenMMEnergy(EnergyModel):
         rest = torch_rest if torch_rest.getNumForces() else None
         self._replicated = {"torch": rest, "compiled": rest, "openmm": mol.system}
 
+    def _probe(self, tolerance: float = 1e-3) -> None:
+        """Tiny batches (1 and 3 samples) on the chosen route must match the Reference platform.
+
+        Raises RuntimeError when a force differs by more than ``tolerance`` times the largest force
+        component (mixed precision is ~1e-5), an energy by more than 1e-2 kJ/mol + 1e-6 relative, or
+        a result is not finite.
+        """
+        rng = np.random.default_rng(1)
+        x = self._reference[None] + 0.01 * rng.standard_normal((3, self.n_atoms, 3))
+        for batch in (x[:1], x):
+            energy, forces, _ = self._evaluate(batch, self.per_sample_energies, "cpu")
+            for b, sample in enumerate(batch):
+                ref_forces = np.empty(sample.shape)
+                ref = self._evaluate_alone(sample, b, self.per_sample_energies, ref_forces)
+                bound = tolerance * max(np.abs(ref_forces).max(), 1.0)
+                bad_energy = energy is not None and not abs(energy[b] - ref) <= 1e-2 + 1e-6 * abs(ref)
+                if bad_energy or not np.all(np.abs(forces[b] - ref_forces) <= bound):
+                    raise RuntimeError(f"a batch of {len(batch)} on OpenMM {self.platform_name} differs from the "
+                                       "Reference platform")
+
     def describe(self) -> str:
-        """One line naming the platform, precision, temperature and where the forces come from."""
+        """One line naming the platform (and why, when chosen automatically), precision, temperature and
+        where the forces come from."""
+        choice = f" [{self.platform_choice}]" if self.platform_choice else ""
         if self.forces_from == "openmm":
-            return f"{super().describe()}; forces from replicated OpenMM {self.platform_name} Contexts"
+            return f"{super().describe()}{choice}; forces from replicated OpenMM {self.platform_name} Contexts"
         parts = []
         if self.compiled is not None and self.compiled.indices:
             parts.append("the compiled float64 kernel")
@@ -183,7 +228,7 @@ class OpenMMEnergy(EnergyModel):
             parts.append("float64 torch terms")
         if self.sequential_forces:
             parts.append(f"OpenMM {self.platform_name} ({', '.join(self.sequential_forces)})")
-        return f"{super().describe()}; forces from {' and '.join(parts)}"
+        return f"{super().describe()}{choice}; forces from {' and '.join(parts)}"
 
     def _centered(self, x: np.ndarray) -> np.ndarray:
         return x - x.mean(axis=1, keepdims=True) if self.recenter else x

@@ -9,17 +9,25 @@ per-copy terms inside OpenMM; here they are recomputed from the force's paramete
 * :class:`GBSAOBCTerm` evaluates OpenMM's native GBSAOBCForce (OBC2 with the ACE surface term).
 
 Like the terms of ``terms.py``, they take coordinates (3, n_atoms, B) and return energies (B,) kJ/mol.
+
+Each term also carries :attr:`model`: the force in closed form (:class:`GBModel`, per-atom arrays and
+constants) when it is one of the models ``openmm.app`` builds (HCT, OBC1, OBC2, GBn, GBn2: recognised
+by rebuilding the app's force with the same settings and comparing every expression text) or a
+native GBSAOBCForce without cutoff; the compiled kernel (``kernels.py``) evaluates those, else None.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import numpy as np
 import torch
+from openmm.app.internal import customgbforces as app_gb
 
 from .expression import parse, tabulated_function
 
-__all__ = ["CustomGBTerm", "GBSAOBCTerm", "tabulated_functions"]
+__all__ = ["CustomGBTerm", "GBModel", "GBSAOBCTerm", "app_gb_model", "native_gb_model", "tabulated_functions"]
 
 _SINGLE, _PAIR, _PAIR_ALL = 0, 1, 2  # CustomGBForce computation types
 ONE_4PI_EPS0 = 138.93545764438198  # kJ/mol nm / e^2, OpenMM's value
@@ -36,6 +44,134 @@ def tabulated_functions(force) -> dict:
     count = force.getNumTabulatedFunctions() if hasattr(force, "getNumTabulatedFunctions") else 0
     return {force.getTabulatedFunctionName(k): tabulated_function(force.getTabulatedFunction(k))
             for k in range(count)}
+
+
+@dataclasses.dataclass
+class GBModel:
+    """A generalized-Born force in closed form (nm, e, kJ/mol), as the compiled kernel evaluates it.
+
+    Born integral of atom i: I_i = sum_j [HCT(r_ij, or_i, sr_j) + neck_scale * neck(r_ij)] over j != i
+    (within ``cutoff``); Born radius B_i = 1/(1/or_i - I_i) (``hct``) or
+    1/(1/or_i - tanh(alpha psi - beta psi^2 + gamma psi^3)/radius_i), psi = I_i or_i. Energy:
+    sum_i [-coulomb/2 q_i^2 pref(B_i)/B_i + ace_i (radius_i/B_i)^6]
+    - coulomb sum_{i<j} q_i q_j pref(f_ij) (1/f_ij - shift), f^2 = r^2 + B_i B_j exp(-r^2/(4 B_i B_j)),
+    pref(x) = inv_solute - exp(-kappa x) inv_solvent. ``native``: GBSAOBCForce's Born integral, which
+    adds 1/or_i - 1/L when atom i lies inside the scaled sphere of j. ``neck_index`` (n,) int, ``m0``
+    and ``d0`` (k, k): the neck tables of GBn/GBn2, indexed [index_i, index_j] (empty otherwise).
+    """
+
+    name: str
+    charge: np.ndarray
+    offset_radius: np.ndarray
+    scaled_radius: np.ndarray
+    radius: np.ndarray
+    alpha: np.ndarray
+    beta: np.ndarray
+    gamma: np.ndarray
+    ace: np.ndarray
+    coulomb: float
+    inv_solute: float
+    inv_solvent: float
+    kappa: float = 0.0
+    cutoff: float | None = None
+    shift: float = 0.0
+    hct: bool = False
+    native: bool = False
+    neck_scale: float = 0.0
+    neck_cut: float = 0.0
+    neck_index: np.ndarray | None = None
+    m0: np.ndarray | None = None
+    d0: np.ndarray | None = None
+
+
+# the app's models: class, tanh coefficients (None: per atom; "hct": no tanh), neck scale and cut
+_APP_MODELS = {"HCT": (app_gb.GBSAHCTForce, "hct", 0.0), "OBC1": (app_gb.GBSAOBC1Force, (0.8, 0.0, 2.909125), 0.0),
+               "OBC2": (app_gb.GBSAOBC2Force, (1.0, 0.8, 4.85), 0.0),
+               "GBn": (app_gb.GBSAGBnForce, (1.09511284, 1.907992938, 2.50798245), 0.361825),
+               "GBn2": (app_gb.GBSAGBn2Force, None, 0.826836)}
+_SETTINGS = re.compile(r"; solventDielectric=([^;]+); soluteDielectric=([^;]+); kappa=([^;]+); offset=([^;]+)"
+                       r"(?:; cutoff=([^;]+))?$")
+_APP_COULOMB = 138.935485  # the app's expressions use this value, not ONE_4PI_EPS0
+_ACE = 28.3919551  # kJ/mol/nm^2: 4 pi 2.25936, the app's ACE surface-tension factor
+_PROBE = 0.14
+_NECK_CUT = 0.68
+
+
+def _texts(force):
+    return ([force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())],
+            [tuple(force.getComputedValueParameters(k)) for k in range(force.getNumComputedValues())],
+            [tuple(force.getEnergyTermParameters(k)) for k in range(force.getNumEnergyTerms())])
+
+
+def _discrete_2d(function) -> np.ndarray:
+    """(xsize, ysize) table of a Discrete2DFunction: f(x, y) = values[x + xsize y]."""
+    xsize, ysize, values = function.getFunctionParameters()
+    return np.asarray(values, dtype=np.float64).reshape(int(ysize), int(xsize)).T.copy()
+
+
+def app_gb_model(force) -> GBModel | None:
+    """The :class:`GBModel` of a CustomGBForce built by ``openmm.app`` (implicit/*.xml), else None.
+
+    The force is recognised when the app's class, built with the settings read from the force's first
+    energy term, gives exactly the same parameter names, computed values and energy terms.
+    """
+    if force.getNumGlobalParameters() or force.getNumEnergyTerms() == 0 or force.getNonbondedMethod() not in (0, 1):
+        return None
+    settings = _SETTINGS.search(force.getEnergyTermParameters(0)[0])
+    if settings is None:
+        return None
+    solvent, solute, kappa, offset = (float(v) for v in settings.groups()[:4])
+    expression_cutoff = None if settings.group(5) is None else float(settings.group(5))
+    texts = _texts(force)
+    for name, (cls, tanh, neck_scale) in _APP_MODELS.items():
+        for surface in ("ACE", None):
+            built = cls(solventDielectric=solvent, soluteDielectric=solute, SA=surface, cutoff=expression_cutoff,
+                        kappa=kappa)
+            built.addParticle([0.0, 0.15, 0.8] + ([1.0, 0.8, 4.85] if tanh is None else []))
+            built.finalize()
+            if _texts(built) == texts:
+                return _custom_model(force, name, tanh, neck_scale, offset, surface, solvent, solute, kappa,
+                                     expression_cutoff)
+    return None
+
+
+def _custom_model(force, name, tanh, neck_scale, offset, surface, solvent, solute, kappa, expression_cutoff):
+    n = force.getNumParticles()
+    table = np.array([list(force.getParticleParameters(i)) for i in range(n)], dtype=np.float64).reshape(n, -1)
+    charge, offset_radius, scaled_radius = table[:, 0], table[:, 1], table[:, 2]
+    radius = offset_radius + offset
+    if tanh is None:  # GBn2: per-atom coefficients
+        alpha, beta, gamma = table[:, 3].copy(), table[:, 4].copy(), table[:, 5].copy()
+    else:
+        alpha, beta, gamma = np.outer((0.0, 0.0, 0.0) if tanh == "hct" else tanh, np.ones(n))
+    model = GBModel(name, charge, offset_radius, scaled_radius, radius, alpha, beta, gamma,
+                    ace=_ACE * (radius + _PROBE) ** 2 if surface else np.zeros(n), coulomb=_APP_COULOMB,
+                    inv_solute=1.0 / solute, inv_solvent=1.0 / solvent, kappa=kappa,
+                    cutoff=None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value,
+                    shift=0.0 if expression_cutoff is None else 1.0 / expression_cutoff, hct=tanh == "hct")
+    if neck_scale:
+        functions = {force.getTabulatedFunctionName(k): force.getTabulatedFunction(k)
+                     for k in range(force.getNumTabulatedFunctions())}
+        model.neck_scale, model.neck_cut = neck_scale, _NECK_CUT
+        model.neck_index = np.rint(table[:, -1]).astype(np.int64)
+        model.m0, model.d0 = _discrete_2d(functions["getm0"]), _discrete_2d(functions["getd0"])
+    return model
+
+
+def native_gb_model(force) -> GBModel | None:
+    """The :class:`GBModel` of a native GBSAOBCForce without cutoff (OBC2 radii, ACE term), else None."""
+    if force.getNonbondedMethod() != 0:
+        return None
+    rows = np.array([[getattr(v, "_value", v) for v in force.getParticleParameters(i)]
+                     for i in range(force.getNumParticles())], dtype=np.float64).reshape(-1, 3)
+    charge, radius, scale = rows.T
+    offset_radius = radius - GBSAOBCTerm.OFFSET
+    ones = np.ones(len(rows))
+    surface = 4.0 * math.pi * getattr(force.getSurfaceAreaEnergy(), "_value", force.getSurfaceAreaEnergy())
+    return GBModel("GBSAOBCForce", charge, offset_radius, offset_radius * scale, radius, GBSAOBCTerm.ALPHA * ones,
+                   GBSAOBCTerm.BETA * ones, GBSAOBCTerm.GAMMA * ones, surface * (radius + GBSAOBCTerm.PROBE) ** 2,
+                   coulomb=ONE_4PI_EPS0, inv_solute=1.0 / force.getSoluteDielectric(),
+                   inv_solvent=1.0 / force.getSolventDielectric(), native=True)
 
 
 class CustomGBTerm:
@@ -67,6 +203,7 @@ class CustomGBTerm:
                               for key, index in self.pair_index.items()}
         self.cutoff = None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value
         self.n = n
+        self.model = app_gb_model(force)
 
     def _pair_values(self, distances, known, ordered, skip, needed):
         """r (P, B) and the per-pair variables (suffixes 1 and 2) in ``needed``, for the chosen pair list.
@@ -133,6 +270,7 @@ class GBSAOBCTerm:
         self.prefactor = -ONE_4PI_EPS0 * (1.0 / force.getSoluteDielectric() - 1.0 / force.getSolventDielectric())
         self.surface = 4.0 * math.pi * getattr(force.getSurfaceAreaEnergy(), "_value", force.getSurfaceAreaEnergy())
         self.ordered = torch.as_tensor(_pairs(len(rows), set(), True, False))
+        self.model = native_gb_model(force)
 
     def born_radii(self, c):
         """(n, B) Born radii in nm."""

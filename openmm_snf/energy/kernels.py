@@ -3,14 +3,16 @@
 The torch terms of ``terms.py`` are vectorized over the batch, but every arithmetic step is its own
 kernel over a (terms x batch) array: for a small molecule the time goes into memory traffic and
 kernel launches. Here the same formulas (harmonic bonds and angles, periodic torsions, NonbondedForce
-with NoCutoff or CutoffNonPeriodic) run in one numba-compiled float64 function, block by block of 32
-samples (parallel over blocks; inside a block each term is a loop over its samples, which the
-compiler vectorizes), writing energies and forces directly. cos(n phi - phase) comes from integer
-powers of cos(phi) and sin(phi); the only transcendental call left is the atan2 of each angle. Exact
-like the torch terms (each sample's arithmetic is fixed, so results do not depend on the thread count
-or the batch around it) and checked against OpenMM's Reference platform when an
-:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (GB models, custom and
-RB forces) stay on the torch terms.
+with NoCutoff or CutoffNonPeriodic, one generalized-Born force of the kinds ``openmm.app`` builds:
+see ``gb_kernel.py``) run in one numba-compiled float64 function, block by block of 32
+samples (parallel over blocks; inside a block each term is a loop over the block's samples, a
+compile-time trip count that the compiler vectorizes: a partial block is padded with copies of a
+sample), writing energies and forces directly. cos(n phi - phase) comes from integer powers of
+cos(phi) and sin(phi); the only transcendental calls left are the atan2 of each angle and the GB
+model's log and exp of each pair. Exact like the torch terms (each sample's arithmetic is fixed, so
+results do not depend on the thread count or the batch around it) and checked against OpenMM's Reference platform when an
+:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (custom and RB
+forces, GB forces of other forms) stay on the torch terms.
 
 The kernels are compiled once per machine (a few seconds) and cached by numba next to this file (or in
 ``NUMBA_CACHE_DIR``). Overlapping atoms give inf/nan, never an exception (numpy error model).
@@ -23,12 +25,14 @@ import os
 import numba
 import numpy as np
 
+from .gb import CustomGBTerm, GBSAOBCTerm
+from .gb_kernel import CHUNK, gb_block, pack
 from .terms import HarmonicAngleTerm, HarmonicBondTerm, NonbondedTerm, PeriodicTorsionTerm
 
 __all__ = ["CompiledTerms"]
 
 _NO_SWITCH = -1.0
-_CHUNK = 32  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
+_CHUNK = CHUNK  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
 
 # numba's OpenMP layer, loaded beside torch's OpenMP runtime, made every later small torch op ~1000x
 # slower (measured: log + sin of a 128 x 17 tensor, 7 us -> 12 ms); its own "workqueue" layer does not.
@@ -55,13 +59,14 @@ class CompiledTerms:
 
     Attributes:
         indices: the force indices this object evaluates; :attr:`rest` the (index, term) pairs it
-            leaves to the torch terms (another kind, or a second NonbondedForce).
+            leaves to the torch terms (another kind, a second NonbondedForce or GB force, a GB force
+            of another form); :attr:`gb_model` the name of the GB model it evaluates, or None.
     """
 
     def __init__(self, terms, threads: int | None = None):
         self.threads = threads
         self.indices, self.rest = [], []
-        bonds, angles, torsions, nonbonded = [], [], [], None
+        bonds, angles, torsions, nonbonded, gb = [], [], [], None, None
         for index, term in terms:
             if isinstance(term, HarmonicBondTerm):
                 bonds.append(term)
@@ -71,6 +76,8 @@ class CompiledTerms:
                 torsions.append(term)
             elif isinstance(term, NonbondedTerm) and nonbonded is None:
                 nonbonded = term
+            elif isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None:
+                gb = term.model
             else:
                 self.rest.append((index, term))
                 continue
@@ -80,6 +87,8 @@ class CompiledTerms:
         self.angles = _concat([_columns(t) for t in angles], 3, np.int64)
         self.angle_params = _concat([_params(t, ("theta0", "k")) for t in angles], 2)
         self.quads, self.torsion_start, self.torsion_params = _torsions(torsions)
+        self.gb_model = None if gb is None else gb.name
+        self.gb = pack(gb)
         pair_params = ("four_eps", "sigma_sq", "qq")
         self.plain = np.zeros((0, 2), np.int64)
         self.plain_params = np.zeros((0, 3))
@@ -103,7 +112,7 @@ class CompiledTerms:
         forces = np.empty(x.shape)
         args = (x, self.bonds, self.bond_params, self.angles, self.angle_params, self.quads, self.torsion_start,
                 self.torsion_params, self.plain, self.plain_params, self.cut, self.cut_params, self.reaction_field,
-                energy, forces)
+                *self.gb, energy, forces)
         if len(x) <= _CHUNK:  # one block: no threads to start (saves ~20 us)
             _serial_kernel(*args)
             return energy, forces
@@ -151,7 +160,7 @@ def _add(f, atom, scale, g0, g1, g2, m):  # pragma: no cover - compiled
 
 
 def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain_p, cut, cut_p, rf,
-            energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
+            gb_atoms, gb_consts, gb_m0, gb_d0, energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
     """Energies (B,) and forces (B, n_atoms, 3) of x (B, n_atoms, 3), block by block of _CHUNK samples.
 
     Inside a block, coordinates and forces are component-major (3, n_atoms, _CHUNK) and every term is
@@ -171,28 +180,32 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
             for k in range(3):
                 for b in range(m):
                     c[k, a, b] = x[lo + b, a, k]
+                for b in range(m, _CHUNK):  # pad a partial block with copies of its first sample
+                    c[k, a, b] = c[k, a, 0]
+        if gb_atoms.shape[0]:  # first: after the other terms it ran ~1.5x slower (measured, code generation)
+            gb_block(c, f, e, gb_atoms, gb_consts, gb_m0, gb_d0)
         for t in range(bonds.shape[0]):  # harmonic bonds: k/2 (r - r0)^2
             i, j, r0, kb = bonds[t, 0], bonds[t, 1], bond_p[t, 0], bond_p[t, 1]
-            for b in range(m):
+            for b in range(_CHUNK):
                 d0, d1, d2 = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 r = math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
                 s = r - r0
                 e[b] += 0.5 * kb * s * s
                 scale = kb * s / r
                 g[0, b], g[1, b], g[2, b] = scale * d0, scale * d1, scale * d2
-            _add(f, j, -1.0, g[0], g[1], g[2], m)
-            _add(f, i, 1.0, g[0], g[1], g[2], m)
+            _add(f, j, -1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, i, 1.0, g[0], g[1], g[2], _CHUNK)
         for t in range(angles.shape[0]):  # harmonic angles: k/2 (theta - theta0)^2, theta at j
             i, j, k, theta0, ka = angles[t, 0], angles[t, 1], angles[t, 2], angle_p[t, 0], angle_p[t, 1]
-            for b in range(m):
+            for b in range(_CHUNK):
                 a0, a1, a2 = c[0, i, b] - c[0, j, b], c[1, i, b] - c[1, j, b], c[2, i, b] - c[2, j, b]
                 b0, b1, b2 = c[0, k, b] - c[0, j, b], c[1, k, b] - c[1, j, b], c[2, k, b] - c[2, j, b]
                 n0, n1, n2 = a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0
                 g[6, b] = math.sqrt(n0 * n0 + n1 * n1 + n2 * n2)
                 g[7, b] = a0 * b0 + a1 * b1 + a2 * b2
-            for b in range(m):  # the only scalar call; the loops around it vectorize
+            for b in range(_CHUNK):  # the only scalar call; the loops around it vectorize
                 g[8, b] = math.atan2(g[6, b], g[7, b]) - theta0
-            for b in range(m):
+            for b in range(_CHUNK):
                 a0, a1, a2 = c[0, i, b] - c[0, j, b], c[1, i, b] - c[1, j, b], c[2, i, b] - c[2, j, b]
                 b0, b1, b2 = c[0, k, b] - c[0, j, b], c[1, k, b] - c[1, j, b], c[2, k, b] - c[2, j, b]
                 norm_n, ab, bend = g[6, b], g[7, b], g[8, b]
@@ -202,13 +215,13 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                 sb = ab / (b0 * b0 + b1 * b1 + b2 * b2)
                 g[0, b], g[1, b], g[2, b] = (a0 * sa - b0) * scale, (a1 * sa - b1) * scale, (a2 * sa - b2) * scale
                 g[3, b], g[4, b], g[5, b] = (b0 * sb - a0) * scale, (b1 * sb - a1) * scale, (b2 * sb - a2) * scale
-            _add(f, i, -1.0, g[0], g[1], g[2], m)
-            _add(f, k, -1.0, g[3], g[4], g[5], m)
-            _add(f, j, 1.0, g[0], g[1], g[2], m)
-            _add(f, j, 1.0, g[3], g[4], g[5], m)
+            _add(f, i, -1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, k, -1.0, g[3], g[4], g[5], _CHUNK)
+            _add(f, j, 1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, j, 1.0, g[3], g[4], g[5], _CHUNK)
         for u in range(quads.shape[0]):  # periodic torsions: sum of k (1 + cos(n phi - phase)) per dihedral
             i, j, k, l = quads[u, 0], quads[u, 1], quads[u, 2], quads[u, 3]
-            for b in range(m):  # cos(phi), sin(phi) with OpenMM's sign of phi
+            for b in range(_CHUNK):  # cos(phi), sin(phi) with OpenMM's sign of phi
                 u0, u1, u2 = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 v0, v1, v2 = c[0, k, b] - c[0, j, b], c[1, k, b] - c[1, j, b], c[2, k, b] - c[2, j, b]
                 w0, w1, w2 = c[0, l, b] - c[0, k, b], c[1, l, b] - c[1, k, b], c[2, l, b] - c[2, k, b]
@@ -221,15 +234,15 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
             power = 0
             for t in range(t_start[u], t_start[u + 1]):  # sorted by n: cos/sin(n phi) by multiplication
                 while power < t_p[t, 0]:
-                    for b in range(m):
+                    for b in range(_CHUNK):
                         g[14, b], g[15, b] = (g[14, b] * g[12, b] - g[15, b] * g[13, b],
                                               g[15, b] * g[12, b] + g[14, b] * g[13, b])
                     power += 1
                 n, kt, cos_phase, sin_phase = t_p[t, 0], t_p[t, 2], t_p[t, 3], t_p[t, 4]
-                for b in range(m):  # k (1 + cos(n phi - phase)) and its derivative
+                for b in range(_CHUNK):  # k (1 + cos(n phi - phase)) and its derivative
                     e[b] += kt * (1.0 + g[14, b] * cos_phase + g[15, b] * sin_phase)
                     g[16, b] -= kt * n * (g[15, b] * cos_phase - g[14, b] * sin_phase)
-            for b in range(m):  # gradient as in terms._add_dihedral_gradient
+            for b in range(_CHUNK):  # gradient as in terms._add_dihedral_gradient
                 u0, u1, u2 = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 v0, v1, v2 = c[0, k, b] - c[0, j, b], c[1, k, b] - c[1, j, b], c[2, k, b] - c[2, j, b]
                 w0, w1, w2 = c[0, l, b] - c[0, k, b], c[1, l, b] - c[1, k, b], c[2, l, b] - c[2, k, b]
@@ -247,14 +260,14 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                                              qq * gl2 - (1.0 + pp) * gi2)
                 g[9, b], g[10, b], g[11, b] = (pp * gi0 - (1.0 + qq) * gl0, pp * gi1 - (1.0 + qq) * gl1,
                                                pp * gi2 - (1.0 + qq) * gl2)
-            _add(f, i, -1.0, g[0], g[1], g[2], m)
-            _add(f, l, -1.0, g[3], g[4], g[5], m)
-            _add(f, j, -1.0, g[6], g[7], g[8], m)
-            _add(f, k, -1.0, g[9], g[10], g[11], m)
+            _add(f, i, -1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, l, -1.0, g[3], g[4], g[5], _CHUNK)
+            _add(f, j, -1.0, g[6], g[7], g[8], _CHUNK)
+            _add(f, k, -1.0, g[9], g[10], g[11], _CHUNK)
         for t in range(plain.shape[0]):  # Coulomb + LJ without cutoff (NoCutoff pairs, all exceptions)
             i, j = plain[t, 0], plain[t, 1]
             four_eps, sigma_sq, qq = plain_p[t, 0], plain_p[t, 1], plain_p[t, 2]
-            for b in range(m):
+            for b in range(_CHUNK):
                 d0, d1, d2 = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 inv_r = 1.0 / math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
                 inv_r_sq = inv_r * inv_r
@@ -265,12 +278,12 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                 e[b] += coulomb + four_eps_s6 * (s6 - 1.0)
                 scale = (four_eps_s6 * (6.0 - 12.0 * s6) - coulomb) * inv_r_sq
                 g[0, b], g[1, b], g[2, b] = scale * d0, scale * d1, scale * d2
-            _add(f, j, -1.0, g[0], g[1], g[2], m)
-            _add(f, i, 1.0, g[0], g[1], g[2], m)
+            _add(f, j, -1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, i, 1.0, g[0], g[1], g[2], _CHUNK)
         for t in range(cut.shape[0]):  # reaction-field Coulomb + (switched) LJ inside the cutoff
             i, j = cut[t, 0], cut[t, 1]
             four_eps, sigma_sq, qq = cut_p[t, 0], cut_p[t, 1], cut_p[t, 2]
-            for b in range(m):
+            for b in range(_CHUNK):
                 d0, d1, d2 = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
                 inv_r = 1.0 / math.sqrt(d0 * d0 + d1 * d1 + d2 * d2)
                 r = 1.0 / inv_r
@@ -290,8 +303,8 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                 e[b] += qq * (inv_r + k_rf * r * r - c_rf) + lj if inside else 0.0
                 scale = (qq * (2.0 * k_rf * r * r - inv_r) + r_dlj) * inv_r * inv_r if inside else 0.0
                 g[0, b], g[1, b], g[2, b] = scale * d0, scale * d1, scale * d2
-            _add(f, j, -1.0, g[0], g[1], g[2], m)
-            _add(f, i, 1.0, g[0], g[1], g[2], m)
+            _add(f, j, -1.0, g[0], g[1], g[2], _CHUNK)
+            _add(f, i, 1.0, g[0], g[1], g[2], _CHUNK)
         for a in range(n_atoms):
             for k in range(3):
                 for b in range(m):
