@@ -13,7 +13,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 EPILOG = "Run 'openmm-snf COMMAND --help' for the options of one command."
-LOW_ESS = 30  # per-state effective sample size below which free-energy warns
+UNRELIABLE_EXIT = 3  # exit status of sample / free-energy --strict when the verdict is UNRELIABLE
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -277,8 +277,24 @@ def _add_sample(sub) -> None:
                    help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_strict_argument(p, "the samples are written all the same")
     _add_distributed_arguments(p)
     p.set_defaults(run=_run_sample)
+
+
+def _add_strict_argument(parser: argparse.ArgumentParser, note: str) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit with status {UNRELIABLE_EXIT} when the verdict is UNRELIABLE ({note}); "
+                             "without it the UNRELIABLE lines are printed and the exit status is 0")
+
+
+def _report_verdict(verdict, strict: bool) -> int:
+    """Print the verdict (a summary line, then 'UNRELIABLE: reason; what to do' lines or one 'reliable:' line)
+    and return the exit status it calls for."""
+    print(verdict.summary())
+    for line in verdict.lines():
+        print(line)
+    return UNRELIABLE_EXIT if strict and not verdict.reliable else 0
 
 
 def _run_sample(args) -> int:
@@ -287,8 +303,8 @@ def _run_sample(args) -> int:
         write_weighted_trajectory
     from .distributed import run_on_main
     from .flows.anneal import annealed
+    from .analysis import default_states, diagnose
     from .runs import load_run, sample
-    from .weights import kish_ess
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
@@ -305,15 +321,23 @@ def _run_sample(args) -> int:
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
                               force=args.force, extra=extra)
-    ess = kish_ess(result["log_weights"])
-    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name}); "
-          f"Kish ESS {ess:.1f} ({100 * ess / args.n:.1f}%)")
+    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name})")
+    weighted = read_weighted_trajectory(paths.dcd)
     if args.resample:
-        weighted = read_weighted_trajectory(paths.dcd)
         out = write_resampled_trajectory(resampled.dcd, weighted, args.resample,
                                          np.random.default_rng(args.seed), force=args.force)
         print(f"wrote {args.resample} resampled frames to {resampled.dcd} ({out.n_unique} unique)")
-    return 0
+    verdict = diagnose(result["log_weights"], default_states(weighted.traj, run.mol.cvs),
+                       remedy=_weight_remedy(run.config["model"].get("stochastic") is None, args.anneal))
+    return _report_verdict(verdict, args.strict)
+
+
+def _weight_remedy(flow_only: bool, anneal: int) -> str:
+    """What to do about uneven weights, for this kind of model and sampling."""
+    train = "train longer ('openmm-snf train ... --resume --iterations N')"
+    if not flow_only:
+        return f"{train}; --anneal needs a flow-only model (model.stochastic: null)"
+    return f"raise --anneal (now {anneal}) or {train}" if anneal else f"sample with --anneal K (e.g. 40) or {train}"
 
 
 def _add_free_energy(sub) -> None:
@@ -337,7 +361,8 @@ def _add_free_energy(sub) -> None:
     p.add_argument("--block-length", type=int, default=1,
                    help="frames per bootstrap block (use > 1 for time-correlated MD frames)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (with its verdict; inf/nan as null)")
+    _add_strict_argument(p, "the result is printed all the same")
     p.set_defaults(run=_run_free_energy)
 
 
@@ -353,25 +378,25 @@ def _read_samples(path, top):
 
 def _run_free_energy(args) -> int:
     import mdtraj
-    from .analysis import parse_cv_definition, state_free_energy
+    from .analysis import EmptyStateError, parse_cv_definition, state_free_energy
     samples = _read_samples(args.samples, args.top)
     cvs = json.loads(str(samples.extra["cvs_json"])) if "cvs_json" in samples.extra else {}
     cvs.update(dict(parse_cv_definition(text) for text in args.cv))
     kT = float(samples.extra["kT"]) if "kT" in samples.extra else None
     reference = mdtraj.load(args.reference) if args.reference else None
-    result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
-                               kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
+    try:
+        result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
+                                   kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
+    except EmptyStateError as err:  # no free energy: show why (UNRELIABLE lines), then the one-line error
+        if err.verdict is not None and not args.json:
+            _report_verdict(err.verdict, args.strict)
+        raise
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary())
-        print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT; total ESS "
-              f"{result.ess_total:.1f} of {result.n_total} samples")
-    if min(result.ess_a, result.ess_b) < LOW_ESS:
-        print(f"warning: a state has an effective sample size below {LOW_ESS} (A: {result.ess_a:.1f}, B: "
-              f"{result.ess_b:.1f}); the estimate and its bootstrap interval are unreliable: draw more samples "
-              "or train the sampler longer", file=sys.stderr)
-    return 0
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        return UNRELIABLE_EXIT if args.strict and not result.verdict.reliable else 0
+    print(result.summary())
+    print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT")
+    return _report_verdict(result.verdict, args.strict)
 
 
 def _add_report(sub) -> None:
