@@ -1,7 +1,8 @@
 """The ``openmm-snf`` command line: md, train, sample, free-energy, report, demo.
 
 Every command is a thin layer over the Python API; ``main(argv)`` is testable without a subprocess.
-Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2.
+Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2; ``sample`` and
+``free-energy`` with ``--strict`` exit with status 3 when their reliability verdict is UNRELIABLE.
 """
 from __future__ import annotations
 
@@ -258,7 +259,10 @@ def _add_sample(sub) -> None:
                        description="Draw N samples from the SNF in RUN with exact log importance weights "
                                    "log w = u_prior(z) - u(x) + sum of the blocks' log path ratios (raw energies). "
                                    "Writes OUT (DCD), its PDB topology, OUT.weights.npz and OUT.weights.csv "
-                                   "(log_weights, normalized weights, reduced energies, frame by frame).")
+                                   "(log_weights, normalized weights, reduced energies, frame by frame). "
+                                   "Then prints the verdict: Kish ESS overall and per default state (x<0/x>0 for "
+                                   "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
+                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line.")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
     p.add_argument("--n", type=int, default=10000, help="number of samples")
     p.add_argument("--out", required=True, help="output .dcd")
@@ -345,7 +349,8 @@ def _add_free_energy(sub) -> None:
                        description="dF_AB = F_A - F_B = -ln(sum_A w / sum_B w) from a weighted DCD (weights from "
                                    "its .weights.npz sidecar; a DCD without sidecar counts as unweighted MD), with "
                                    "a bootstrap interval, the effective sample size per state and pymbar's EXP "
-                                   "estimate as a cross-check.",
+                                   "estimate as a cross-check, then the verdict on the two states (see 'sample "
+                                   "--help'). A state without samples is an error (exit status 2).",
                        epilog='Example: openmm-snf free-energy samples.dcd --states "A: phi < 0" "B: phi > 0"\n'
                               "CVs: phi, psi, omega, chi1..4 (from the topology), names stored by 'sample', or "
                               "your own with --cv NAME=SPEC, SPEC one of dihedral:i,j,k,l angle:i,j,k "

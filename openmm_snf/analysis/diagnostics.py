@@ -11,8 +11,7 @@ when any of these holds:
   at a usable rate);
 - a state holds no samples, or its ESS is below ``min_state_ess``.
 
-Each reason comes with what to do about it. A state's low ESS is not reported on its own when the overall
-weights already fail (it follows from them); a state without samples always is.
+Each reason comes with what to do about it; reasons sharing the same advice print as one line.
 """
 from __future__ import annotations
 
@@ -174,16 +173,17 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
     if k_hat > max_khat:
         found.add(f"Pareto k-hat {k_hat:.2f} > {max_khat}: the weights' tail is too heavy for estimates "
                   "to converge", remedy)
-    weights_fail = len(found.reasons) > n_found
-    if not weights_fail and ess < min_state_ess:
+    if len(found.reasons) == n_found and ess < min_state_ess:
         found.add(f"Kish ESS {ess:.1f} of {n} samples is below {min_state_ess:.0f}", "draw more samples (--n)")
     for state in diagnostics:
         if state.n == 0:
             found.add(f"state {state.label} has no samples", _never_proposed(state.label))
-        elif state.ess < min_state_ess and not weights_fail:
+        elif state.ess < min_state_ess:
             found.add(f"state {state.label} has ESS {state.ess:.1f} from {state.n} samples (< "
                       f"{min_state_ess:.0f})",
-                      "draw more samples (--n); if it stays this rare, train on data that visit it")
+                      "draw more samples (--n); if the ESS stays low, the sampler rarely proposes the state: "
+                      "train on data that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD "
+                      "started in it)")
     return Verdict(n=n, ess=ess, k_hat=k_hat, n_nonfinite=n_nonfinite, states=diagnostics,
                    reasons=tuple(found.reasons), advice=tuple(found.advice))
 
