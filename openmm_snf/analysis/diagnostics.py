@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -119,16 +119,6 @@ class Verdict:
                 "reasons": list(self.reasons), "advice": list(self.advice)}
 
 
-@dataclass
-class _Findings:
-    reasons: list = field(default_factory=list)
-    advice: list = field(default_factory=list)
-
-    def add(self, reason: str, advice: str) -> None:
-        self.reasons.append(reason)
-        self.advice.append(advice)
-
-
 def _state_diagnostic(label: str, log_w: np.ndarray, mask: np.ndarray, log_total: float) -> StateDiagnostic:
     inside = log_w[mask]
     if inside.size == 0:
@@ -160,32 +150,33 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
     log_total = np.logaddexp.reduce(log_w[finite]) if finite.any() else -np.inf
     diagnostics = tuple(_state_diagnostic(label, log_w, finite & np.asarray(mask, dtype=bool), log_total)
                         for label, mask in (states or {}).items())
-    found = _Findings()
+    found: list[tuple[str, str]] = []  # (reason, advice)
     if n_nonfinite:
-        found.add(f"{n_nonfinite} of {n} log weights are not finite (first at frame "
-                  f"{int(np.flatnonzero(~finite)[0])})",
-                  "the sampler produced invalid energies or path weights: check the system and the model "
-                  "(e.g. atoms overlapping), then sample again")
-    n_found = len(found.reasons)
+        found.append((f"{n_nonfinite} of {n} log weights are not finite (first at frame "
+                      f"{int(np.flatnonzero(~finite)[0])})",
+                      "the sampler produced invalid energies or path weights: check the system and the model "
+                      "(e.g. atoms overlapping), then sample again"))
+    uneven = []
     if n and ess < min_ess_fraction * n:
-        found.add(f"Kish ESS {ess:.1f} is {ess / n:.2%} of {n} samples (< {min_ess_fraction:.0%}): a few "
-                  "samples carry the weight", remedy)
+        uneven.append(f"Kish ESS {ess:.1f} is {ess / n:.2%} of {n} samples (< {min_ess_fraction:.0%}): a few "
+                      "samples carry the weight")
     if k_hat > max_khat:
-        found.add(f"Pareto k-hat {k_hat:.2f} > {max_khat}: the weights' tail is too heavy for estimates "
-                  "to converge", remedy)
-    if len(found.reasons) == n_found and ess < min_state_ess:
-        found.add(f"Kish ESS {ess:.1f} of {n} samples is below {min_state_ess:.0f}", "draw more samples (--n)")
+        uneven.append(f"Pareto k-hat {k_hat:.2f} > {max_khat}: the weights' tail is too heavy for estimates "
+                      "to converge")
+    found += [(reason, remedy) for reason in uneven]
+    if not uneven and ess < min_state_ess:
+        found.append((f"Kish ESS {ess:.1f} of {n} samples is below {min_state_ess:.0f}", "draw more samples (--n)"))
     for state in diagnostics:
         if state.n == 0:
-            found.add(f"state {state.label} has no samples", _never_proposed(state.label))
+            found.append((f"state {state.label} has no samples", _never_proposed(state.label)))
         elif state.ess < min_state_ess:
-            found.add(f"state {state.label} has ESS {state.ess:.1f} from {state.n} samples (< "
-                      f"{min_state_ess:.0f})",
-                      "draw more samples (--n); if the ESS stays low, the sampler rarely proposes the state: "
-                      "train on data that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD "
-                      "started in it)")
+            found.append((f"state {state.label} has ESS {state.ess:.1f} from {state.n} samples (< "
+                           f"{min_state_ess:.0f})",
+                           "draw more samples (--n); if the ESS stays low, the sampler rarely proposes the state: "
+                           "train on data that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD "
+                           "started in it)"))
     return Verdict(n=n, ess=ess, k_hat=k_hat, n_nonfinite=n_nonfinite, states=diagnostics,
-                   reasons=tuple(found.reasons), advice=tuple(found.advice))
+                   reasons=tuple(reason for reason, _ in found), advice=tuple(advice for _, advice in found))
 
 
 _PHI = re.compile(r"^phi(\[\d+\])?$")
