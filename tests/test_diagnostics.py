@@ -90,6 +90,13 @@ def test_heavy_weights_and_rare_states_are_flagged():
     rare[:12] = True
     verdict = diagnose(np.zeros(4000), {"A": ~rare, "B": rare})
     assert not verdict.reliable and verdict.reasons == ("state B has ESS 12.0 from 12 samples (< 30)",)
+    # a state whose own weights are heavy-tailed while the overall weights (dominated by the other) look fine
+    log_w = np.concatenate([rng.normal(0.0, 0.1, 8000), rng.normal(-20.0, 3.0, 2000)])
+    in_b = np.arange(10000) >= 8000
+    verdict = diagnose(log_w, {"A": ~in_b, "B": in_b})
+    assert verdict.k_hat < 0.5 and verdict.ess_fraction > 0.5 and not verdict.reliable
+    assert verdict.states[1].k_hat > 0.7 and verdict.reasons[0].startswith("state B has ")
+    assert "Pareto k-hat" in verdict.reasons[0]
     bad = np.zeros(100)
     bad[[3, 9]] = [np.nan, np.inf]
     verdict = diagnose(bad)

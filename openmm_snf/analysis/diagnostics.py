@@ -9,7 +9,8 @@ when any of these holds:
 - the Kish ESS is below ``min_ess_fraction`` of the samples, or below ``min_state_ess``;
 - Pareto k-hat > ``max_khat`` (0.7: Vehtari et al.'s limit beyond which the estimate does not converge
   at a usable rate);
-- a state holds no samples, or its ESS is below ``min_state_ess``.
+- a state holds no samples, its ESS is below ``min_state_ess``, or the k-hat of its own weights (those
+  of the importance-sampling estimate of its partition function, which a free energy divides) > ``max_khat``.
 
 Each reason comes with what to do about it; reasons sharing the same advice print as one line.
 """
@@ -45,15 +46,18 @@ def _never_proposed(label: str) -> str:
 
 @dataclass(frozen=True)
 class StateDiagnostic:
-    """One state's share of the samples: ``n`` samples, their Kish ``ess`` and weighted ``population``."""
+    """One state's share of the samples: ``n`` samples, their Kish ``ess``, weighted ``population`` and the
+    Pareto ``k_hat`` of their weights."""
 
     label: str
     n: int
     ess: float
     population: float
+    k_hat: float
 
     def summary(self) -> str:
-        return f"{self.label}: ESS {self.ess:.1f} of {self.n} ({self.population:.1%})"
+        k_hat = f", k-hat {self.k_hat:.2f}" if math.isfinite(self.k_hat) else ""
+        return f"{self.label}: ESS {self.ess:.1f} of {self.n} ({self.population:.1%}{k_hat})"
 
 
 def _finite_or_none(value):
@@ -103,7 +107,7 @@ class Verdict:
         "and"), or one ``reliable: ...`` line."""
         if self.reliable:
             return [f"reliable: Kish ESS {self.ess_fraction:.1%}, k-hat {self.khat_text()}"
-                    + (f", every state's ESS >= {MIN_STATE_ESS:.0f}" if self.states else "")]
+                    + (f"; every state has ESS >= {MIN_STATE_ESS:.0f} and k-hat <= {MAX_KHAT}" if self.states else "")]
         grouped: dict[str, list[str]] = {}
         for reason, advice in zip(self.reasons, self.advice):
             grouped.setdefault(advice, []).append(reason)
@@ -115,16 +119,18 @@ class Verdict:
                 "ess_fraction": _finite_or_none(self.ess_fraction), "k_hat": _finite_or_none(self.k_hat),
                 "n_nonfinite": self.n_nonfinite,
                 "states": [{"label": s.label, "n": s.n, "ess": _finite_or_none(s.ess),
-                            "population": _finite_or_none(s.population)} for s in self.states],
+                            "population": _finite_or_none(s.population), "k_hat": _finite_or_none(s.k_hat)}
+                           for s in self.states],
                 "reasons": list(self.reasons), "advice": list(self.advice)}
 
 
 def _state_diagnostic(label: str, log_w: np.ndarray, mask: np.ndarray, log_total: float) -> StateDiagnostic:
     inside = log_w[mask]
     if inside.size == 0:
-        return StateDiagnostic(label, 0, 0.0, 0.0)
+        return StateDiagnostic(label, 0, 0.0, 0.0, math.nan)
     log_sum = np.logaddexp.reduce(inside)
-    return StateDiagnostic(label, int(inside.size), kish_ess(inside), float(np.exp(log_sum - log_total)))
+    return StateDiagnostic(label, int(inside.size), kish_ess(inside), float(np.exp(log_sum - log_total)),
+                           pareto_khat(inside))
 
 
 def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float = MIN_ESS_FRACTION,
@@ -169,10 +175,13 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
     for state in diagnostics:
         if state.n == 0:
             found.append((f"state {state.label} has no samples", _never_proposed(state.label)))
-        elif state.ess < min_state_ess:
-            found.append((f"state {state.label} has ESS {state.ess:.1f} from {state.n} samples (< "
-                           f"{min_state_ess:.0f})",
-                           "draw more samples (--n); if the ESS stays low, the sampler rarely proposes the state: "
+            continue
+        problems = ([f"ESS {state.ess:.1f} from {state.n} samples (< {min_state_ess:.0f})"]
+                    if state.ess < min_state_ess else [])
+        problems += [f"Pareto k-hat {state.k_hat:.2f} > {max_khat}"] if state.k_hat > max_khat else []
+        if problems:
+            found.append((f"state {state.label} has {' and '.join(problems)}",
+                           "draw more samples (--n); if that does not help, the sampler rarely proposes the state: "
                            "train on data that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD "
                            "started in it)"))
     return Verdict(n=n, ess=ess, k_hat=k_hat, n_nonfinite=n_nonfinite, states=diagnostics,
