@@ -396,8 +396,10 @@ def _run_free_energy(args) -> int:
         if err.verdict is not None and not args.json:
             _report_verdict(err.verdict, args.strict)
         raise
-    if args.json:
+    if args.json:  # stdout stays pure JSON; a human still sees an UNRELIABLE verdict on stderr
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        for line in [] if result.verdict.reliable else result.verdict.lines():
+            print(line, file=sys.stderr)
         return UNRELIABLE_EXIT if args.strict and not result.verdict.reliable else 0
     print(result.summary())
     print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT")

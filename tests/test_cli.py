@@ -260,7 +260,9 @@ def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, ca
                  "--strict"]) == 3
     capsys.readouterr()
     assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert captured.err.startswith("UNRELIABLE: state B")
     assert abs(result["delta_f"] - EXACT_DOUBLE_WELL_DF) > 1.0  # wrong, and flagged:
     assert result["verdict"]["reliable"] is False and any("state B" in r for r in result["verdict"]["reasons"])
     assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--strict"]) == 3
