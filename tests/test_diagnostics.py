@@ -1,6 +1,7 @@
 """Pareto k-hat against known tails, and the reliability verdict on good and failing weights (float64, seeded)."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,3 +143,8 @@ def test_default_states():
     assert list(default_states(traj)) == ["phi<0", "phi>0"]  # phi from the topology alone
     traj.topology.residue(1).name = "PRO"  # proline's ring fixes phi: phi > 0 is no state of it
     assert default_states(traj) == {}
+    peptide = mdtraj.load(str(Path(__file__).parent / "data" / "ace_ser_phe_nme.pdb"))  # ACE-ALA-SER-PHE-NME
+    states = default_states(peptide)
+    assert list(states) == [f"phi[{i}]{op}0" for i in range(3) for op in "<>"]
+    phi = mdtraj.compute_phi(peptide)[1][:, 1]
+    np.testing.assert_array_equal(states["phi[1]>0"], phi > 0)
