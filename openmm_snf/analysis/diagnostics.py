@@ -38,10 +38,14 @@ MORE_TRAINING = ("train longer ('openmm-snf train ... --resume --iterations N'),
                  "sample with --anneal K")
 
 
+VISIT_DATA = ("train on data that visit it: parallel tempering ('openmm-snf md SYSTEM --out d.dcd', the default, "
+              "with a higher --max-temperature if needed, then 'train --data d.dcd'), 'openmm-snf umbrella' "
+              "windows along its CV, or MD started in it")
+
+
 def _never_proposed(label: str) -> str:
-    return (f"the sampler never proposed {label}: its training data did not cover that state; train on data "
-            "that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD started in it) and sample "
-            "again (ignore this if the state has no Boltzmann weight)")
+    return (f"the sampler never proposed {label}: its training data did not cover that state; {VISIT_DATA}; "
+            "then sample again (ignore this if the state has no Boltzmann weight)")
 
 
 @dataclass(frozen=True)
@@ -182,8 +186,7 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
         if problems:
             found.append((f"state {state.label} has {' and '.join(problems)}",
                            "draw more samples (--n); if that does not help, the sampler rarely proposes the state: "
-                           "train on data that visit it (e.g. 'openmm-snf umbrella' windows along its CV, or MD "
-                           "started in it)"))
+                           + VISIT_DATA))
     return Verdict(n=n, ess=ess, k_hat=k_hat, n_nonfinite=n_nonfinite, states=diagnostics,
                    reasons=tuple(reason for reason, _ in found), advice=tuple(advice for _, advice in found))
 
