@@ -47,6 +47,7 @@ phi = compute_cvs(mdtraj.Trajectory(samples["xyz"].astype(np.float32), run.mol.m
                   cvs=run.mol.cvs)["phi"]
 snf_result = free_energy_difference(samples["log_weights"], phi > 0, phi < 0, labels=("phi>0", "phi<0"))
 print("SNF:    " + snf_result.summary())
+print("        " + "\n        ".join(snf_result.verdict.lines()))
 print("MD:     " + md_result.summary())
 print(f"ESS {100 * snf_result.ess_total / snf_result.n_total:.1f}% of {snf_result.n_total} samples; "
       f"Metropolis acceptance {samples['acceptance']}")

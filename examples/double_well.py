@@ -32,6 +32,7 @@ samples = sample(run, 100_000 if args.full else 20_000, seed=1)
 x = samples["xyz"][:, 0, 0]
 result = free_energy_difference(samples["log_weights"], x > 0, x < 0, labels=("x>0", "x<0"), kT=run.mol.kT)
 print(result.summary())
+print("\n".join(result.verdict.lines()))  # "reliable: ..." or "UNRELIABLE: reason; what to do"
 print(f"exact: {EXACT_DELTA_F:.4f} kT; error {result.delta_f - EXACT_DELTA_F:+.3f} kT; "
       f"ESS {100 * result.ess_total / result.n_total:.1f}% of {result.n_total} samples; "
       f"Metropolis acceptance {samples['acceptance']}")

@@ -1,7 +1,8 @@
 """The ``openmm-snf`` command line: md, train, sample, free-energy, report, demo.
 
 Every command is a thin layer over the Python API; ``main(argv)`` is testable without a subprocess.
-Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2.
+Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2; ``sample`` and
+``free-energy`` with ``--strict`` exit with status 3 when their reliability verdict is UNRELIABLE.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 EPILOG = "Run 'openmm-snf COMMAND --help' for the options of one command."
-LOW_ESS = 30  # per-state effective sample size below which free-energy warns
+UNRELIABLE_EXIT = 3  # exit status of sample / free-energy --strict when the verdict is UNRELIABLE
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -258,7 +259,10 @@ def _add_sample(sub) -> None:
                        description="Draw N samples from the SNF in RUN with exact log importance weights "
                                    "log w = u_prior(z) - u(x) + sum of the blocks' log path ratios (raw energies). "
                                    "Writes OUT (DCD), its PDB topology, OUT.weights.npz and OUT.weights.csv "
-                                   "(log_weights, normalized weights, reduced energies, frame by frame).")
+                                   "(log_weights, normalized weights, reduced energies, frame by frame). "
+                                   "Then prints the verdict: Kish ESS overall and per default state (x<0/x>0 for "
+                                   "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
+                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line.")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
     p.add_argument("--n", type=int, default=10000, help="number of samples")
     p.add_argument("--out", required=True, help="output .dcd")
@@ -277,8 +281,24 @@ def _add_sample(sub) -> None:
                    help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_strict_argument(p, "the samples are written all the same")
     _add_distributed_arguments(p)
     p.set_defaults(run=_run_sample)
+
+
+def _add_strict_argument(parser: argparse.ArgumentParser, note: str) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit with status {UNRELIABLE_EXIT} when the verdict is UNRELIABLE ({note}); "
+                             "without it the UNRELIABLE lines are printed and the exit status is 0")
+
+
+def _report_verdict(verdict, strict: bool) -> int:
+    """Print the verdict (a summary line, then 'UNRELIABLE: reason; what to do' lines or one 'reliable:' line)
+    and return the exit status it calls for."""
+    print(verdict.summary())
+    for line in verdict.lines():
+        print(line)
+    return UNRELIABLE_EXIT if strict and not verdict.reliable else 0
 
 
 def _run_sample(args) -> int:
@@ -287,8 +307,8 @@ def _run_sample(args) -> int:
         write_weighted_trajectory
     from .distributed import run_on_main
     from .flows.anneal import annealed
+    from .analysis import default_states, diagnose
     from .runs import load_run, sample
-    from .weights import kish_ess
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
@@ -305,15 +325,23 @@ def _run_sample(args) -> int:
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
                               force=args.force, extra=extra)
-    ess = kish_ess(result["log_weights"])
-    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name}); "
-          f"Kish ESS {ess:.1f} ({100 * ess / args.n:.1f}%)")
+    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name})")
+    weighted = read_weighted_trajectory(paths.dcd)
     if args.resample:
-        weighted = read_weighted_trajectory(paths.dcd)
         out = write_resampled_trajectory(resampled.dcd, weighted, args.resample,
                                          np.random.default_rng(args.seed), force=args.force)
         print(f"wrote {args.resample} resampled frames to {resampled.dcd} ({out.n_unique} unique)")
-    return 0
+    verdict = diagnose(result["log_weights"], default_states(weighted.traj, run.mol.cvs),
+                       remedy=_weight_remedy(run.config["model"].get("stochastic") is None, args.anneal))
+    return _report_verdict(verdict, args.strict)
+
+
+def _weight_remedy(flow_only: bool, anneal: int) -> str:
+    """What to do about uneven weights, for this kind of model and sampling."""
+    train = "train longer ('openmm-snf train ... --resume --iterations N')"
+    if not flow_only:
+        return f"{train}; --anneal needs a flow-only model (model.stochastic: null)"
+    return f"raise --anneal (now {anneal}) or {train}" if anneal else f"sample with --anneal K (e.g. 40) or {train}"
 
 
 def _add_free_energy(sub) -> None:
@@ -321,7 +349,8 @@ def _add_free_energy(sub) -> None:
                        description="dF_AB = F_A - F_B = -ln(sum_A w / sum_B w) from a weighted DCD (weights from "
                                    "its .weights.npz sidecar; a DCD without sidecar counts as unweighted MD), with "
                                    "a bootstrap interval, the effective sample size per state and pymbar's EXP "
-                                   "estimate as a cross-check.",
+                                   "estimate as a cross-check, then the verdict on the two states (see 'sample "
+                                   "--help'). A state without samples is an error (exit status 2).",
                        epilog='Example: openmm-snf free-energy samples.dcd --states "A: phi < 0" "B: phi > 0"\n'
                               "CVs: phi, psi, omega, chi1..4 (from the topology), names stored by 'sample', or "
                               "your own with --cv NAME=SPEC, SPEC one of dihedral:i,j,k,l angle:i,j,k "
@@ -337,7 +366,8 @@ def _add_free_energy(sub) -> None:
     p.add_argument("--block-length", type=int, default=1,
                    help="frames per bootstrap block (use > 1 for time-correlated MD frames)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (with its verdict; inf/nan as null)")
+    _add_strict_argument(p, "the result is printed all the same")
     p.set_defaults(run=_run_free_energy)
 
 
@@ -353,25 +383,27 @@ def _read_samples(path, top):
 
 def _run_free_energy(args) -> int:
     import mdtraj
-    from .analysis import parse_cv_definition, state_free_energy
+    from .analysis import EmptyStateError, parse_cv_definition, state_free_energy
     samples = _read_samples(args.samples, args.top)
     cvs = json.loads(str(samples.extra["cvs_json"])) if "cvs_json" in samples.extra else {}
     cvs.update(dict(parse_cv_definition(text) for text in args.cv))
     kT = float(samples.extra["kT"]) if "kT" in samples.extra else None
     reference = mdtraj.load(args.reference) if args.reference else None
-    result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
-                               kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
-    else:
-        print(result.summary())
-        print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT; total ESS "
-              f"{result.ess_total:.1f} of {result.n_total} samples")
-    if min(result.ess_a, result.ess_b) < LOW_ESS:
-        print(f"warning: a state has an effective sample size below {LOW_ESS} (A: {result.ess_a:.1f}, B: "
-              f"{result.ess_b:.1f}); the estimate and its bootstrap interval are unreliable: draw more samples "
-              "or train the sampler longer", file=sys.stderr)
-    return 0
+    try:
+        result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
+                                   kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
+    except EmptyStateError as err:  # no free energy: show why (UNRELIABLE lines), then the one-line error
+        if err.verdict is not None and not args.json:
+            _report_verdict(err.verdict, args.strict)
+        raise
+    if args.json:  # stdout stays pure JSON; a human still sees an UNRELIABLE verdict on stderr
+        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        for line in [] if result.verdict.reliable else result.verdict.lines():
+            print(line, file=sys.stderr)
+        return UNRELIABLE_EXIT if args.strict and not result.verdict.reliable else 0
+    print(result.summary())
+    print(f"pymbar EXP: {result.exp_delta_f:.3f} +- {result.exp_std:.3f} kT")
+    return _report_verdict(result.verdict, args.strict)
 
 
 def _add_report(sub) -> None:

@@ -52,6 +52,7 @@ def test_double_well_free_energy_matches_exact(double_well_run, capsys):
     assert result["ci_high"] - result["ci_low"] < 0.8
     assert result["delta_f_kj_per_mol"] == pytest.approx(result["delta_f"] * result["kT"])
     assert result["ess_total"] > 200
+    assert result["verdict"]["reliable"] is True and result["verdict"]["k_hat"] < 0.7, result["verdict"]
 
 
 def test_samples_round_trip_through_mdtraj(double_well_run):
@@ -110,10 +111,16 @@ def test_alanine_dipeptide_end_to_end_through_subprocess(tmp_path):
         "--replicas", "4", "--equilibration", "100")
     run("train", "alanine_dipeptide_vacuum", "--data", "md.dcd", "--config", str(config), "--out", "run")
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run" / "data.dcd").exists()
-    out = run("sample", "run", "--n", "64", "--out", "samples.dcd")
-    assert "Kish ESS" in out
+    out = run("sample", "run", "--n", "1000", "--out", "samples.dcd")
+    # three training iterations: an under-trained model, flagged by its ESS and k-hat, with what to do
+    assert "Kish ESS" in out and "phi<0: ESS" in out and "phi>0: ESS" in out
+    line = next(line for line in out.splitlines() if line.startswith("UNRELIABLE:"))
+    assert "(< 1%)" in line and "Pareto k-hat" in line and "--anneal K" in line, out
     traj = mdtraj.load(str(tmp_path / "samples.dcd"), top=str(tmp_path / "samples.pdb"))
-    assert traj.n_frames == 64 and traj.n_atoms == 22
+    assert traj.n_frames == 1000 and traj.n_atoms == 22
+    strict = subprocess.run(cli + ["sample", "run", "--n", "1000", "--out", "strict.dcd", "--strict"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert strict.returncode == 3 and (tmp_path / "strict.dcd").is_file(), strict.stderr
     out = run("free-energy", "md.dcd", "--states", "A: phi < 0", "B: phi > -4", "--json")
     result = json.loads(out)
     assert result["n_b"] == 160 and math.isfinite(result["delta_f"])
@@ -144,7 +151,10 @@ def test_free_energy_bad_inputs(weighted, tmp_path, capsys):
            "unknown collective variable 'theta'")
     _fails(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 100"], capsys, "no samples")
     assert main(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 2.3"]) == 0
-    assert "effective sample size below 30" in capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "UNRELIABLE: state B has ESS" in printed and "draw more samples" in printed
+    assert main(["free-energy", str(weighted), "--states", "A: x < 0", "B: x > 2.3", "--strict"]) == 3
+    capsys.readouterr()
     aldp = tmp_path / "aldp.pdb"
     from openmm_snf.systems import SHIPPED_DIR
     shutil.copy(SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb", aldp)
@@ -221,6 +231,63 @@ def test_annealed_sampling_of_a_flow_only_run(double_well_run, tmp_path, capsys)
     refused = tmp_path / "refused.dcd"
     assert main(["sample", str(snf_run), "--n", "10", "--out", str(refused), "--anneal", "5"]) == 2
     assert "without stochastic blocks" in capsys.readouterr().err and not refused.exists()
+
+
+def _left_well_only(source: Path, target: Path) -> Path:
+    """The weighted samples of ``source`` with x < 0 only, as a sampler that never proposed x > 0 would give."""
+    traj = mdtraj.load(str(source), top=str(source.with_suffix(".pdb")))
+    keep = traj.xyz[:, 0, 0] < 0
+    traj[keep].save_dcd(str(target))
+    traj[:1].save_pdb(str(target.with_suffix(".pdb")))
+    sidecar = dict(np.load(source.with_suffix(".weights.npz")))
+    np.savez(target.with_suffix(".weights.npz"),
+             **{k: v[keep] if v.shape == keep.shape else v for k, v in sidecar.items()})
+    return target
+
+
+def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, capsys):
+    """Plain MD from the left well only (the README workflow's failure before tempering): the default flow
+    learns that well and proposes x > 0 a handful of times at most."""
+    config = tmp_path / "one_well.yaml"
+    config.write_text("data: {method: md, md: {starts: [[[-1.7, 0.0, 0.0]]], n_frames: 250, steps_per_frame: 20, "
+                      "timestep: 5.0, friction: 5.0}}\ntraining: {n_iterations: 60, checkpoint_every: 0, "
+                      "ess_every: 0}\n")
+    run, samples = tmp_path / "run", tmp_path / "s.dcd"
+    assert main(["train", "double_well", "--out", str(run), "--config", str(config), "--platform", "CPU"]) == 0
+    capsys.readouterr()
+    assert main(["sample", str(run), "--n", "4000", "--out", str(samples), "--seed", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "x<0: ESS" in printed and "UNRELIABLE: state x>0 has " in printed, printed
+    assert main(["sample", str(run), "--n", "4000", "--out", str(samples), "--seed", "1", "--force",
+                 "--strict"]) == 3
+    capsys.readouterr()
+    n_right = int(np.sum(mdtraj.load(str(samples), top=str(samples.with_suffix(".pdb"))).xyz[:, 0, 0] > 0))
+    status = main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--json"])
+    captured = capsys.readouterr()
+    if n_right == 0:  # not one proposal in the right well: no free energy, an error
+        assert status == 2 and "no samples" in captured.err
+    else:  # a few: a free energy far from the exact one, and flagged
+        result = json.loads(captured.out)
+        assert status == 0 and captured.err.startswith("UNRELIABLE: state B")
+        assert abs(result["delta_f"] - EXACT_DOUBLE_WELL_DF) > 1.0
+        assert result["verdict"]["reliable"] is False and result["verdict"]["reasons"][0].startswith("state B")
+        assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--strict"]) == 3
+        capsys.readouterr()
+    # a sampler that never proposed x > 0 at all: UNRELIABLE, then a one-line error; no inf or nan anywhere
+    left = _left_well_only(double_well_run / "samples.dcd", tmp_path / "left.dcd")
+    assert main(["free-energy", str(left), "--states", "A: x < 0", "B: x > 0"]) == 2
+    captured = capsys.readouterr()
+    assert "UNRELIABLE: state B has no samples; the sampler never proposed B" in captured.out
+    assert captured.err.startswith("openmm-snf free-energy: error: state 'B: x > 0' has no samples")
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not any(word in (captured.out + captured.err).lower() for word in ("inf ", "nan", "infinity"))
+
+
+def test_strict_is_documented(capsys):
+    for command in ("sample", "free-energy"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--strict" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),

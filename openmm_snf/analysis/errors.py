@@ -17,4 +17,8 @@ class StateError(AnalysisError):
 
 
 class EmptyStateError(AnalysisError):
-    """A state holds no samples, so its free energy is undefined."""
+    """A state holds no samples, so its free energy is undefined; ``verdict`` (if given) says what to do."""
+
+    def __init__(self, message: str, verdict=None):
+        super().__init__(message)
+        self.verdict = verdict

@@ -4,8 +4,10 @@ With self-normalized weights w, the probability of a state is P_A = sum_{i in A}
 
     delta_f = -ln(sum_A w / sum_B w) = F_A - F_B      (in kT; positive when A is less probable than B).
 
-The bootstrap resamples frames (or blocks of consecutive frames for correlated MD data) with replacement
-and recomputes delta_f; the interval is the percentile interval of the replicates. pymbar's EXP estimator,
+Sums of weights are taken in log space (log-sum-exp), so that weights spanning thousands of kT give a finite
+delta_f. The bootstrap resamples frames (or blocks of consecutive frames for correlated MD data) with
+replacement and recomputes delta_f; the interval is the percentile interval of the replicates. Every result
+carries the :class:`~.diagnostics.Verdict` on its weights and two states. pymbar's EXP estimator,
 applied to each state's log partition function (work = -log w inside the state, +inf outside), gives an
 independent evaluation of the same point estimate and an analytic error estimate.
 """
@@ -14,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import io as _io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from ..weights import kish_ess
 from .cvs import compute_cvs
+from .diagnostics import Verdict, diagnose
 from .errors import AnalysisError, EmptyStateError
 from .states import State, parse_state
 
@@ -33,7 +36,8 @@ class FreeEnergyResult:
 
     Energies are in kT; the ``*_kj_per_mol`` properties need ``kT`` (kJ/mol) to be set.
     ``n_bootstrap_degenerate`` counts replicates in which a state received no weight (infinite delta_f);
-    when it is not zero the interval may be unbounded: collect more samples.
+    when it is not zero the interval may be unbounded: collect more samples. ``verdict`` says whether the
+    estimate can be trusted (overall and per-state ESS, Pareto k-hat) and, if not, why and what to do.
     """
 
     label_a: str
@@ -56,6 +60,7 @@ class FreeEnergyResult:
     exp_delta_f: float
     exp_std: float
     kT: float | None = None
+    verdict: Verdict | None = None
 
     def _kj(self, value: float) -> float:
         if self.kT is None:
@@ -71,23 +76,38 @@ class FreeEnergyResult:
         return self._kj(self.ci_low), self._kj(self.ci_high)
 
     def to_dict(self) -> dict:
-        """Plain dictionary for JSON (kJ/mol fields included when kT is known)."""
-        out = asdict(self)
+        """Plain dictionary for strict JSON: kJ/mol fields when kT is known, the verdict, None for inf/nan."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "verdict"}
         if self.kT is not None:
             out["delta_f_kj_per_mol"] = self.delta_f_kj_per_mol
             out["ci_low_kj_per_mol"], out["ci_high_kj_per_mol"] = self.ci_kj_per_mol
             out["std_kj_per_mol"] = self._kj(self.std)
+        out = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+               for key, value in out.items()}
+        out["verdict"] = self.verdict.to_dict() if self.verdict is not None else None
         return out
 
     def summary(self) -> str:
         """One human-readable line, e.g. ``dF(A-B) = 1.23 kT [1.1, 1.4] (95%) = 3.07 kJ/mol ...``."""
         text = (f"dF({self.label_a} - {self.label_b}) = {self.delta_f:.3f} kT "
-                f"[{self.ci_low:.3f}, {self.ci_high:.3f}] ({self.confidence:.0%} bootstrap)")
+                f"[{_bound(self.ci_low)}, {_bound(self.ci_high)}] ({self.confidence:.0%} bootstrap)")
         if self.kT is not None:
             low, high = self.ci_kj_per_mol
-            text += f" = {self.delta_f_kj_per_mol:.3f} kJ/mol [{low:.3f}, {high:.3f}]"
+            text += f" = {self.delta_f_kj_per_mol:.3f} kJ/mol [{_bound(low)}, {_bound(high)}]"
         return text + (f"; ESS {self.label_a}: {self.ess_a:.1f} of {self.n_a}, "
                        f"{self.label_b}: {self.ess_b:.1f} of {self.n_b}")
+
+
+def _bound(value: float) -> str:
+    return f"{value:.3f}" if math.isfinite(value) else "unbounded"
+
+
+def _row_logsumexp(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp(values), axis=1)) of a 2-D array; -inf for a row of -inf (no weight)."""
+    top = values.max(axis=1)
+    shift = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(values - shift[:, None]).sum(axis=1)) + shift
 
 
 def bootstrap_indices(n: int, n_replicates: int, rng: np.random.Generator, block_length: int = 1) -> np.ndarray:
@@ -99,15 +119,18 @@ def bootstrap_indices(n: int, n_replicates: int, rng: np.random.Generator, block
     return (starts[:, :, None] + np.arange(block_length)).reshape(n_replicates, -1)[:, :n]
 
 
-def _bootstrap_delta_f(weights_a, weights_b, n_bootstrap, rng, block_length):
-    n = len(weights_a)
-    chunk = max(1, 4_000_000 // n)
+def _bootstrap_delta_f(log_w_a, log_w_b, n_bootstrap, rng, block_length):
+    """Replicates of delta_f from log weights that are -inf outside each state; a replicate missing a state
+    is infinite (one missing both counts as +inf)."""
+    n = len(log_w_a)
+    chunk = max(1, 2_000_000 // n)
     replicates = []
-    with np.errstate(divide="ignore"):
+    with np.errstate(invalid="ignore"):
         for start in range(0, n_bootstrap, chunk):
             index = bootstrap_indices(n, min(chunk, n_bootstrap - start), rng, block_length)
-            replicates.append(np.log(weights_b[index].sum(1)) - np.log(weights_a[index].sum(1)))
-    return np.concatenate(replicates)
+            replicates.append(_row_logsumexp(log_w_b[index]) - _row_logsumexp(log_w_a[index]))
+    replicates = np.concatenate(replicates)
+    return np.where(np.isnan(replicates), np.inf, replicates)
 
 
 def pymbar_exp_delta_f(log_weights, in_a, in_b) -> tuple[float, float]:
@@ -135,7 +158,7 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         seed: seed of the bootstrap's ``numpy.random.Generator``.
         block_length: frames per resampled block; > 1 for correlated (MD) frames.
     Raises:
-        EmptyStateError: a state holds no samples.
+        EmptyStateError: a state holds no samples (its ``verdict`` says what to do).
     """
     log_w = np.asarray(log_weights, dtype=np.float64)
     in_a, in_b = np.asarray(in_a, dtype=bool), np.asarray(in_b, dtype=bool)
@@ -146,14 +169,15 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         raise AnalysisError(f"log_weights are not finite at frames {np.flatnonzero(~np.isfinite(log_w))[:5]}")
     if n_bootstrap < 10 or not 0 < confidence < 1:
         raise AnalysisError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
+    verdict = diagnose(log_w, dict(zip(labels, (in_a, in_b))))
     for label, mask in zip(labels, (in_a, in_b)):
         if not mask.any():
             raise EmptyStateError(f"state {label!r} has no samples among {len(log_w)} frames; widen its "
-                                  "definition or draw more samples")
-    weights = np.exp(log_w - log_w.max())
-    delta_f = float(np.log(weights[in_b].sum()) - np.log(weights[in_a].sum()))
-    replicates = _bootstrap_delta_f(weights * in_a, weights * in_b, n_bootstrap,
-                                    np.random.default_rng(seed), block_length)
+                                  "definition or draw more samples", verdict=verdict)
+    log_w_a, log_w_b = np.where(in_a, log_w, -np.inf), np.where(in_b, log_w, -np.inf)
+    log_sum_a, log_sum_b, log_sum = (np.logaddexp.reduce(v) for v in (log_w[in_a], log_w[in_b], log_w))
+    delta_f = float(log_sum_b - log_sum_a)
+    replicates = _bootstrap_delta_f(log_w_a, log_w_b, n_bootstrap, np.random.default_rng(seed), block_length)
     tail = (1 - confidence) / 2
     low, high = np.quantile(replicates, [tail, 1 - tail], method="inverted_cdf")
     degenerate = int(np.sum(~np.isfinite(replicates)))
@@ -163,9 +187,8 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         std=float(np.std(replicates)) if degenerate == 0 else math.inf, confidence=confidence,
         n_bootstrap=n_bootstrap, n_bootstrap_degenerate=degenerate, n_a=int(in_a.sum()), n_b=int(in_b.sum()),
         n_total=len(log_w), ess_a=kish_ess(log_w[in_a]), ess_b=kish_ess(log_w[in_b]), ess_total=kish_ess(log_w),
-        population_a=float(weights[in_a].sum() / weights.sum()),
-        population_b=float(weights[in_b].sum() / weights.sum()),
-        exp_delta_f=exp_delta_f, exp_std=exp_std, kT=kT)
+        population_a=float(np.exp(log_sum_a - log_sum)), population_b=float(np.exp(log_sum_b - log_sum)),
+        exp_delta_f=exp_delta_f, exp_std=exp_std, kT=kT, verdict=verdict)
 
 
 def _describe_ranges(values: dict) -> str:
@@ -191,7 +214,9 @@ def state_free_energy(traj, log_weights, state_a, state_b, *, cvs: dict | None =
     masks = [state.mask(values) for state in states]
     for state, mask in zip(states, masks):
         if not mask.any():
+            verdict = diagnose(log_weights, {s.label: m for s, m in zip(states, masks)})
             raise EmptyStateError(f"state {str(state)!r} has no samples among {traj.n_frames} frames (the data "
-                                  f"have {_describe_ranges(values)}); widen it or draw more samples")
+                                  f"have {_describe_ranges(values)}); no free energy without samples in both "
+                                  "states", verdict=verdict)
     return free_energy_difference(log_weights, masks[0], masks[1], labels=(states[0].label, states[1].label),
                                   **options)
