@@ -1,0 +1,246 @@
+"""Does the default path find every state, on systems it was not tuned for? (issue: rare states)
+
+For each system (double_well; alanine_dipeptide_implicit and trialanine_implicit at 300 K) this script
+
+1. runs the default commands as a user would, in this process through ``openmm_snf.cli.main``:
+   ``md SYSTEM --out data.dcd`` (parallel tempering), ``train SYSTEM --data data.dcd --out run`` and
+   ``sample run --n N [--anneal K] --out samples.dcd``, timing each stage and counting its energy
+   evaluations (every configuration the batched energy model evaluates);
+2. prints for each backbone phi (the double well: x) ΔF = F(phi > 0) − F(phi < 0) with its 95% bootstrap
+   interval, the Kish ESS, the Pareto k-hat, the verdict, and KL(reference || samples) of the
+   reweighted phi and psi marginals;
+3. compares with a reference: exact quadrature for the double well, umbrella sampling along each phi
+   analysed with MBAR for the peptides (cached in ``benchmarks/cache/``, with its interval and wall time);
+4. at equal cost: the same flow alone, drawing as many samples as the annealed sampler spent energy
+   evaluations; and the wall time umbrella sampling would need for an interval as narrow as the
+   sampler's, ``t_umbrella x (width_umbrella / width_sampler)²`` (MBAR errors shrink as 1/sqrt(time)).
+
+Usage:
+    python benchmarks/generality.py [--systems double_well,alanine_dipeptide_implicit,trialanine_implicit]
+                                    [--samples 10000] [--anneal 40] [--quick] [--out benchmarks/cache/generality]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+
+from openmm_snf import load_system
+from openmm_snf.analysis import AnalysisError, compute_cvs, free_energy_difference, histogram_kl_divergence
+from openmm_snf.analysis.diagnostics import diagnose
+from openmm_snf.analysis.umbrella import umbrella_mbar
+from openmm_snf.cli import main as cli
+from openmm_snf.energy.base import EnergyModel
+from openmm_snf.io import read_weighted_trajectory
+from openmm_snf.md import MDSettings, UmbrellaBias, run_md
+from openmm_snf.runs import load_run, sample
+from openmm_snf.weights import kish_ess, pareto_khat
+
+CACHE = Path(__file__).resolve().parent / "cache"
+SYSTEMS = ("double_well", "alanine_dipeptide_implicit", "trialanine_implicit")
+#: umbrella reference along each phi: (windows, frames per window, 1-fs steps per frame), by --quick
+UMBRELLA = {False: (32, 1500, 100), True: (16, 300, 100)}
+UMBRELLA_K = 100.0  # kT/rad²
+
+
+class EvaluationCounter:
+    """Counts the configurations every energy model of this process evaluates (patches EnergyModel._run)."""
+
+    def __init__(self):
+        self.count = 0
+        original = EnergyModel._run
+        counter = self
+
+        def counting(model, x, energies):
+            counter.count += int(x.shape[0])
+            return original(model, x, energies)
+
+        EnergyModel._run = counting
+
+    def take(self) -> int:
+        count, self.count = self.count, 0
+        return count
+
+
+def double_well_exact() -> float:
+    x = np.linspace(-5, 5, 400001)
+    p = np.exp(-(x**4 - 6 * x**2 - 0.5 * x) + 9.0)
+    return float(-np.log(p[x > 0].sum() / p[x < 0].sum()))
+
+
+def state_cvs(mol) -> list[str]:
+    """The CVs whose sign defines the states: x for the double well, every phi of a peptide."""
+    return [name for name in mol.cvs if name == "x" or name.startswith("phi")]
+
+
+def torsion_pairs(mol) -> list[tuple[str, str]]:
+    """(phi, psi) CV names of each residue (phi/psi or phiN/psiN)."""
+    return [(name, "psi" + name[3:]) for name in mol.cvs if name.startswith("phi") and "psi" + name[3:] in mol.cvs]
+
+
+def umbrella_reference(mol, phi: str, quick: bool) -> dict:
+    """Umbrella windows along ``phi`` + MBAR: ΔF(phi>0 − phi<0), its interval, reweighted CV values, wall time."""
+    windows, frames, steps = UMBRELLA[quick]
+    path = CACHE / f"generality_ref_{mol.name}_{phi}_{windows}x{frames}x{steps}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return {key: stored[key] for key in stored.files}
+    start = time.perf_counter()
+    bias = UmbrellaBias("dihedral", tuple(mol.cvs[phi]["atoms"]), tuple(np.linspace(-np.pi, np.pi, windows,
+                                                                                     endpoint=False)), UMBRELLA_K)
+    settings = MDSettings(n_frames=frames, steps_per_frame=steps, n_replicas=windows, equilibration_steps=5000,
+                          seed=11)
+    xyz = run_md(mol, settings, bias=bias).reshape(-1, mol.n_atoms, 3)
+    values = compute_cvs(mdtraj.Trajectory(xyz.astype(np.float32), mol.mdtraj_topology()), list(mol.cvs),
+                         cvs=mol.cvs)
+    analysis = umbrella_mbar(values[phi].reshape(windows, -1), bias)
+    result = analysis.delta_f(values[phi] > 0, values[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
+    out = {**{f"cv_{name}": v for name, v in values.items()}, "log_weights": analysis.log_weights,
+           "delta_f": result.delta_f, "ci_low": result.ci_low, "ci_high": result.ci_high,
+           "wall_s": time.perf_counter() - start}
+    CACHE.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+def measure(traj, log_weights, mol, refs: dict, exact: float | None) -> dict:
+    """ΔF per state CV (with interval and error), ESS, k-hat, verdict and reweighted KLs of weighted samples."""
+    values = compute_cvs(traj, list(mol.cvs), cvs=mol.cvs)
+    states = {}
+    for name in state_cvs(mol):
+        states[f"{name}>0"], states[f"{name}<0"] = values[name] > 0, values[name] < 0
+    verdict = diagnose(log_weights, states)
+    out = {"ess": kish_ess(log_weights), "n": len(log_weights), "khat": pareto_khat(log_weights),
+           "reliable": verdict.reliable, "cvs": {}}
+    for name in state_cvs(mol):
+        entry = {"reference": exact if exact is not None else float(refs[name]["delta_f"])}
+        try:
+            result = free_energy_difference(log_weights, values[name] > 0, values[name] < 0, n_bootstrap=300)
+            entry.update(delta_f=result.delta_f, ci_low=result.ci_low, ci_high=result.ci_high,
+                         error=abs(result.delta_f - entry["reference"]))
+        except AnalysisError as err:  # an empty state: the sampler missed it
+            entry.update(delta_f=None, error=float("inf"), missing=str(err))
+        out["cvs"][name] = entry
+    for phi, psi in torsion_pairs(mol):
+        ref = refs[phi]
+        out["cvs"][phi]["kl_phi"] = histogram_kl_divergence(ref[f"cv_{phi}"], values[phi],
+                                                            reference_log_weights=ref["log_weights"],
+                                                            log_weights=log_weights)
+        out["cvs"][phi]["kl_psi"] = histogram_kl_divergence(ref[f"cv_{psi}"], values[psi],
+                                                            reference_log_weights=ref["log_weights"],
+                                                            log_weights=log_weights)
+    return out
+
+
+def run_system(system: str, args, counter: EvaluationCounter) -> dict:
+    mol = load_system(system)
+    folder = Path(args.out) / system
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    stages = {}
+    for stage, argv in (("md", ["md", system, "--out", str(folder / "data.dcd")]),
+                        ("train", ["train", system, "--data", str(folder / "data.dcd"), "--out", str(folder / "run")]),
+                        ("sample", ["sample", str(folder / "run"), "--n", str(args.samples), "--out",
+                                    str(folder / "samples.dcd")] + (["--anneal", str(args.anneal)] if args.anneal
+                                                                    else []))):
+        counter.take()
+        start = time.perf_counter()
+        status = cli(argv)
+        stages[stage] = {"wall_s": time.perf_counter() - start, "evaluations": counter.take()}
+        if status != 0:
+            raise SystemExit(f"{system}: 'openmm-snf {' '.join(argv)}' exited with {status}")
+    exact = double_well_exact() if system == "double_well" else None
+    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.quick) for name in state_cvs(mol)}
+    samples = read_weighted_trajectory(folder / "samples.dcd")
+    result = {"system": system, "stages": stages, "default": measure(samples.traj, samples.log_weights, mol, refs,
+                                                                     exact)}
+    # the flow alone at the same number of energy evaluations as the sampler
+    n_equal = int(min(stages["sample"]["evaluations"], args.max_equal_cost_samples))
+    start = time.perf_counter()
+    drawn = sample(load_run(folder / "run"), n_equal, seed=1, progress=False)
+    flow_s = time.perf_counter() - start
+    traj = mdtraj.Trajectory(drawn["xyz"].astype(np.float32), mol.mdtraj_topology())
+    finite = np.isfinite(drawn["log_weights"])
+    result["flow_equal_cost"] = {**measure(traj[np.flatnonzero(finite)], drawn["log_weights"][finite], mol, refs,
+                                           exact), "wall_s": flow_s}
+    result["references"] = {name: {"delta_f": float(r["delta_f"]), "ci_low": float(r["ci_low"]),
+                                   "ci_high": float(r["ci_high"]), "wall_s": float(r["wall_s"])}
+                            for name, r in refs.items()}
+    return result
+
+
+def umbrella_time_ratio(result: dict) -> float | None:
+    """Sampler's wall time / umbrella's wall time for the same interval width (the widest state CV)."""
+    if not result["references"]:
+        return None
+    total = sum(stage["wall_s"] for stage in result["stages"].values())
+    ratios = []
+    for name, ref in result["references"].items():
+        entry = result["default"]["cvs"][name]
+        if entry.get("delta_f") is None:
+            return float("inf")
+        width = entry["ci_high"] - entry["ci_low"]
+        umbrella_s = ref["wall_s"] * ((ref["ci_high"] - ref["ci_low"]) / width) ** 2
+        ratios.append(total / umbrella_s)
+    return max(ratios)
+
+
+def print_result(result: dict) -> None:
+    print(f"\n== {result['system']}")
+    for stage, cost in result["stages"].items():
+        print(f"  {stage:7s} {cost['wall_s']:8.1f} s  {cost['evaluations']:>12,d} energy evaluations")
+    for name, ref in result["references"].items():
+        print(f"  reference {name}: umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, {ref['ci_high']:.3f}]"
+              f" kT in {ref['wall_s']:.0f} s")
+    for label, key in (("default sampler", "default"), ("flow alone, same E", "flow_equal_cost")):
+        m = result[key]
+        print(f"  {label}: n {m['n']}, Kish ESS {100 * m['ess'] / m['n']:.1f}%, k-hat {m['khat']:.2f}, "
+              f"{'reliable' if m['reliable'] else 'UNRELIABLE'}")
+        for name, entry in m["cvs"].items():
+            if entry.get("delta_f") is None:
+                print(f"    {name}: state missing ({entry['missing']})")
+                continue
+            kl = (f", KL phi/psi {entry['kl_phi']:.4f}/{entry['kl_psi']:.4f}" if "kl_phi" in entry else "")
+            print(f"    {name}: dF {entry['delta_f']:.3f} [{entry['ci_low']:.3f}, {entry['ci_high']:.3f}] vs "
+                  f"{entry['reference']:.3f}: error {entry['error']:.3f} kT{kl}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--anneal", type=int, default=40, help="annealing stages of the sampler (0: flow alone)")
+    parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
+    parser.add_argument("--quick", action="store_true", help="a smaller umbrella reference (wider interval)")
+    parser.add_argument("--out", default=str(CACHE / "generality"))
+    args = parser.parse_args()
+    counter = EvaluationCounter()
+    results = [run_system(system, args, counter) for system in args.systems.split(",")]
+    for result in results:
+        print_result(result)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=float))
+    by_name = {r["system"]: r for r in results}
+    print()
+    if "double_well" in by_name:
+        print(f"double_well_dF_error_kT={by_name['double_well']['default']['cvs']['x']['error']:.3f}")
+    if "alanine_dipeptide_implicit" in by_name:
+        r = by_name["alanine_dipeptide_implicit"]
+        print(f"aldp_implicit_dF_error_kT={r['default']['cvs']['phi']['error']:.3f}")
+        print(f"aldp_implicit_ess={r['default']['ess'] / r['default']['n']:.3f}")
+    if "trialanine_implicit" in by_name:
+        r = by_name["trialanine_implicit"]
+        print(f"trialanine_max_dF_error_kT={max(e['error'] for e in r['default']['cvs'].values()):.3f}")
+        print(f"trialanine_ess={r['default']['ess'] / r['default']['n']:.3f}")
+    if "alanine_dipeptide_implicit" in by_name:
+        print(f"aldp_implicit_time_vs_umbrella={umbrella_time_ratio(by_name['alanine_dipeptide_implicit']):.3f}")
+
+
+if __name__ == "__main__":
+    main()
