@@ -12,7 +12,9 @@ A run folder holds
 
 Configuration sections (YAML; every key optional, see :data:`DEFAULTS`): ``system`` (how to load it),
 ``energy`` (OpenMM platform), ``data`` (a DCD path — its weights sidecar, when there is one, weights
-the frames —, or how to make data: ``method`` tempering (default: parallel tempering up to
+the frames —, ``balance_states`` (default 0.1: each default state of the verdict — a backbone phi sign,
+the double well's x sign — gets at least this share of the training weight, so that the flow proposes
+rare states often; 0: off), or how to make data: ``method`` tempering (default: parallel tempering up to
 2.5 x T, :mod:`openmm_snf.tempering`, so that the data cross barriers without knowing the states) or
 md (plain MD at T), with the ``tempering`` / ``md`` settings), ``coordinates``
 (``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms), ``model`` (arguments of
@@ -30,10 +32,12 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import mdtraj
 import numpy as np
 import torch
 import yaml
 
+from .analysis.diagnostics import default_states
 from .coordinates import InternalCoordinateTransform
 from .distributed import gather_in_order, local_shards, rank_of, run_on_main, shard_seed, split_sizes, world_size_of
 from .energy import OpenMMEnergy, linlogcut
@@ -45,20 +49,22 @@ from .systems import SHIPPED_DIR, MolecularSystem, load_system
 from .tempering import TemperingSettings, run_tempering
 from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
-__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "load_run", "make_data",
+__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "choose_annealing", "load_run",
+           "make_data",
            "read_run_config", "sample"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
     "device": "cpu",
     "energy": {"platform": None, "precision": "mixed", "threads": None},
-    "data": {"path": None, "max_reference_frames": 2000, "method": "tempering",
-             "tempering": asdict(TemperingSettings()),
+    "data": {"path": None, "max_reference_frames": 2000, "method": "tempering", "balance_states": 0.1,
+             "tempering": asdict(TemperingSettings(timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
-    "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [64, 64], "stochastic": "mc", "n_steps": 10,
+    "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [128, 128], "stochastic": None, "n_steps": 10,
               "step_size": 0.1, "lambdas": None, "augment": 0},
-    "training": asdict(TrainConfig(n_iterations=500, checkpoint_every=50)),
+    "training": asdict(TrainConfig(n_iterations=2000, batch_size=256, lr_schedule="cosine", checkpoint_every=500,
+                                   ess_every=100)),
     "regularization": {"high": 500.0, "max": 10000.0},
 }
 
@@ -150,22 +156,50 @@ def _transform(mol: MolecularSystem, config: dict, reference: np.ndarray):
 
 
 def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool = True) -> tuple:
-    """Training frames (n, n_atoms, 3) nm and their log weights (n,) or None (equal weights): the
-    configured DCD (weighted by its sidecar when it has one), or data made now and saved as data.dcd."""
+    """Training frames (n, n_atoms, 3) nm and their training log weights (n,) or None (equal weights): the
+    configured DCD (weighted by its sidecar when it has one), or data made now and saved as data.dcd;
+    with ``data.balance_states`` the weights are then balanced (:func:`_balance_states`)."""
     data = config["data"]
     if data["path"] is None:
         folder.mkdir(parents=True, exist_ok=True)
-        return make_data(mol, config, folder / "data.dcd", force=True, progress=progress)
-    if trajectory_paths(data["path"]).npz.is_file():
-        weighted = read_weighted_trajectory(data["path"])
-        traj, log_weights = weighted.traj, weighted.log_weights
-        print(f"training data {data['path']}: weighted by {trajectory_paths(data['path']).npz.name} (Kish ESS "
-              f"{weighted.ess:.0f} of {weighted.n_frames} frames)")
+        frames, log_weights = make_data(mol, config, folder / "data.dcd", force=True, progress=progress)
     else:
-        traj, log_weights = read_trajectory(data["path"]), None
-    if traj.n_atoms != mol.n_atoms:
-        raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
-    return traj.xyz.astype(np.float64), log_weights
+        if trajectory_paths(data["path"]).npz.is_file():
+            weighted = read_weighted_trajectory(data["path"])
+            traj, log_weights = weighted.traj, weighted.log_weights
+            print(f"training data {data['path']}: weighted by {trajectory_paths(data['path']).npz.name} (Kish "
+                  f"ESS {weighted.ess:.0f} of {weighted.n_frames} frames)")
+        else:
+            traj, log_weights = read_trajectory(data["path"]), None
+        if traj.n_atoms != mol.n_atoms:
+            raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
+        frames = traj.xyz.astype(np.float64)
+    share = data["balance_states"]
+    if not (isinstance(share, (int, float)) and 0 <= share < 0.5):
+        raise RunConfigError(f"data.balance_states must be a share in [0, 0.5) (0: off), got {share!r}")
+    if share:
+        states = default_states(mdtraj.Trajectory(frames.astype(np.float32), mol.mdtraj_topology()), mol.cvs)
+        log_weights = _balance_states(np.zeros(len(frames)) if log_weights is None else log_weights, states,
+                                      float(share))
+    return frames, log_weights
+
+
+def _balance_states(log_weights: np.ndarray, states: dict, share: float) -> np.ndarray:
+    """Training log weights in which every state holding frames has at least ``share`` of the total weight.
+
+    The flow then proposes rare states (e.g. phi > 0 of a peptide at 300 K, 0.3% of the Boltzmann
+    weight) often enough that each gets many samples; the importance weights of the samples are
+    computed from the flow's own density, so they stay exact and undo the balancing.
+    """
+    from scipy.special import logsumexp
+    log_w = np.array(log_weights, dtype=np.float64)
+    for mask in states.values():
+        if not mask.any() or mask.all():
+            continue
+        p = float(np.exp(logsumexp(log_w[mask]) - logsumexp(log_w)))
+        if p < share:
+            log_w[mask] += np.log(share * (1 - p) / (p * (1 - share)))
+    return log_w
 
 
 def make_data(mol: MolecularSystem, config: dict, path_dcd, *, force: bool = False, progress: bool = True) -> tuple:
@@ -322,6 +356,32 @@ def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress:
     xyz, log_w, u, acceptance = zip(*parts)
     return {"xyz": np.concatenate(xyz), "log_weights": np.concatenate(log_w), "reduced_energies": np.concatenate(u),
             "acceptance": {key: float(np.mean([a[key] for a in acceptance])) for key in acceptance[0]}}
+
+
+#: ``sample --anneal auto``: pilot samples of the flow alone, and the thresholds that let it sample alone
+PILOT_SAMPLES = 1000
+PILOT_MIN_ESS_FRACTION = 0.1
+PILOT_MAX_KHAT = 0.5
+AUTO_ANNEAL_STAGES = 40
+
+
+def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
+    """Annealing stages for ``sample --anneal auto`` and the reason, from a pilot of the flow alone.
+
+    A flow whose own weights are good (Kish ESS >= 10% and Pareto k-hat <= 0.5 on 1,000 samples) is
+    sampled alone: each sample then costs one flow pass and one energy, and annealing would buy little
+    at ~80x the cost. Otherwise 40 annealing stages (on alanine dipeptide they raised the ESS 5-10x).
+    Models with stochastic blocks cannot be annealed (0).
+    """
+    from .weights import kish_ess, pareto_khat
+    if run.config["model"].get("stochastic") is not None:
+        return 0, "the model has stochastic blocks (no annealing)"
+    pilot = sample(run, PILOT_SAMPLES, seed=seed + 7919, progress=False)["log_weights"]
+    ess, khat = kish_ess(pilot) / PILOT_SAMPLES, pareto_khat(pilot)
+    summary = f"pilot of {PILOT_SAMPLES} flow samples: Kish ESS {100 * ess:.1f}%, k-hat {khat:.2f}"
+    if ess >= PILOT_MIN_ESS_FRACTION and khat <= PILOT_MAX_KHAT:
+        return 0, f"{summary}: sampling the flow alone"
+    return AUTO_ANNEAL_STAGES, f"{summary}: annealing with {AUTO_ANNEAL_STAGES} stages (--anneal 0 to skip)"
 
 
 def _sample_shard(run: Run, n: int, seed: int, batch_size: int, bar) -> list[tuple]:
