@@ -25,7 +25,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit into NAME.log, n
     echo "== $name (limit ${limit} s): $*" >> "$logs/summary.txt"
     timeout "$limit" "$@" > "$logs/$name.log" 2>&1
     rc=$?
-    { echo "== $name: exit $rc after $((SECONDS - start)) s"; tail -n 4 "$logs/$name.log" | sed 's/^/   /'; } \
+    { echo "== $name: exit $rc after $((SECONDS - start)) s"; tr '\r' '\n' < "$logs/$name.log" | grep -v '^ *$' | tail -n 4 | sed 's/^/   /'; } \
         >> "$logs/summary.txt"
     [ "$rc" -eq 0 ] || status=1
 }
@@ -47,6 +47,7 @@ step bridge 210 python3 benchmarks/bridge.py --quick --batch-sizes 64 512 4096
 echo 'model: {stochastic: null}' > "$work/config.yaml"  # a plain flow: sample --anneal needs one
 step train 90 python3 -m openmm_snf.cli train alanine_dipeptide_implicit --out "$work/run" --iterations 60 \
     --config "$work/config.yaml" --device cuda
+grep -m1 "OpenMMEnergy on" "$logs/train.log" | sed 's/^/   the energy: /' >> "$logs/summary.txt"  # the platform chosen
 step sample 60 python3 -m openmm_snf.cli sample "$work/run" --n 4096 --anneal 20 --out "$work/samples.dcd"
 cp "$work/run/metrics.jsonl" "$logs/" 2>/dev/null
 rm -rf "$work"
