@@ -17,6 +17,7 @@ import torch
 from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy
 from openmm_snf.energy.gb import CustomGBTerm, GBSAOBCTerm
+from openmm_snf.energy import kernels
 from openmm_snf.energy.kernels import CompiledTerms
 from openmm_snf.energy.terms import build_energy_terms
 from openmm_snf.systems import MolecularSystem
@@ -124,6 +125,13 @@ def test_other_gb_forms_stay_on_the_torch_terms():
     value, text, kind = force.getComputedValueParameters(1)
     force.setComputedValueParameters(1, value, text.replace("4.85", "4.9"), kind)  # not an app model any more
     terms, _ = build_energy_terms(system)
+    compiled = CompiledTerms(terms)
+    assert compiled.gb_model is None and [type(t).__name__ for _, t in compiled.rest] == ["CustomGBTerm"]
+
+
+def test_large_molecules_leave_gb_to_the_torch_terms(monkeypatch):
+    monkeypatch.setattr(kernels, "GB_MAX_ATOMS", 21)  # ALDP has 22 atoms
+    terms, _ = build_energy_terms(load_system("alanine_dipeptide_implicit").system)
     compiled = CompiledTerms(terms)
     assert compiled.gb_model is None and [type(t).__name__ for _, t in compiled.rest] == ["CustomGBTerm"]
 

@@ -33,6 +33,9 @@ __all__ = ["CompiledTerms"]
 
 _NO_SWITCH = -1.0
 _CHUNK = CHUNK  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
+# the GB kernel keeps dI/dr of every atom pair of a block: 67 MB per thread at 512 atoms; larger
+# molecules leave their GB force to the torch terms
+GB_MAX_ATOMS = 512
 
 # numba's OpenMP layer, loaded beside torch's OpenMP runtime, made every later small torch op ~1000x
 # slower (measured: log + sin of a 128 x 17 tensor, 7 us -> 12 ms); its own "workqueue" layer does not.
@@ -60,7 +63,8 @@ class CompiledTerms:
     Attributes:
         indices: the force indices this object evaluates; :attr:`rest` the (index, term) pairs it
             leaves to the torch terms (another kind, a second NonbondedForce or GB force, a GB force
-            of another form); :attr:`gb_model` the name of the GB model it evaluates, or None.
+            of another form or of more than ``GB_MAX_ATOMS`` atoms); :attr:`gb_model` the name of the
+            GB model it evaluates, or None.
     """
 
     def __init__(self, terms, threads: int | None = None):
@@ -76,7 +80,8 @@ class CompiledTerms:
                 torsions.append(term)
             elif isinstance(term, NonbondedTerm) and nonbonded is None:
                 nonbonded = term
-            elif isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None:
+            elif (isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None
+                  and len(term.model.charge) <= GB_MAX_ATOMS):
                 gb = term.model
             else:
                 self.rest.append((index, term))
