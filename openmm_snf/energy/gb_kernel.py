@@ -104,7 +104,7 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
     Every pair loop is split so that the loops of arithmetic vectorize and only the log/exp calls
     run one by one.
     """
-    n, m = atoms.shape[0], CHUNK
+    n = atoms.shape[0]
     native, hct = consts[2] != 0.0, consts[1] != 0.0
     coulomb, inv_in, inv_out, kappa = consts[3], consts[4], consts[5], consts[6]
     cutoff, shift, neck_scale, neck_cut = consts[7], consts[8], consts[9], consts[10]
@@ -116,18 +116,18 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
         o_i, s_i = atoms[i, 1], atoms[i, 2]
         for j in range(i + 1, n):
             o_j, s_j = atoms[j, 1], atoms[j, 2]
-            for b in range(m):
-                d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
-                r = math.sqrt(d0_ * d0_ + d1_ * d1_ + d2_ * d2_)
+            for b in range(CHUNK):
+                dx, dy, dz = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
+                r = math.sqrt(dx * dx + dy * dy + dz * dz)
                 l_i, dl_i, on_i = _integral_geometry(r, o_i, s_j)
                 l_j, dl_j, on_j = _integral_geometry(r, o_j, s_i)
                 inside = 1.0 if r < cutoff else 0.0
                 g[0, b], g[1, b], g[2, b], g[3, b], g[4, b] = r, l_i, dl_i, on_i * inside, l_i / (r + s_j)
                 g[5, b], g[6, b], g[7, b], g[8, b] = l_j, dl_j, on_j * inside, l_j / (r + s_i)
-            for b in range(m):  # the only scalar calls of this pass
+            for b in range(CHUNK):  # the only scalar calls of this pass
                 g[4, b] = math.log(g[4, b])
                 g[8, b] = math.log(g[8, b])
-            for b in range(m):
+            for b in range(CHUNK):
                 r = g[0, b]
                 inv_r = 1.0 / r
                 v_i, dv_i = _integral(r, inv_r, o_i, s_j, g[1, b], g[2, b], g[3, b], g[4, b], native)
@@ -136,20 +136,20 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 slope[pair, 0, b], slope[pair, 1, b] = dv_i * inv_r, dv_j * inv_r
             if neck_scale != 0.0:
                 a, z = int(atoms[i, 8]), int(atoms[j, 8])
-                m0_ij, d0_ij, m0_ji, d0_ji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
+                m0_ij, dxij, m0_ji, dxji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
                 limit = atoms[i, 3] + atoms[j, 3] + neck_cut
-                for b in range(m):
+                for b in range(CHUNK):
                     r = g[0, b]
-                    n_i, dn_i = _neck(r, m0_ij, d0_ij, limit)
-                    n_j, dn_j = _neck(r, m0_ji, d0_ji, limit)
+                    n_i, dn_i = _neck(r, m0_ij, dxij, limit)
+                    n_j, dn_j = _neck(r, m0_ji, dxji, limit)
                     inside = r < cutoff
                     g[9, b] += neck_scale * n_i if inside else 0.0
                     g[10, b] += neck_scale * n_j if inside else 0.0
                     slope[pair, 0, b] += neck_scale * dn_i * g[11, b] if inside else 0.0
                     slope[pair, 1, b] += neck_scale * dn_j * g[11, b] if inside else 0.0
-            for b in range(m):
+            for b in range(CHUNK):
                 integral[i, b] += g[9, b]
-            for b in range(m):
+            for b in range(CHUNK):
                 integral[j, b] += g[10, b]
             pair += 1
     born = np.empty((n, CHUNK))
@@ -159,7 +159,7 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
         q, o, radius, alpha, beta, gamma, ace = (atoms[i, 0], atoms[i, 1], atoms[i, 3], atoms[i, 4], atoms[i, 5],
                                                  atoms[i, 6], atoms[i, 7])
         half_qq = -0.5 * coulomb * q * q
-        for b in range(m):
+        for b in range(CHUNK):
             if hct:
                 inv_b = 1.0 / o - integral[i, b]
                 born_i = 1.0 / inv_b
@@ -182,20 +182,20 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
     for i in range(n):  # pass 2: pair energies, direct forces, dE/dB
         for j in range(i + 1, n):
             qq = -coulomb * atoms[i, 0] * atoms[j, 0]
-            for b in range(m):
-                d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
-                r2 = d0_ * d0_ + d1_ * d1_ + d2_ * d2_
+            for b in range(CHUNK):
+                dx, dy, dz = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
+                r2 = dx * dx + dy * dy + dz * dz
                 bb = born[i, b] * born[j, b]
                 g[0, b], g[1, b], g[2, b] = r2, bb, -0.25 * r2 / bb
-            for b in range(m):  # the only scalar calls of this pass
+            for b in range(CHUNK):  # the only scalar calls of this pass
                 g[2, b] = math.exp(g[2, b])
             if kappa != 0.0:
-                for b in range(m):
+                for b in range(CHUNK):
                     g[3, b] = math.exp(-kappa * math.sqrt(g[0, b] + g[1, b] * g[2, b]))
             else:
-                for b in range(m):
+                for b in range(CHUNK):
                     g[3, b] = 1.0
-            for b in range(m):
+            for b in range(CHUNK):
                 r2, bb, ex, screen = g[0, b], g[1, b], g[2, b], g[3, b]
                 inv_f = 1.0 / math.sqrt(r2 + bb * ex)
                 pref = inv_in - screen * inv_out
@@ -209,18 +209,18 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 g[0, b] = scale * (c[0, j, b] - c[0, i, b])
                 g[1, b] = scale * (c[1, j, b] - c[1, i, b])
                 g[2, b] = scale * (c[2, j, b] - c[2, i, b])
-            for b in range(m):
+            for b in range(CHUNK):
                 de_db[i, b] += g[4, b]
-            for b in range(m):
+            for b in range(CHUNK):
                 de_db[j, b] += g[5, b]
             _scatter(f, i, j, g)
     for i in range(n):
-        for b in range(m):
+        for b in range(CHUNK):
             chain[i, b] *= de_db[i, b]
     pair = 0
     for i in range(n):  # pass 3: through the Born radii
         for j in range(i + 1, n):
-            for b in range(m):
+            for b in range(CHUNK):
                 scale = chain[i, b] * slope[pair, 0, b] + chain[j, b] * slope[pair, 1, b]
                 g[0, b] = scale * (c[0, j, b] - c[0, i, b])
                 g[1, b] = scale * (c[1, j, b] - c[1, i, b])
