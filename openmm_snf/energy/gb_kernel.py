@@ -136,12 +136,12 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 slope[pair, 0, b], slope[pair, 1, b] = dv_i * inv_r, dv_j * inv_r
             if neck_scale != 0.0:
                 a, z = int(atoms[i, 8]), int(atoms[j, 8])
-                m0_ij, dxij, m0_ji, dxji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
+                m0_ij, d0_ij, m0_ji, d0_ji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
                 limit = atoms[i, 3] + atoms[j, 3] + neck_cut
                 for b in range(CHUNK):
                     r = g[0, b]
-                    n_i, dn_i = _neck(r, m0_ij, dxij, limit)
-                    n_j, dn_j = _neck(r, m0_ji, dxji, limit)
+                    n_i, dn_i = _neck(r, m0_ij, d0_ij, limit)
+                    n_j, dn_j = _neck(r, m0_ji, d0_ji, limit)
                     inside = r < cutoff
                     g[9, b] += neck_scale * n_i if inside else 0.0
                     g[10, b] += neck_scale * n_j if inside else 0.0
