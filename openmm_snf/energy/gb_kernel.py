@@ -1,4 +1,4 @@
-"""Compiled generalized-Born energies and forces: one block of samples, called by ``kernels.py``.
+"""Compiled generalized-Born energies and forces, block by block of samples like ``kernels.py``.
 
 Evaluates a :class:`~openmm_snf.energy.gb.GBModel` (the app's HCT/OBC1/OBC2/GBn/GBn2 CustomGBForce
 or a native GBSAOBCForce) in float64, in three passes over the atom pairs of a block of samples:
@@ -9,7 +9,9 @@ or a native GBSAOBCForce) in float64, in three passes over the atom pairs of a b
 3. the chain rule through the Born radii: dE/dr_ij = dE/dI_i dI_i/dr_ij + dE/dI_j dI_j/dr_ij.
 
 Like the rest of the kernel, each sample's arithmetic is fixed (results do not depend on the batch or
-the thread count), and overlapping atoms give inf/nan for their sample only.
+the thread count), and overlapping atoms give inf/nan for their sample only. The GB force has its own
+kernel rather than a call inside ``kernels.py``'s: numba caches a function's machine code by the
+content of its own file, so a changed function from another file would stay stale in that cache.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHUNK", "gb_block", "pack"]
+__all__ = ["CHUNK", "gb_block", "gb_parallel_kernel", "gb_serial_kernel", "pack"]
 
 CHUNK = 32  # samples per block; a compile-time trip count lets every loop over them vectorize (measured 3-5x)
 
@@ -227,3 +229,32 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 g[2, b] = scale * (c[2, j, b] - c[2, i, b])
             _scatter(f, i, j, g)
             pair += 1
+
+
+def _gb_kernel(x, atoms, consts, m0, d0, energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
+    """Add the GB energies to energy (B,) and forces to forces (B, n_atoms, 3) of x (B, n_atoms, 3), block
+    by block of CHUNK samples in component-major layout (a partial block padded with its first sample)."""
+    n_batch, n_atoms = x.shape[0], x.shape[1]
+    for block in numba.prange((n_batch + CHUNK - 1) // CHUNK):
+        lo = block * CHUNK
+        m = min(CHUNK, n_batch - lo)
+        c = np.empty((3, n_atoms, CHUNK))
+        f = np.zeros((3, n_atoms, CHUNK))
+        e = np.zeros(CHUNK)
+        for a in range(n_atoms):
+            for k in range(3):
+                for b in range(m):
+                    c[k, a, b] = x[lo + b, a, k]
+                for b in range(m, CHUNK):
+                    c[k, a, b] = c[k, a, 0]
+        gb_block(c, f, e, atoms, consts, m0, d0)
+        for a in range(n_atoms):
+            for k in range(3):
+                for b in range(m):
+                    forces[lo + b, a, k] += f[k, a, b]
+        for b in range(m):
+            energy[lo + b] += e[b]
+
+
+gb_parallel_kernel = numba.njit(parallel=True, **_OPTIONS)(_gb_kernel)
+gb_serial_kernel = numba.njit(**_OPTIONS)(_gb_kernel)  # the same arithmetic, for batches of one block
