@@ -14,7 +14,8 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 Implicit solvent (energies + forces): alanine dipeptide (OBC1) and tri-alanine ACE-ALA-ALA-NME
 (amber14 + OBC2, ``systems/trialanine_implicit``), the sequential loops against the CPU's torch GB
-route and its compiled route (and the GPU platforms' replicated Contexts), B in {64, 512, 4096} (``--batch-sizes`` if given; 64 and 512 with ``--quick``).
+route and its compiled route (and the GPU platforms' replicated Contexts), B in {64, 512, 4096}
+(``--batch-sizes`` if given; 64 and 512 with ``--quick``).
 
 The speed-ups over the best sequential loop for alanine dipeptide in vacuum at B = 512 on the best
 available platform: ``forces_speedup_vs_sequential=<ratio>`` and ``speedup_vs_sequential=<ratio>``
