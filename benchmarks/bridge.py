@@ -13,9 +13,9 @@ alanine dipeptide systems, separately for forces only and for per-sample energie
 
 Timings are the best of several repeats (the machine may be shared; compare ratios within one run).
 Implicit solvent (energies + forces): alanine dipeptide (OBC1) and tri-alanine ACE-ALA-ALA-NME
-(amber14 + OBC2; built here from the test peptide when ``systems/trialanine_implicit`` is not shipped),
-the sequential loops against the CPU's torch GB route and its compiled route (and the GPU platforms'
-replicated Contexts), B in {64, 512, 4096} (``--batch-sizes`` if given; 64 and 512 with ``--quick``).
+(amber14 + OBC2, ``systems/trialanine_implicit``), the sequential loops against the CPU's torch GB
+route and its compiled route (and the GPU platforms' replicated Contexts), B in {64, 512, 4096}
+(``--batch-sizes`` if given; 64 and 512 with ``--quick``).
 
 The speed-ups over the best sequential loop for alanine dipeptide in vacuum at B = 512 on the best
 available platform: ``forces_speedup_vs_sequential=<ratio>`` and ``speedup_vs_sequential=<ratio>``
@@ -32,56 +32,20 @@ from __future__ import annotations
 import argparse
 import os
 import platform as host
-import tempfile
 import time
 from functools import partial
-from pathlib import Path
 
 import openmm
-import openmm.app as app
 import torch
 
 from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy, SequentialEnergy
 from openmm_snf.energy.platforms import available_platforms
-from openmm_snf.systems import shipped_systems
 
 SYSTEMS = ("alanine_dipeptide_vacuum", "alanine_dipeptide_implicit")
 MODES = ("forces", "energies+forces")
 IMPLICIT = ("alanine_dipeptide_implicit", "trialanine_implicit")
 IMPLICIT_SIZES = (64, 512, 4096)
-TEST_PEPTIDE = Path(__file__).resolve().parents[1] / "tests" / "data" / "ace_ser_phe_nme.pdb"
-
-
-def write_trialanine_pdb(path: Path) -> None:
-    """ACE-ALA-ALA-NME from the test peptide ACE-ALA-SER-PHE-NME: SER cut to ALA at CB, PHE's N, H, CA
-    made the NME cap (N, H, C), hydrogens added by Modeller (amber14), minimized in vacuum."""
-    pdb = app.PDBFile(str(TEST_PEPTIDE))
-    modeller = app.Modeller(pdb.topology, pdb.positions)
-    _, _, ser, phe, nme = modeller.topology.residues()
-    modeller.delete([a for a in ser.atoms() if a.name not in {"N", "H", "CA", "HA", "CB", "C", "O"}]
-                    + [a for a in phe.atoms() if a.name not in {"N", "H", "CA"}] + list(nme.atoms()))
-    _, _, ala, cap = modeller.topology.residues()
-    ala.name, cap.name = "ALA", "NME"
-    next(a for a in cap.atoms() if a.name == "CA").name = "C"
-    forcefield = app.ForceField("amber14-all.xml")
-    modeller.addHydrogens(forcefield)
-    system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None)
-    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
-    context.setPositions(modeller.positions)
-    openmm.LocalEnergyMinimizer.minimize(context, 1.0, 500)
-    with open(path, "w") as handle:
-        app.PDBFile.writeFile(modeller.topology, context.getState(getPositions=True).getPositions(), handle)
-
-
-def load_benchmark_system(name: str):
-    """A shipped system; tri-alanine (amber14 + OBC2) is built when it is not shipped."""
-    if name in shipped_systems() or name != "trialanine_implicit":
-        return load_system(name)
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "trialanine.pdb"
-        write_trialanine_pdb(path)
-        return load_system(path, implicit="obc2")
 
 
 def configurations(mol, n: int, seed: int = 0) -> torch.Tensor:
@@ -166,7 +130,7 @@ def implicit_section(quick: bool, sizes, min_time: float, n_loop: int) -> tuple[
     routes += [(gpu, {"precision": "mixed", "chunk_size": 4096}) for gpu in ("CUDA", "OpenCL")
                if gpu in available_platforms()]
     for system in IMPLICIT:
-        mol = load_benchmark_system(system)
+        mol = load_system(system)
         loops = sequential_rates(mol, mode, n_loop, min_time, specs)
         print_loops(system, mode, loops)
         for name, kwargs in routes:

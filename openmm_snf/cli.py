@@ -210,7 +210,8 @@ def _add_train(sub) -> None:
     p.add_argument("--reverse-kl", type=float, metavar="WEIGHT",
                    help="weight of the energy-based (reverse KL) loss; the data (forward KL) weight stays")
     p.add_argument("--seed", type=int, help="training seed (default: from the configuration, 0)")
-    p.add_argument("--platform", help="OpenMM platform for energies (default: the fastest available)")
+    p.add_argument("--platform", help="OpenMM platform for energies (default: auto: a GPU if usable, else the CPU "
+                                      "with the compiled kernel; the same choice as md and sample)")
     p.add_argument("--threads", type=int, help="CPU platform threads")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device of the model (default: cpu)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")

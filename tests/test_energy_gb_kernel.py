@@ -17,6 +17,7 @@ import torch
 from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy
 from openmm_snf.energy.gb import CustomGBTerm, GBSAOBCTerm
+from openmm_snf.energy import kernels
 from openmm_snf.energy.kernels import CompiledTerms
 from openmm_snf.energy.terms import build_energy_terms
 from openmm_snf.systems import MolecularSystem
@@ -110,6 +111,25 @@ def test_salt_and_no_surface_term_and_native_force():
     assert_matches_reference(gbsaobc_and_cutoff(), "GBSAOBCForce")
 
 
+@pytest.mark.parametrize("make", [lambda: gb_system("aldp", "gbn2", 0.6), gbsaobc_and_cutoff], ids=["gbn2", "native"])
+def test_close_contacts_take_every_branch_of_the_born_integral(make):
+    """An H 0.004-0.03 nm from its carbon: the inner sphere (L = or), a neighbour's sphere ignored
+    (step(r + sr - or) = 0) and, for the native force, atom i inside the neighbour's sphere."""
+    mol = make()
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(mol.system))
+    index, term = next((i, t) for i, t in build_energy_terms(system)[0] if isinstance(t, (CustomGBTerm, GBSAOBCTerm)))
+    system.getForce(index).setForceGroup(31)
+    rng = np.random.default_rng(3)
+    x = np.repeat(mol.positions[None], 4, axis=0)
+    for b, r in enumerate([0.004, 0.01, 0.02, 0.03]):
+        direction = rng.standard_normal(3)
+        x[b, 0] = x[b, 1] + r * direction / np.linalg.norm(direction)
+    energy, forces = CompiledTerms([(index, term)])(x)
+    ref_energy, ref_forces = reference(system, x, {31})
+    assert np.all(np.abs(energy - ref_energy) <= 1e-6 + 1e-9 * np.abs(ref_energy))
+    assert np.all(np.abs(forces - ref_forces) <= 1e-6 + 1e-9 * np.abs(ref_forces))
+
+
 def test_shipped_implicit_system_is_compiled_and_self_checked():
     mol = load_system("alanine_dipeptide_implicit")
     model = OpenMMEnergy(mol, platform="Reference", forces_from="compiled")  # the self-check passes
@@ -124,6 +144,13 @@ def test_other_gb_forms_stay_on_the_torch_terms():
     value, text, kind = force.getComputedValueParameters(1)
     force.setComputedValueParameters(1, value, text.replace("4.85", "4.9"), kind)  # not an app model any more
     terms, _ = build_energy_terms(system)
+    compiled = CompiledTerms(terms)
+    assert compiled.gb_model is None and [type(t).__name__ for _, t in compiled.rest] == ["CustomGBTerm"]
+
+
+def test_large_molecules_leave_gb_to_the_torch_terms(monkeypatch):
+    monkeypatch.setattr(kernels, "GB_MAX_ATOMS", 21)  # ALDP has 22 atoms
+    terms, _ = build_energy_terms(load_system("alanine_dipeptide_implicit").system)
     compiled = CompiledTerms(terms)
     assert compiled.gb_model is None and [type(t).__name__ for _, t in compiled.rest] == ["CustomGBTerm"]
 

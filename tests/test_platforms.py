@@ -64,8 +64,10 @@ def test_a_route_that_fails_is_not_chosen(monkeypatch):
         model = OpenMMEnergy(mol)
     assert model.platform_name == "Reference"
     monkeypatch.setattr(platforms, "usable", lambda choice: True)  # CUDA "usable" here, then fails to build
-    with pytest.warns(UserWarning, match="OpenMM platform CUDA not chosen"):
+    with pytest.warns(UserWarning) as record:
         assert OpenMMEnergy(mol).platform_name == "Reference"
+    assert [str(w.message).split(":")[0] for w in record] == ["OpenMM platform CUDA not chosen",
+                                                              "OpenMM platform CPU not chosen"]
     with pytest.raises(RuntimeError, match="differs from the Reference platform"):  # nothing left: the error
         monkeypatch.setattr(platforms, "auto_candidates", lambda: [cpu])
         OpenMMEnergy(mol)

@@ -196,15 +196,16 @@ class OpenMMEnergy(EnergyModel):
         self._replicated = {"torch": rest, "compiled": rest, "openmm": mol.system}
 
     def _probe(self, tolerance: float = 1e-3) -> None:
-        """Tiny batches (1 and 3 samples) on the chosen route must match the Reference platform.
+        """Batches of 1, 3 and ``max(loop_below, 4)`` samples (the tiny-batch loop and the batched
+        path) on the chosen route must match the Reference platform.
 
         Raises RuntimeError when a force differs by more than ``tolerance`` times the largest force
         component (mixed precision is ~1e-5), an energy by more than 1e-2 kJ/mol + 1e-6 relative, or
         a result is not finite.
         """
         rng = np.random.default_rng(1)
-        x = self._reference[None] + 0.01 * rng.standard_normal((3, self.n_atoms, 3))
-        for batch in (x[:1], x):
+        x = self._reference[None] + 0.01 * rng.standard_normal((max(self.loop_below, 4), self.n_atoms, 3))
+        for batch in (x[:1], x[:3], x):
             energy, forces, _ = self._evaluate(batch, self.per_sample_energies, "cpu")
             for b, sample in enumerate(batch):
                 ref_forces = np.empty(sample.shape)

@@ -1,4 +1,4 @@
-"""Compiled generalized-Born energies and forces: one block of samples, called by ``kernels.py``.
+"""Compiled generalized-Born energies and forces, block by block of samples like ``kernels.py``.
 
 Evaluates a :class:`~openmm_snf.energy.gb.GBModel` (the app's HCT/OBC1/OBC2/GBn/GBn2 CustomGBForce
 or a native GBSAOBCForce) in float64, in three passes over the atom pairs of a block of samples:
@@ -9,7 +9,9 @@ or a native GBSAOBCForce) in float64, in three passes over the atom pairs of a b
 3. the chain rule through the Born radii: dE/dr_ij = dE/dI_i dI_i/dr_ij + dE/dI_j dI_j/dr_ij.
 
 Like the rest of the kernel, each sample's arithmetic is fixed (results do not depend on the batch or
-the thread count), and overlapping atoms give inf/nan for their sample only.
+the thread count), and overlapping atoms give inf/nan for their sample only. The GB force has its own
+kernel rather than a call inside ``kernels.py``'s: numba caches a function's machine code by the
+content of its own file, so a changed function from another file would stay stale in that cache.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["CHUNK", "gb_block", "pack"]
+__all__ = ["CHUNK", "gb_block", "gb_parallel_kernel", "gb_serial_kernel", "pack"]
 
 CHUNK = 32  # samples per block; a compile-time trip count lets every loop over them vectorize (measured 3-5x)
 
@@ -104,7 +106,7 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
     Every pair loop is split so that the loops of arithmetic vectorize and only the log/exp calls
     run one by one.
     """
-    n, m = atoms.shape[0], CHUNK
+    n = atoms.shape[0]
     native, hct = consts[2] != 0.0, consts[1] != 0.0
     coulomb, inv_in, inv_out, kappa = consts[3], consts[4], consts[5], consts[6]
     cutoff, shift, neck_scale, neck_cut = consts[7], consts[8], consts[9], consts[10]
@@ -116,18 +118,18 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
         o_i, s_i = atoms[i, 1], atoms[i, 2]
         for j in range(i + 1, n):
             o_j, s_j = atoms[j, 1], atoms[j, 2]
-            for b in range(m):
-                d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
-                r = math.sqrt(d0_ * d0_ + d1_ * d1_ + d2_ * d2_)
+            for b in range(CHUNK):
+                dx, dy, dz = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
+                r = math.sqrt(dx * dx + dy * dy + dz * dz)
                 l_i, dl_i, on_i = _integral_geometry(r, o_i, s_j)
                 l_j, dl_j, on_j = _integral_geometry(r, o_j, s_i)
                 inside = 1.0 if r < cutoff else 0.0
                 g[0, b], g[1, b], g[2, b], g[3, b], g[4, b] = r, l_i, dl_i, on_i * inside, l_i / (r + s_j)
                 g[5, b], g[6, b], g[7, b], g[8, b] = l_j, dl_j, on_j * inside, l_j / (r + s_i)
-            for b in range(m):  # the only scalar calls of this pass
+            for b in range(CHUNK):  # the only scalar calls of this pass
                 g[4, b] = math.log(g[4, b])
                 g[8, b] = math.log(g[8, b])
-            for b in range(m):
+            for b in range(CHUNK):
                 r = g[0, b]
                 inv_r = 1.0 / r
                 v_i, dv_i = _integral(r, inv_r, o_i, s_j, g[1, b], g[2, b], g[3, b], g[4, b], native)
@@ -138,7 +140,7 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 a, z = int(atoms[i, 8]), int(atoms[j, 8])
                 m0_ij, d0_ij, m0_ji, d0_ji = m0[a, z], d0[a, z], m0[z, a], d0[z, a]
                 limit = atoms[i, 3] + atoms[j, 3] + neck_cut
-                for b in range(m):
+                for b in range(CHUNK):
                     r = g[0, b]
                     n_i, dn_i = _neck(r, m0_ij, d0_ij, limit)
                     n_j, dn_j = _neck(r, m0_ji, d0_ji, limit)
@@ -147,9 +149,9 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                     g[10, b] += neck_scale * n_j if inside else 0.0
                     slope[pair, 0, b] += neck_scale * dn_i * g[11, b] if inside else 0.0
                     slope[pair, 1, b] += neck_scale * dn_j * g[11, b] if inside else 0.0
-            for b in range(m):
+            for b in range(CHUNK):
                 integral[i, b] += g[9, b]
-            for b in range(m):
+            for b in range(CHUNK):
                 integral[j, b] += g[10, b]
             pair += 1
     born = np.empty((n, CHUNK))
@@ -159,7 +161,7 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
         q, o, radius, alpha, beta, gamma, ace = (atoms[i, 0], atoms[i, 1], atoms[i, 3], atoms[i, 4], atoms[i, 5],
                                                  atoms[i, 6], atoms[i, 7])
         half_qq = -0.5 * coulomb * q * q
-        for b in range(m):
+        for b in range(CHUNK):
             if hct:
                 inv_b = 1.0 / o - integral[i, b]
                 born_i = 1.0 / inv_b
@@ -182,20 +184,20 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
     for i in range(n):  # pass 2: pair energies, direct forces, dE/dB
         for j in range(i + 1, n):
             qq = -coulomb * atoms[i, 0] * atoms[j, 0]
-            for b in range(m):
-                d0_, d1_, d2_ = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
-                r2 = d0_ * d0_ + d1_ * d1_ + d2_ * d2_
+            for b in range(CHUNK):
+                dx, dy, dz = c[0, j, b] - c[0, i, b], c[1, j, b] - c[1, i, b], c[2, j, b] - c[2, i, b]
+                r2 = dx * dx + dy * dy + dz * dz
                 bb = born[i, b] * born[j, b]
                 g[0, b], g[1, b], g[2, b] = r2, bb, -0.25 * r2 / bb
-            for b in range(m):  # the only scalar calls of this pass
+            for b in range(CHUNK):  # the only scalar calls of this pass
                 g[2, b] = math.exp(g[2, b])
             if kappa != 0.0:
-                for b in range(m):
+                for b in range(CHUNK):
                     g[3, b] = math.exp(-kappa * math.sqrt(g[0, b] + g[1, b] * g[2, b]))
             else:
-                for b in range(m):
+                for b in range(CHUNK):
                     g[3, b] = 1.0
-            for b in range(m):
+            for b in range(CHUNK):
                 r2, bb, ex, screen = g[0, b], g[1, b], g[2, b], g[3, b]
                 inv_f = 1.0 / math.sqrt(r2 + bb * ex)
                 pref = inv_in - screen * inv_out
@@ -209,21 +211,50 @@ def gb_block(c, f, e, atoms, consts, m0, d0):  # pragma: no cover - compiled; te
                 g[0, b] = scale * (c[0, j, b] - c[0, i, b])
                 g[1, b] = scale * (c[1, j, b] - c[1, i, b])
                 g[2, b] = scale * (c[2, j, b] - c[2, i, b])
-            for b in range(m):
+            for b in range(CHUNK):
                 de_db[i, b] += g[4, b]
-            for b in range(m):
+            for b in range(CHUNK):
                 de_db[j, b] += g[5, b]
             _scatter(f, i, j, g)
     for i in range(n):
-        for b in range(m):
+        for b in range(CHUNK):
             chain[i, b] *= de_db[i, b]
     pair = 0
     for i in range(n):  # pass 3: through the Born radii
         for j in range(i + 1, n):
-            for b in range(m):
+            for b in range(CHUNK):
                 scale = chain[i, b] * slope[pair, 0, b] + chain[j, b] * slope[pair, 1, b]
                 g[0, b] = scale * (c[0, j, b] - c[0, i, b])
                 g[1, b] = scale * (c[1, j, b] - c[1, i, b])
                 g[2, b] = scale * (c[2, j, b] - c[2, i, b])
             _scatter(f, i, j, g)
             pair += 1
+
+
+def _gb_kernel(x, atoms, consts, m0, d0, energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
+    """Add the GB energies to energy (B,) and forces to forces (B, n_atoms, 3) of x (B, n_atoms, 3), block
+    by block of CHUNK samples in component-major layout (a partial block padded with its first sample)."""
+    n_batch, n_atoms = x.shape[0], x.shape[1]
+    for block in numba.prange((n_batch + CHUNK - 1) // CHUNK):
+        lo = block * CHUNK
+        m = min(CHUNK, n_batch - lo)
+        c = np.empty((3, n_atoms, CHUNK))
+        f = np.zeros((3, n_atoms, CHUNK))
+        e = np.zeros(CHUNK)
+        for a in range(n_atoms):
+            for k in range(3):
+                for b in range(m):
+                    c[k, a, b] = x[lo + b, a, k]
+                for b in range(m, CHUNK):
+                    c[k, a, b] = c[k, a, 0]
+        gb_block(c, f, e, atoms, consts, m0, d0)
+        for a in range(n_atoms):
+            for k in range(3):
+                for b in range(m):
+                    forces[lo + b, a, k] += f[k, a, b]
+        for b in range(m):
+            energy[lo + b] += e[b]
+
+
+gb_parallel_kernel = numba.njit(parallel=True, **_OPTIONS)(_gb_kernel)
+gb_serial_kernel = numba.njit(**_OPTIONS)(_gb_kernel)  # the same arithmetic, for batches of one block

@@ -3,16 +3,17 @@
 The torch terms of ``terms.py`` are vectorized over the batch, but every arithmetic step is its own
 kernel over a (terms x batch) array: for a small molecule the time goes into memory traffic and
 kernel launches. Here the same formulas (harmonic bonds and angles, periodic torsions, NonbondedForce
-with NoCutoff or CutoffNonPeriodic, one generalized-Born force of the kinds ``openmm.app`` builds:
-see ``gb_kernel.py``) run in one numba-compiled float64 function, block by block of 32
+with NoCutoff or CutoffNonPeriodic) run in one numba-compiled float64 function, block by block of 32
 samples (parallel over blocks; inside a block each term is a loop over the block's samples, a
 compile-time trip count that the compiler vectorizes: a partial block is padded with copies of a
-sample), writing energies and forces directly. cos(n phi - phase) comes from integer powers of
-cos(phi) and sin(phi); the only transcendental calls left are the atan2 of each angle and the GB
-model's log and exp of each pair. Exact like the torch terms (each sample's arithmetic is fixed, so
-results do not depend on the thread count or the batch around it) and checked against OpenMM's Reference platform when an
-:class:`~openmm_snf.energy.OpenMMEnergy` is built. Forces without a kernel here (custom and RB
-forces, GB forces of other forms) stay on the torch terms.
+sample), writing energies and forces directly; one generalized-Born force of the kinds ``openmm.app``
+builds is added by ``gb_kernel.py``'s kernel, written the same way. cos(n phi - phase) comes from
+integer powers of cos(phi) and sin(phi); the only transcendental calls left are the atan2 of each
+angle and the GB model's log and exp of each pair. Exact like the torch terms (each sample's
+arithmetic is fixed, so results do not depend on the thread count or the batch around it) and
+checked against OpenMM's Reference platform when an :class:`~openmm_snf.energy.OpenMMEnergy` is
+built. Forces without a kernel here (custom and RB forces, GB forces of other forms) stay on the
+torch terms.
 
 The kernels are compiled once per machine (a few seconds) and cached by numba next to this file (or in
 ``NUMBA_CACHE_DIR``). Overlapping atoms give inf/nan, never an exception (numpy error model).
@@ -26,13 +27,16 @@ import numba
 import numpy as np
 
 from .gb import CustomGBTerm, GBSAOBCTerm
-from .gb_kernel import CHUNK, gb_block, pack
+from .gb_kernel import CHUNK, gb_parallel_kernel, gb_serial_kernel, pack
 from .terms import HarmonicAngleTerm, HarmonicBondTerm, NonbondedTerm, PeriodicTorsionTerm
 
 __all__ = ["CompiledTerms"]
 
 _NO_SWITCH = -1.0
 _CHUNK = CHUNK  # samples per block: their coordinates and forces stay in the L1 cache, loops over them vectorize
+# the GB kernel keeps dI/dr of every atom pair of a block: 67 MB per thread at 512 atoms; larger
+# molecules leave their GB force to the torch terms
+GB_MAX_ATOMS = 512
 
 # numba's OpenMP layer, loaded beside torch's OpenMP runtime, made every later small torch op ~1000x
 # slower (measured: log + sin of a 128 x 17 tensor, 7 us -> 12 ms); its own "workqueue" layer does not.
@@ -60,7 +64,8 @@ class CompiledTerms:
     Attributes:
         indices: the force indices this object evaluates; :attr:`rest` the (index, term) pairs it
             leaves to the torch terms (another kind, a second NonbondedForce or GB force, a GB force
-            of another form); :attr:`gb_model` the name of the GB model it evaluates, or None.
+            of another form or of more than ``GB_MAX_ATOMS`` atoms); :attr:`gb_model` the name of the
+            GB model it evaluates, or None.
     """
 
     def __init__(self, terms, threads: int | None = None):
@@ -76,7 +81,8 @@ class CompiledTerms:
                 torsions.append(term)
             elif isinstance(term, NonbondedTerm) and nonbonded is None:
                 nonbonded = term
-            elif isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None:
+            elif (isinstance(term, (CustomGBTerm, GBSAOBCTerm)) and term.model is not None and gb is None
+                  and len(term.model.charge) <= GB_MAX_ATOMS):
                 gb = term.model
             else:
                 self.rest.append((index, term))
@@ -112,14 +118,19 @@ class CompiledTerms:
         forces = np.empty(x.shape)
         args = (x, self.bonds, self.bond_params, self.angles, self.angle_params, self.quads, self.torsion_start,
                 self.torsion_params, self.plain, self.plain_params, self.cut, self.cut_params, self.reaction_field,
-                *self.gb, energy, forces)
+                energy, forces)
+        gb = self.gb_model is not None
         if len(x) <= _CHUNK:  # one block: no threads to start (saves ~20 us)
             _serial_kernel(*args)
+            if gb:
+                gb_serial_kernel(x, *self.gb, energy, forces)
             return energy, forces
         previous = numba.get_num_threads()
         numba.set_num_threads(min(self.threads or numba.config.NUMBA_NUM_THREADS, numba.config.NUMBA_NUM_THREADS))
         try:
             _parallel_kernel(*args)
+            if gb:  # its own kernel: numba's cache of this file's kernel would not see changes to gb_kernel.py
+                gb_parallel_kernel(x, *self.gb, energy, forces)
         finally:
             numba.set_num_threads(previous)
         return energy, forces
@@ -160,7 +171,7 @@ def _add(f, atom, scale, g0, g1, g2, m):  # pragma: no cover - compiled
 
 
 def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain_p, cut, cut_p, rf,
-            gb_atoms, gb_consts, gb_m0, gb_d0, energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
+            energy, forces):  # pragma: no cover - compiled; tested through CompiledTerms
     """Energies (B,) and forces (B, n_atoms, 3) of x (B, n_atoms, 3), block by block of _CHUNK samples.
 
     Inside a block, coordinates and forces are component-major (3, n_atoms, _CHUNK) and every term is
@@ -182,8 +193,6 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
                     c[k, a, b] = x[lo + b, a, k]
                 for b in range(m, _CHUNK):  # pad a partial block with copies of its first sample
                     c[k, a, b] = c[k, a, 0]
-        if gb_atoms.shape[0]:  # first: after the other terms it ran ~1.5x slower (measured, code generation)
-            gb_block(c, f, e, gb_atoms, gb_consts, gb_m0, gb_d0)
         for t in range(bonds.shape[0]):  # harmonic bonds: k/2 (r - r0)^2
             i, j, r0, kb = bonds[t, 0], bonds[t, 1], bond_p[t, 0], bond_p[t, 1]
             for b in range(_CHUNK):
