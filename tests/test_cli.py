@@ -89,7 +89,7 @@ def test_report_writes_plots(double_well_run):
     out = double_well_run / "plots"
     assert main(["report", str(double_well_run / "run"), "--samples", str(double_well_run / "samples.dcd"),
                  "--out-dir", str(out)]) == 0
-    for name in ("training_curves.png", "log_weights.png", "profile_x.png"):
+    for name in ("training_curves.png", "log_weights.png", "energies.png", "convergence.png", "profile_x.png"):
         path = out / name
         assert path.stat().st_size > 10_000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -296,3 +296,16 @@ def test_example_configs_resolve(path):
     from openmm_snf.runs import resolve_config
     config = resolve_config({"source": "alanine_dipeptide_vacuum"}, path)
     assert config["model"]["flow"] in ("realnvp", "spline") and config["training"]["n_iterations"] > 0
+
+
+def test_sample_and_train_write_strict_json_summaries(double_well_run):
+    sample = json.loads((double_well_run / "samples.summary.json").read_text())
+    weights = np.load(double_well_run / "samples.weights.npz")
+    from openmm_snf.weights import kish_ess
+    assert sample["command"] == "sample" and sample["n"] == 4000 and sample["seed"] == 3
+    assert sample["kish_ess"] == pytest.approx(kish_ess(weights["log_weights"]))
+    assert sample["largest_weight"] == pytest.approx(weights["weights"].max())
+    train = json.loads((double_well_run / "run" / "summary.json").read_text())
+    last = json.loads((double_well_run / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert train["iterations"] == last["iteration"] and train["last"]["loss"] == pytest.approx(last["loss"])
+    assert train["data"]["method"] == "tempering" and train["data"]["settings"]["n_ladders"] == 16
