@@ -275,7 +275,8 @@ def run_tempering(mol: MolecularSystem, settings: TemperingSettings | None = Non
     ladder_of_copy = np.arange(n_ladders * n_temps) // n_temps
     total = settings.equilibration_steps + n_frames * settings.steps_per_frame
     with tqdm(total=total, desc=f"tempering {mol.name} ({n_ladders} x {n_temps} copies, "
-              f"{temperatures[0]:.0f}-{temperatures[-1]:.0f} K)", unit="step", disable=None if progress else True) as bar:
+              f"{temperatures[0]:.0f}-{temperatures[-1]:.0f} K)", unit="step",
+              disable=None if progress else True) as bar:  # None: a bar only on a terminal
         done = 0
         while done < settings.equilibration_steps:
             n = min(settings.steps_per_frame, settings.equilibration_steps - done)

@@ -29,8 +29,9 @@ def test_help_prints_each_default_once(command, capsys):
     assert "(default: None)" not in text
     for option in text.split(" --")[1:]:
         assert option.count("(default:") <= 1, option
-    if command in ("md", "umbrella"):
+    if command == "umbrella":
         assert "--seed SEED seed of velocities and Langevin noise (default: 0)" in text
+    if command in ("md", "umbrella"):
         assert "--out OUT output .dcd" in text and "--out OUT output .dcd (default" not in text
 
 
@@ -152,8 +153,8 @@ def test_md_dcd_header_holds_the_time_step(tmp_path, capsys):
     import struct
     import mdtraj
     out = tmp_path / "md.dcd"
-    assert main(["md", "double_well", "--out", str(out), "--frames", "5", "--steps-per-frame", "20", "--timestep",
-                 "5", "--equilibration", "0", "--replicas", "2"]) == 0
+    assert main(["md", "double_well", "--method", "md", "--out", str(out), "--frames", "5", "--steps-per-frame", "20",
+                 "--timestep", "5", "--equilibration", "0", "--replicas", "2"]) == 0
     header = out.read_bytes()[:48]
     n_frames, first_step, interval = struct.unpack("<3i", header[8:20])
     (delta,) = struct.unpack("<f", header[44:48])
