@@ -52,22 +52,21 @@ def test_forcefield_does_not_swallow_the_system():
     assert args.forcefield == ["amber14-all.xml", "implicit/obc2.xml", "extra.xml"]
 
 
-def _md_output(tmp_path, *options, terminal: bool) -> str:
-    """stdout + stderr of a short `md` run, on a pseudo-terminal or through a pipe."""
-    argv = [sys.executable, "-m", "openmm_snf.cli", *options, "md", "double_well", "--out",
-            str(tmp_path / f"md{len(list(tmp_path.iterdir()))}.dcd"), "--frames", "20", "--steps-per-frame", "5",
-            "--equilibration", "0", "--replicas", "2"]
+MD_ARGS = ["md", "double_well", "--method", "md", "--frames", "20", "--steps-per-frame", "5", "--equilibration", "0",
+           "--replicas", "2"]
+
+
+def _terminal_output(tmp_path, *options) -> str:
+    """stdout + stderr of a short `md` run on a pseudo-terminal (100 columns)."""
+    argv = [sys.executable, "-m", "openmm_snf.cli", *options, *MD_ARGS, "--out",
+            str(tmp_path / f"md{len(list(tmp_path.iterdir()))}.dcd")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("TQDM_DISABLE", None)
-    if not terminal:
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
-        assert done.returncode == 0, done.stderr
-        return done.stdout + done.stderr
     try:
         leader, follower = pty.openpty()
     except OSError as err:  # no pseudo-terminals in this sandbox
         pytest.skip(f"no pseudo-terminal: {err}")
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     process = subprocess.Popen(argv, stdout=follower, stderr=follower, env=env)
     os.close(follower)
     chunks = []
@@ -81,15 +80,17 @@ def _md_output(tmp_path, *options, terminal: bool) -> str:
         chunks.append(chunk)
     os.close(leader)
     assert process.wait(timeout=120) == 0
-    return b"".join(chunks).decode()
+    return b"".join(chunks).decode().replace("\r\n", "\n")  # the terminal's own line ends
 
 
-def test_progress_bars_only_on_a_terminal_and_not_with_quiet(tmp_path):
-    assert "\r" in _md_output(tmp_path, terminal=True).replace("\r\n", "\n")  # the control: a bar is drawn
-    quiet = _md_output(tmp_path, "--quiet", terminal=True)
-    assert "\r" not in quiet.replace("\r\n", "\n") and "wrote" in quiet
-    piped = _md_output(tmp_path, terminal=False)
-    assert "\r" not in piped and "wrote" in piped
+def test_progress_bars_only_on_a_terminal_and_not_with_quiet(tmp_path, capfd, monkeypatch):
+    assert "\r" in _terminal_output(tmp_path)  # the control: a bar is drawn on a terminal
+    quiet = _terminal_output(tmp_path, "--quiet")
+    assert "\r" not in quiet and "wrote" in quiet
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main([*MD_ARGS, "--out", str(tmp_path / "piped.dcd")]) == 0  # output captured: not a terminal
+    piped = capfd.readouterr()
+    assert "\r" not in piped.out + piped.err and "wrote" in piped.out
 
 
 def test_umbrella_and_free_energy_resolve_residue_cvs_alike(tmp_path, capsys):
