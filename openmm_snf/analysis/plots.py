@@ -132,19 +132,21 @@ def plot_training_curves(metrics, path, *, force: bool = False, title: str = "Tr
     return _save(fig, path, force)
 
 
-def plot_ramachandran(path, samples, log_weights=None, *, reference=None, bins: int = 64, max_kt: float = 10.0,
+def plot_ramachandran(path, samples, log_weights=None, *, reference=None, reference_log_weights=None,
+                      reference_label: str = "reference MD", bins: int = 64, max_kt: float = 10.0,
                       force: bool = False, title: str = "Ramachandran plot") -> Path:
     """Free-energy maps of (phi, psi) in degrees: reference MD (if given), raw samples, reweighted samples.
 
     Args:
         samples: (n, 2) phi/psi in radians of the sampler's output.
         log_weights: (n,) their log weights; None shows only the raw panel.
-        reference: (m, 2) phi/psi of reference MD in radians, or None.
+        reference: (m, 2) phi/psi of reference MD in radians, or None; ``reference_log_weights`` (m,) weight
+            them (e.g. tempering frames reweighted to the target temperature).
         max_kt: colour scale cap in kT.
     """
     panels = []
     if reference is not None:
-        panels.append(("reference MD", reference, None))
+        panels.append((reference_label, reference, reference_log_weights))
     panels.append(("samples (raw)", samples, None))
     if log_weights is not None:
         panels.append((f"samples (reweighted, ESS {kish_ess(log_weights):.0f})", samples, log_weights))
@@ -239,11 +241,13 @@ def plot_convergence(path, log_weights, in_a, in_b, *, labels=("A", "B"), refere
     return _save(fig, path, force)
 
 
-def plot_energy_histogram(path, reduced_energies, log_weights, *, reference=None, bins: int = 80,
-                          force: bool = False, title: str = "Energies of the samples") -> Path:
+def plot_energy_histogram(path, reduced_energies, log_weights, *, reference=None, reference_log_weights=None,
+                          reference_label: str = "reference MD", bins: int = 80, force: bool = False,
+                          title: str = "Energies of the samples") -> Path:
     """Histograms of the reduced energy u = U/kT: raw samples, reweighted samples and (if given) reference
     MD frames; where the reweighted histogram matches the reference, the weights recover the Boltzmann
-    distribution. The range covers 99.8% of the reweighted (and reference) mass."""
+    distribution. The range covers 99.8% of the reweighted (and reference) mass; ``reference_log_weights``
+    weight the reference frames (e.g. tempering data reweighted to the target temperature)."""
     u = np.asarray(reduced_energies, dtype=np.float64)
     weights = normalized_weights(log_weights)
     if u.shape != weights.shape or not np.all(np.isfinite(u)):
@@ -263,7 +267,8 @@ def plot_energy_histogram(path, reduced_energies, log_weights, *, reference=None
             label=f"samples (reweighted, ESS {kish_ess(log_weights):.0f})")
     if reference is not None:
         ax.hist(reference, bins=edges, density=True, histtype="step", color="0.2", lw=1.5,
-                label=f"training data, MD ({reference.size} frames)")
+                weights=None if reference_log_weights is None else normalized_weights(reference_log_weights),
+                label=f"{reference_label} ({reference.size} frames)")
     ax.set_xlabel("reduced energy u = U/kT")
     ax.set_ylabel("probability density")
     ax.set_title(title)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_trajectory, read_weighted_trajectory
+from ..io import read_trajectory, read_weighted_trajectory, trajectory_paths
 from ..weights import normalized_weights
 from . import plots
 from .cvs import compute_cv
@@ -50,6 +50,17 @@ def _rare_side_first(values: np.ndarray, log_weights: np.ndarray, name: str):
     return below, above, (f"{name}<0", f"{name}>0")
 
 
+def _read_reference(path):
+    """(mdtraj.Trajectory or None, log weights or None): reference frames, weighted by their sidecar when
+    they have one (tempering data: every rung's frames, weighted for the target temperature)."""
+    if path is None:
+        return None, None
+    if trajectory_paths(path).npz.is_file():
+        weighted = read_weighted_trajectory(path)
+        return weighted.traj, weighted.log_weights
+    return read_trajectory(path), None
+
+
 def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bins: int = 64,
                  reference=None, reference_energy=None) -> list[Path]:
     """Write the PNG plots of a run (and of its samples) into ``out_dir`` (default ``RUN/plots``).
@@ -82,7 +93,8 @@ def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bi
     log_w = weighted.log_weights
     written.append(plots.plot_log_weights(out_dir / "log_weights.png", log_w, force=force))
     cvs = json.loads(str(weighted.extra["cvs_json"])) if "cvs_json" in weighted.extra else {}
-    reference = None if reference is None else read_trajectory(reference)
+    reference, ref_log_w = _read_reference(reference)
+    ref_label = "training data (MD)" if ref_log_w is None else "training data (reweighted to T)"
     if "overlap_matrix" in weighted.extra:  # umbrella samples
         written.append(plots.plot_overlap_matrix(out_dir / "overlap.png", weighted.extra["overlap_matrix"],
                                                  centers=weighted.extra.get("window_centers"), force=force))
@@ -91,14 +103,17 @@ def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bi
         if reference is not None and reference_energy is not None:
             stride = max(1, reference.n_frames // 5000)
             ref_u = np.asarray(reference_energy(reference.xyz[::stride].astype(np.float64)), dtype=np.float64)
-        written.append(plots.plot_energy_histogram(out_dir / "energies.png", weighted.reduced_energies, log_w,
-                                                   reference=ref_u, force=force))
+        written.append(plots.plot_energy_histogram(
+            out_dir / "energies.png", weighted.reduced_energies, log_w, reference=ref_u, force=force,
+            reference_log_weights=None if ref_u is None or ref_log_w is None else ref_log_w[::stride],
+            reference_label=ref_label))
     phi, psi = _cv_or_none(weighted.traj, "phi", cvs), _cv_or_none(weighted.traj, "psi", cvs)
     if phi is not None and psi is not None:
         ref_angles = None if reference is None else np.column_stack(
             [compute_cv(reference, "phi", cvs=cvs), compute_cv(reference, "psi", cvs=cvs)])
         written.append(plots.plot_ramachandran(out_dir / "ramachandran.png", np.column_stack([phi, psi]), log_w,
-                                               reference=ref_angles, bins=bins, force=force))
+                                               reference=ref_angles, reference_log_weights=ref_log_w,
+                                               reference_label=ref_label, bins=bins, force=force))
         name, raw, ref_raw = "phi", phi, (None if ref_angles is None else ref_angles[:, 0])
         values, ref_values = np.degrees(phi), (None if ref_raw is None else np.degrees(ref_raw))
         limits, label = plots.DEGREE_RANGE, "φ (degrees)"
@@ -120,8 +135,10 @@ def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bi
                                               force=force))
     profile = free_energy_profile(values, log_w, bins=bins, limits=limits)
     ref_profile = None if ref_values is None else free_energy_profile(  # MD frames are correlated: bootstrap blocks
-        ref_values, bins=bins, limits=limits, block_length=automatic_block_length(ref_raw > 0, ref_raw < 0))
+        ref_values, ref_log_w, bins=bins, limits=limits,
+        block_length=automatic_block_length(ref_raw > 0, ref_raw < 0))
+    file_name = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     written.append(plots.plot_free_energy_profile(
-        out_dir / f"profile_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}.png", profile, reference=ref_profile, xlabel=label, force=force,
-        reference_label="training data (MD)", title=f"Free-energy profile along {name}"))
+        out_dir / f"profile_{file_name}.png", profile, reference=ref_profile, xlabel=label, force=force,
+        reference_label=ref_label, title=f"Free-energy profile along {name}"))
     return written
