@@ -151,3 +151,20 @@ def test_state_bars_map_the_delta_f_interval_to_shares(tmp_path):
     x = np.random.default_rng(1).normal(size=4000)
     result = free_energy_difference(np.zeros(4000), x > 1, x < 1, labels=("x>1", "x<1"), kT=2.5, n_bootstrap=100)
     _assert_png(plot_state_free_energies(tmp_path / "states.png", result))
+
+
+def test_weighted_reference_frames_are_read_with_their_weights(tmp_path):
+    from openmm_snf.analysis.plots import plot_energy_histogram
+    from openmm_snf.analysis.report import _read_reference
+    from openmm_snf.io import write_trajectory, write_weighted_trajectory
+    from openmm_snf.systems import load_system
+    mol = load_system("double_well")
+    xyz = np.random.default_rng(0).normal(size=(20, 1, 3))
+    write_weighted_trajectory(tmp_path / "tempering.dcd", mol, xyz, np.arange(20.0), np.zeros(20))
+    write_trajectory(tmp_path / "md.dcd", mol, xyz)
+    traj, log_w = _read_reference(tmp_path / "tempering.dcd")
+    assert traj.n_frames == 20 and np.allclose(log_w, np.arange(20.0))
+    assert _read_reference(tmp_path / "md.dcd")[1] is None and _read_reference(None) == (None, None)
+    u = 0.5 * (xyz[:, 0, 0] ** 2)
+    _assert_png(plot_energy_histogram(tmp_path / "u.png", u, np.zeros(20), reference=u,
+                                      reference_log_weights=np.arange(20.0), reference_label="tempering"))
