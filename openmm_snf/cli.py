@@ -9,30 +9,56 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
+
+from . import __version__
 
 __all__ = ["main", "build_parser"]
 
 EPILOG = "Run 'openmm-snf COMMAND --help' for the options of one command."
 UNRELIABLE_EXIT = 3  # exit status of sample / free-energy --strict when the verdict is UNRELIABLE
+QUIET_HELP = "no progress bars (they are drawn only on a terminal anyway; TQDM_DISABLE=1 also hides them)"
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+SIGN_CONVENTION = ("dF = F_A - F_B = -ln(sum_A w / sum_B w) in kT: the first state minus the second, "
+                   "positive when the first is the less probable (the demo and README put the rare state first)")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Appends " (default: X)" once, and only where there is a default worth printing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.required or not action.option_strings
+                or any(action.default is nothing for nothing in (None, False, argparse.SUPPRESS))
+                or action.default == []):
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _forcefield_files(text: str) -> list[str]:
+    files = [name.strip() for name in text.split(",") if name.strip()]
+    if not files:
+        raise argparse.ArgumentTypeError(f"expected force-field XML names, got {text!r}")
+    return files
 
 
 def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("system", metavar="SYSTEM",
-                        help="a shipped system (alanine_dipeptide_vacuum, alanine_dipeptide_implicit, double_well), "
-                             "a folder with metadata.yaml, a PDB file (with --forcefield/--implicit), a serialized "
-                             "System .xml (with --pdb) or an Amber .prmtop (with --pdb FILE.inpcrd)")
-    parser.add_argument("--pdb", help="structure for a System XML, or coordinates (.inpcrd) for a prmtop")
-    parser.add_argument("--forcefield", nargs="+", metavar="XML",
-                        help="force-field XML names for a PDB SYSTEM (default: amber14-all.xml)")
-    parser.add_argument("--implicit", choices=["obc1", "obc2", "gbn", "gbn2", "hct"],
-                        help="implicit-solvent model for a PDB or prmtop SYSTEM (default: vacuum)")
-    parser.add_argument("--temperature", type=float,
-                        help="temperature in kelvin (default: the system's own, 300 K if it has none)")
+    """The one group of system options shared by md, umbrella and train (load_system's arguments)."""
+    group = parser.add_argument_group("system", "what to simulate (the same options for md, umbrella and train)")
+    group.add_argument("system", metavar="SYSTEM",
+                       help="a shipped system (alanine_dipeptide_vacuum, alanine_dipeptide_implicit, double_well), "
+                            "a folder with metadata.yaml, a PDB file (with --forcefield/--implicit), a serialized "
+                            "System .xml (with --pdb) or an Amber .prmtop (with --pdb FILE.inpcrd)")
+    group.add_argument("--pdb", help="structure for a System XML, or coordinates (.inpcrd) for a prmtop")
+    group.add_argument("--forcefield", action="extend", type=_forcefield_files, metavar="XML[,XML...]",
+                       help="force-field XML names for a PDB SYSTEM, comma-separated or repeated "
+                            "(default: amber14-all.xml)")
+    group.add_argument("--implicit", choices=["obc1", "obc2", "gbn", "gbn2", "hct"],
+                       help="implicit-solvent model for a PDB or prmtop SYSTEM (default: vacuum)")
+    group.add_argument("--temperature", type=float,
+                       help="temperature in kelvin (default: the system's own, 300 K if it has none)")
 
 
 def _load(args):
@@ -127,18 +153,28 @@ def _md_config(args) -> dict:
 def _run_md(args) -> int:
     from .io import check_outputs_free, trajectory_paths
     from .runs import make_data
+    from .summary import write_summary
     config = _md_config(args)
     mol = _load(args)
     paths = trajectory_paths(args.out)
-    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv], args.force)
-    frames, log_weights = make_data(mol, config, paths.dcd, force=args.force)
+    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, _summary_path(paths.dcd)], args.force)
+    frames, log_weights = make_data(mol, config, paths.dcd, force=args.force, progress=not args.quiet)
     data = config["data"]
+    summary = {"command": "md", "version": __version__, "system": mol.name, "out": paths.dcd, "topology": paths.pdb,
+               "temperature_kelvin": mol.temperature, "n_frames": len(frames), "method": data["method"],
+               "settings": data[data["method"]]}
     if data["method"] == "md":
         print(f"wrote {paths.dcd} ({len(frames)} frames of plain MD at {mol.temperature:g} K) and {paths.pdb}")
+        settings = data["md"]
+        summary.update(replicas=settings["n_replicas"], frames_per_replica=settings["n_frames"],
+                       frame_order="replica after replica: frame i belongs to replica i // frames_per_replica",
+                       frame_interval_ps=settings["timestep"] * settings["steps_per_frame"] / 1000)
+        write_summary(_summary_path(paths.dcd), summary)
         return 0
     from .weights import kish_ess
     print(f"wrote {paths.dcd} ({len(frames)} frames of parallel tempering from {mol.temperature:g} K), {paths.pdb} "
           f"and {paths.npz.name} (MBAR weights for {mol.temperature:g} K, Kish ESS {kish_ess(log_weights):.0f})")
+    write_summary(_summary_path(paths.dcd), {**summary, "weights": paths.npz, "kish_ess": kish_ess(log_weights)})
     return 0
 
 
@@ -147,10 +183,13 @@ def _add_umbrella(sub) -> None:
                        description="Umbrella sampling along a dihedral CV: one harmonic window per replica, all "
                                    "replicas in one OpenMM Context, analysed with MBAR (pymbar). Writes OUT with "
                                    "a weights sidecar holding the unbiased MBAR log weights of every frame, so "
-                                   "'free-energy' and 'report' treat it like SNF samples (use --block-length).")
+                                   "'free-energy' and 'report' treat it like SNF samples; u_kn and N_k for pymbar are "
+                                   "stored there too. Warns when neighbouring windows overlap less than 0.03.")
     _add_system_arguments(p)
     p.add_argument("--out", required=True, help="output .dcd (+ .pdb, .weights.npz, .weights.csv)")
-    p.add_argument("--cv", default="phi", help="a dihedral CV of the system's metadata, or dihedral:i,j,k,l")
+    p.add_argument("--cv", default="phi",
+                   help="the dihedral to bias: phi, psi, chi1.. from the topology (psi[ALA2] picks a residue, "
+                        "psi[1] the second), a dihedral of the system's metadata, or dihedral:i,j,k,l (0-based)")
     p.add_argument("--windows", type=int, default=24, help="windows, centred evenly on [-pi, pi)")
     p.add_argument("--k", type=float, default=100.0, help="force constant in kT/rad^2")
     _add_dynamics_arguments(p, frames=500, steps_per_frame=100, equilibration=2000, per="window")
@@ -160,36 +199,56 @@ def _add_umbrella(sub) -> None:
 def _run_umbrella(args) -> int:
     import mdtraj
     import numpy as np
-    from .analysis import compute_cv, parse_cv_spec
-    from .analysis.umbrella import umbrella_mbar
+    import torch
+    from .analysis import compute_cv
+    from .analysis.cvs import resolve_dihedral
+    from .analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_mbar
+    from .energy import OpenMMEnergy
     from .io import check_outputs_free, trajectory_paths, write_weighted_trajectory
     from .md import UmbrellaBias, run_md
+    from .summary import write_summary
     mol = _load(args)
-    definition = mol.cvs.get(args.cv) or (parse_cv_spec(args.cv) if ":" in args.cv else None)
-    if not definition or definition.get("kind") != "dihedral":
-        raise ValueError(f"--cv {args.cv!r} is not a dihedral of {mol.name} (known: "
-                         f"{', '.join(k for k, v in mol.cvs.items() if v.get('kind') == 'dihedral') or 'none'}); "
-                         "give dihedral:i,j,k,l")
+    atoms = resolve_dihedral(mol.mdtraj_topology(), args.cv, mol.cvs)
+    cvs = {**mol.cvs, args.cv: {"kind": "dihedral", "atoms": atoms}}  # free-energy/report resolve it the same way
     paths = trajectory_paths(args.out)
-    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv], args.force)
+    summary_path = _summary_path(paths.dcd)
+    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, summary_path], args.force)
     centers = np.linspace(-np.pi, np.pi, args.windows, endpoint=False)
-    bias = UmbrellaBias("dihedral", tuple(definition["atoms"]), tuple(centers), args.k)
-    xyz = run_md(mol, _md_settings(args, args.windows), platform=args.platform, threads=args.threads, bias=bias).reshape(-1, mol.n_atoms, 3)
-    cv = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), args.cv, cvs=mol.cvs)
+    bias = UmbrellaBias("dihedral", tuple(atoms), tuple(centers), args.k)
+    xyz = run_md(mol, _md_settings(args, args.windows), platform=args.platform, threads=args.threads, bias=bias,
+                 progress=not args.quiet).reshape(-1, mol.n_atoms, 3)
+    cv = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), args.cv, cvs=cvs)
     analysis = umbrella_mbar(cv.reshape(args.windows, -1), bias)
-    extra = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(mol.cvs),
-             "window": np.repeat(np.arange(args.windows), args.frames)}
-    import torch
-    from .energy import OpenMMEnergy
+    overlap = analysis.neighbour_overlap()
+    extra = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(cvs),
+             "window": np.repeat(np.arange(args.windows), args.frames), "window_centers": centers,
+             "u_kn": bias.reduced_energies(cv), "N_k": np.full(args.windows, args.frames),
+             "f_k": analysis.f_windows, "overlap_matrix": analysis.overlap_matrix()}
     energies, _ = OpenMMEnergy(mol, platform=args.platform, threads=args.threads).energy_and_forces(
         torch.as_tensor(xyz))
     write_weighted_trajectory(paths.dcd, mol, xyz, analysis.log_weights, energies.numpy(), force=args.force,
-                              extra=extra)
+                              extra=extra, frame_time=(args.timestep, args.steps_per_frame))
     inefficiency = np.asarray(analysis.statistical_inefficiency)
-    print(f"wrote {len(xyz)} frames ({args.windows} windows x {args.frames}) with MBAR weights to {paths.dcd}; "
-          f"statistical inefficiency {inefficiency.min():.1f}-{inefficiency.max():.1f} frames")
+    print(f"wrote {len(xyz)} frames ({args.windows} windows x {args.frames}) with MBAR weights to {paths.dcd} "
+          f"(+ u_kn, N_k for pymbar in {paths.npz.name}); statistical inefficiency {inefficiency.min():.1f}-"
+          f"{inefficiency.max():.1f} frames; smallest overlap of neighbouring windows {overlap.min():.2g}")
+    if overlap.min() < MIN_NEIGHBOUR_OVERLAP:
+        worst = int(np.argmin(overlap))
+        print(f"warning: MBAR overlap between windows {worst} and {(worst + 1) % args.windows} is "
+              f"{overlap.min():.2g} (< {MIN_NEIGHBOUR_OVERLAP}): the free energies across that gap are unreliable; "
+              "use more --windows or a smaller --k", file=sys.stderr)
     result = analysis.delta_f(cv > 0, cv < 0, labels=(f"{args.cv}>0", f"{args.cv}<0"))
     print(result.summary())
+    write_summary(summary_path, {
+        "command": "umbrella", "version": __version__, "system": mol.name, "out": paths.dcd, "cv": args.cv,
+        "cv_atoms": atoms, "windows": args.windows, "frames_per_window": args.frames,
+        "force_constant_kT_per_rad2": args.k, "temperature_kelvin": mol.temperature, "kT_kj_per_mol": mol.kT,
+        "statistical_inefficiency": inefficiency, "neighbour_overlap": overlap,
+        "min_neighbour_overlap": float(overlap.min()),
+        "sign_convention": "delta_f = F_A - F_B (first state minus second), kT",
+        "delta_f": {"label_a": result.label_a, "label_b": result.label_b, "delta_f": result.delta_f,
+                    "std": result.std, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                    "confidence": result.confidence, "kj_per_mol": result.delta_f * mol.kT}})
     return 0
 
 
@@ -240,7 +299,8 @@ def _run_train(args) -> int:
     source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
               "temperature": args.temperature}
     config = None if args.resume else resolve_config(source, args.config, _train_overrides(args))
-    run, trainer = build_run(args.out, config, resume=args.resume, process_group=args.process_group)
+    run, trainer = build_run(args.out, config, resume=args.resume, progress=not args.quiet,
+                             process_group=args.process_group)
     if args.resume and args.iterations:
         trainer.config.n_iterations = args.iterations
     if trainer.is_main:
@@ -252,7 +312,30 @@ def _run_train(args) -> int:
     elif trainer.is_main:
         print(f"trained {trainer.iteration} iterations ({trainer.n_skipped} skipped as non-finite); last loss "
               f"{history[-1]['loss']:.3f}; checkpoint {run.checkpoint_path}, metrics {run.metrics_path}")
+    if trainer.is_main:
+        from .summary import write_summary
+        write_summary(run.folder / "summary.json", {
+            "command": "train", "version": __version__, "run": run.folder, "system": run.mol.name,
+            "temperature_kelvin": run.mol.temperature, "energy": run.energy.describe(),
+            "iterations": trainer.iteration, "n_skipped": trainer.n_skipped,
+            "last": history[-1] if history else None, "checkpoint": run.checkpoint_path,
+            "metrics": run.metrics_path, "data": _training_data_layout(run)})
     return 0
+
+
+def _training_data_layout(run) -> dict:
+    """Where the training frames came from: a file, or data the run made (MD: replica after replica;
+    tempering: frames weighted for the target temperature by the sidecar of data.dcd)."""
+    data = run.config["data"]
+    if data["path"] is not None:
+        return {"path": data["path"]}
+    method = data.get("method", "md")
+    settings = data[method]
+    layout = {"path": run.folder / "data.dcd", "method": method, "settings": settings}
+    if method == "md":
+        layout.update(replicas=settings["n_replicas"], frames_per_replica=settings["n_frames"],
+                      frame_order="replica after replica")
+    return layout
 
 
 def _add_sample(sub) -> None:
@@ -315,7 +398,7 @@ def _run_sample(args) -> int:
     from .runs import choose_annealing, load_run, sample
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
-    run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv] +
+    run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, _summary_path(paths.dcd)] +
                                            ([resampled.dcd, resampled.pdb] if args.resample else []), args.force),
                 args.process_group)
     run = load_run(args.run_dir, device=args.device)
@@ -327,13 +410,14 @@ def _run_sample(args) -> int:
         run = dataclasses.replace(run, snf=annealed(run.snf, args.anneal, n_steps=args.anneal_steps,
                                                      step_size=args.anneal_step_size, kernel=args.anneal_kernel))
     result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
-                    process_group=args.process_group)
+                    progress=not args.quiet, process_group=args.process_group)
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them
         return 0
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
                               force=args.force, extra=extra)
-    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name})")
+    print(f"wrote {args.n} samples to {paths.dcd} (+ {paths.pdb.name}, {paths.npz.name}, {paths.csv.name}, "
+          f"{_summary_path(paths.dcd).name})")
     weighted = read_weighted_trajectory(paths.dcd)
     if args.resample:
         out = write_resampled_trajectory(resampled.dcd, weighted, args.resample,
@@ -341,6 +425,7 @@ def _run_sample(args) -> int:
         print(f"wrote {args.resample} resampled frames to {resampled.dcd} ({out.n_unique} unique)")
     verdict = diagnose(result["log_weights"], default_states(weighted.traj, run.mol.cvs),
                        remedy=_weight_remedy(run.config["model"].get("stochastic") is None, args.anneal))
+    _write_sample_summary(args, run, result, paths, verdict)
     return _report_verdict(verdict, args.strict)
 
 
@@ -365,31 +450,69 @@ def _weight_remedy(flow_only: bool, anneal: int) -> str:
     return f"raise --anneal (now {anneal}) or {train}" if anneal else f"sample with --anneal K (e.g. 40) or {train}"
 
 
+def _write_sample_summary(args, run, result: dict, paths, verdict) -> None:
+    """``OUT.summary.json``: what sample printed (the verdict included), and how the samples were made."""
+    from .summary import write_summary
+    from .weights import kish_ess, normalized_weights
+    log_w = result["log_weights"]
+    fields = {"command": "sample", "version": __version__, "run": args.run_dir, "out": paths.dcd,
+              "weights": paths.npz, "system": run.mol.name, "temperature_kelvin": run.mol.temperature,
+              "kT_kj_per_mol": run.mol.kT, "n": int(len(log_w)), "seed": args.seed,
+              "anneal": {"stages": args.anneal, "kernel": args.anneal_kernel, "steps": args.anneal_steps,
+                         "step_size": args.anneal_step_size} if args.anneal else None,
+              "kish_ess": kish_ess(log_w), "ess_fraction": kish_ess(log_w) / len(log_w),
+              "largest_weight": float(normalized_weights(log_w).max()),
+              "log_weight_range": float(log_w.max() - log_w.min()), "acceptance": result["acceptance"],
+              "verdict": verdict.to_dict()}
+    write_summary(_summary_path(paths.dcd), fields)
+
+
 def _add_free_energy(sub) -> None:
     p = sub.add_parser("free-energy", formatter_class=_Formatter, help="free-energy difference between two states",
-                       description="dF_AB = F_A - F_B = -ln(sum_A w / sum_B w) from a weighted DCD (weights from "
-                                   "its .weights.npz sidecar; a DCD without sidecar counts as unweighted MD), with "
-                                   "a bootstrap interval, the effective sample size per state and pymbar's EXP "
-                                   "estimate as a cross-check, then the verdict on the two states (see 'sample "
-                                   "--help'). A state without samples is an error (exit status 2).",
-                       epilog='Example: openmm-snf free-energy samples.dcd --states "A: phi < 0" "B: phi > 0"\n'
+                       description=f"{SIGN_CONVENTION}, from a weighted DCD (weights from its .weights.npz "
+                                   "sidecar; a DCD without sidecar counts as unweighted MD), with a bootstrap "
+                                   "interval, the effective sample size per state and pymbar's EXP estimate as a "
+                                   "cross-check, then the verdict on the two states (see 'sample --help'). A state "
+                                   "without samples is an error (exit status 2).",
+                       epilog='Example: openmm-snf free-energy samples.dcd --states "A: phi > 0" "B: phi < 0"\n'
                               "CVs: phi, psi, omega, chi1..4 (from the topology), names stored by 'sample', or "
                               "your own with --cv NAME=SPEC, SPEC one of dihedral:i,j,k,l angle:i,j,k "
                               "distance:i,j position:i,x rmsd[:selection] (atoms 0-based, angles in radians).")
     p.add_argument("samples", help="weighted (or MD) .dcd; its topology is the .pdb beside it unless --top")
     p.add_argument("--states", nargs=2, required=True, metavar="STATE",
-                   help='two states "LABEL: condition", e.g. "A: phi < 0" "B: phi > 0"; conditions combine '
-                        "comparisons with and/or/not")
+                   help='two states "LABEL: condition", e.g. "A: phi > 0" "B: phi < 0" (dF = F_A - F_B); '
+                        "conditions combine comparisons with and/or/not")
     p.add_argument("--cv", action="append", default=[], metavar="NAME=SPEC", help="define a CV (repeatable)")
     p.add_argument("--top", help="topology file (default: the .pdb beside the DCD)")
     p.add_argument("--reference", help="reference structure (PDB) for rmsd CVs")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
-    p.add_argument("--block-length", type=int, default=1,
-                   help="frames per bootstrap block (use > 1 for time-correlated MD frames)")
+    p.add_argument("--block-length", type=_block_length, default="auto",
+                   help="frames per bootstrap block; auto: the statistical inefficiency of the state indicators "
+                        "in frame order (pymbar.timeseries), 1 for independent samples, more for MD frames")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--json", action="store_true", help="print the result as JSON (with its verdict; inf/nan as null)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as strict JSON (with its verdict; non-finite values: null, named in "
+                        "'error')")
+    p.add_argument("--summary", metavar="FILE.json", help="also write the result to this JSON file")
+    p.add_argument("--plot", metavar="FILE.png", help="also draw each state's share with its 95%% interval")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --plot file")
     _add_strict_argument(p, "the result is printed all the same")
     p.set_defaults(run=_run_free_energy)
+
+
+def _block_length(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of frames or 'auto', got {text!r}") from None
+
+
+def _summary_path(dcd) -> "Path":
+    """``x.dcd`` -> ``x.summary.json``."""
+    from pathlib import Path
+    return Path(f"{Path(dcd).with_suffix('')}.summary.json")
 
 
 def _read_samples(path, top):
@@ -417,8 +540,17 @@ def _run_free_energy(args) -> int:
         if err.verdict is not None and not args.json:
             _report_verdict(err.verdict, args.strict)
         raise
+    fields = {"command": "free-energy", "version": __version__, "samples": args.samples, "states": args.states,
+              "sign_convention": "delta_f = F_A - F_B (first state minus second), kT", **result.to_dict()}
+    if args.summary:
+        from .summary import write_summary
+        write_summary(args.summary, fields)
+    if args.plot:
+        from .analysis.plots import plot_state_free_energies
+        plot_state_free_energies(args.plot, result, force=args.force)
     if args.json:  # stdout stays pure JSON; a human still sees an UNRELIABLE verdict on stderr
-        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
+        from .summary import strict_json
+        print(strict_json(fields))
         for line in [] if result.verdict.reliable else result.verdict.lines():
             print(line, file=sys.stderr)
         return UNRELIABLE_EXIT if args.strict and not result.verdict.reliable else 0
@@ -430,19 +562,38 @@ def _run_free_energy(args) -> int:
 def _add_report(sub) -> None:
     p = sub.add_parser("report", formatter_class=_Formatter, help="plots of a run and its samples",
                        description="PNG plots: training curves (from RUN/metrics.jsonl); with --samples also the "
-                                   "histogram of log weights, a Ramachandran map (reference MD = RUN/data.dcd, "
-                                   "raw and reweighted samples) and the free-energy profile along phi (or along "
-                                   "the system's first CV) with its bootstrap band.")
-    p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
-    p.add_argument("--samples", help="weighted samples (.dcd) written by 'openmm-snf sample'")
-    p.add_argument("--out-dir", help="folder for the PNG files (default: RUN/plots)")
+                                   "histogram of log weights (top 50 nats), reduced energies of the raw and "
+                                   "reweighted samples against the reference MD (RUN/data.dcd), dF and ESS against "
+                                   "the number of samples, a Ramachandran map and the free-energy profile along "
+                                   "phi in degrees (or along the system's first CV) with its bootstrap band, and "
+                                   "the MBAR overlap of umbrella samples. Without RUN, only the samples' plots "
+                                   "(e.g. 'openmm-snf report --samples us.dcd' after 'umbrella').")
+    p.add_argument("run_dir", metavar="RUN", nargs="?", help="run folder written by 'openmm-snf train'")
+    p.add_argument("--samples", help="weighted samples (.dcd) written by 'openmm-snf sample' or 'umbrella'")
+    p.add_argument("--out-dir", help="folder for the PNG files (default: RUN/plots, or SAMPLES-plots without RUN)")
     p.add_argument("--force", action="store_true", help="overwrite existing plots")
     p.set_defaults(run=_run_report)
 
 
 def _run_report(args) -> int:
+    from pathlib import Path
     from .analysis.report import write_report
-    for path in write_report(args.run_dir, args.samples, out_dir=args.out_dir, force=args.force):
+    from .runs import load_run_system, read_run_config
+    if args.run_dir is None and args.samples is None:
+        raise ValueError("nothing to plot: give a run folder (RUN), --samples, or both")
+    reference, reference_energy = None, None
+    if args.run_dir is not None:
+        reference = Path(args.run_dir) / "data.dcd"
+        if not reference.is_file():  # trained with --data: those frames are the reference
+            reference = (read_run_config(args.run_dir).get("data") or {}).get("path")
+    if args.samples and reference:  # the reference MD in the energy histogram
+        import torch
+        from .energy import OpenMMEnergy
+        energy = OpenMMEnergy(load_run_system(args.run_dir))
+        reference_energy = lambda xyz: energy.energy_and_forces(torch.as_tensor(xyz))[0].numpy()  # noqa: E731
+    out_dir = args.out_dir or (None if args.run_dir else Path(args.samples).with_suffix("").as_posix() + "-plots")
+    for path in write_report(args.run_dir, args.samples, out_dir=out_dir, force=args.force,
+                             reference=reference, reference_energy=reference_energy):
         print(f"wrote {path}")
     return 0
 
@@ -462,7 +613,8 @@ def _add_demo(sub) -> None:
 
 
 def _demo_states(system: str) -> list[str]:
-    return ["A: x < 0", "B: x > 0"] if system == "double_well" else ["A: phi < 0", "B: phi > 0"]
+    """The rare state first, so that dF = F_A - F_B > 0 (the sign convention of README)."""
+    return ["A: x < 0", "B: x > 0"] if system == "double_well" else ["A: phi > 0", "B: phi < 0"]
 
 
 def _run_demo(args) -> int:
@@ -474,7 +626,7 @@ def _run_demo(args) -> int:
                                                              if args.iterations else [])
     if (run_dir / "config.yaml").is_file():
         train.append("--resume")
-    status = _demo_step(train)
+    status = _demo_step(train, args.quiet)
     if status:
         return status
     config = read_run_config(run_dir)
@@ -488,15 +640,15 @@ def _run_demo(args) -> int:
                       "--block-length", str(config["data"]["md"]["n_frames"])])
     steps.append(["report", str(run_dir), "--samples", str(samples), "--force"])
     for argv in steps:
-        status = _demo_step(argv)
+        status = _demo_step(argv, args.quiet)
         if status:
             return status
     return 0
 
 
-def _demo_step(argv: list[str]) -> int:
-    print(f"\n$ openmm-snf {' '.join(argv)}", flush=True)
-    return main(argv)
+def _demo_step(argv: list[str], quiet: bool) -> int:
+    print(f"\n$ openmm-snf {shlex.join(argv)}", flush=True)  # quoted, so it can be pasted into a shell
+    return main((["--quiet"] if quiet else []) + argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -504,12 +656,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="openmm-snf", formatter_class=_Formatter, epilog=EPILOG,
         description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
                     "importance weights, free-energy differences and plots.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     parser.add_argument("--torch-threads", type=int, default=1,
                         help="torch threads of the model on the CPU (more threads rarely help small molecules and "
                              "compete with OpenMM's own; with --distributed each rank gets its share instead)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in (_add_md, _add_umbrella, _add_train, _add_sample, _add_free_energy, _add_report, _add_demo):
         add(sub)
+    for command in sub.choices.values():  # also accepted after the command; SUPPRESS keeps the top level's value
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 
 

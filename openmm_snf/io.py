@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .systems import as_mdtraj_topology
 from .weights import kish_ess, normalized_weights
 
 __all__ = ["TrajectoryIOError", "OutputExistsError", "InputError", "TrajectoryPaths", "WeightedTrajectory",
@@ -105,18 +106,6 @@ def atomic_outputs(paths, force: bool = False):
             temp.unlink(missing_ok=True)
 
 
-def _mdtraj_topology(topology):
-    """Accept a MolecularSystem, an ``openmm.app.Topology`` or an ``mdtraj.Topology``."""
-    import mdtraj
-    if isinstance(topology, mdtraj.Topology):
-        return topology
-    if hasattr(topology, "mdtraj_topology"):
-        return topology.mdtraj_topology()
-    if hasattr(topology, "getNumAtoms"):
-        return mdtraj.Topology.from_openmm(topology)
-    raise TypeError(f"expected a MolecularSystem, openmm.app.Topology or mdtraj.Topology, got {type(topology)}")
-
-
 def _to_numpy(values) -> np.ndarray:
     """numpy view of an array-like or a torch tensor (detached, on the CPU)."""
     if hasattr(values, "detach"):
@@ -169,14 +158,27 @@ def _checked_per_frame(values, n_frames: int, name: str, origin: str) -> np.ndar
     return values
 
 
-def _write_dcd_and_pdb(temp_dcd: Path, temp_pdb: Path, top, xyz: np.ndarray) -> None:
+def _write_dcd_and_pdb(temp_dcd: Path, temp_pdb: Path, top, xyz: np.ndarray, frame_time=None) -> None:
+    """PDB topology and DCD; with ``frame_time = (timestep_fs, steps_per_frame)`` the DCD header carries the
+    MD time step and save interval (written by OpenMM's DCDFile, as OpenMM's DCDReporter does; VMD, MDAnalysis
+    and cpptraj read it; mdtraj numbers frames 0, 1, ...)."""
     import mdtraj
     traj = mdtraj.Trajectory(xyz, top)
     traj[0].save_pdb(str(temp_pdb), force_overwrite=True)
-    traj.save_dcd(str(temp_dcd), force_overwrite=True)
+    if frame_time is None:
+        traj.save_dcd(str(temp_dcd), force_overwrite=True)
+        return
+    import openmm.app as app
+    import openmm.unit as unit
+    timestep_fs, steps_per_frame = frame_time
+    with open(temp_dcd, "wb") as handle:
+        dcd = app.DCDFile(handle, top.to_openmm(), timestep_fs * unit.femtoseconds, firstStep=int(steps_per_frame),
+                          interval=int(steps_per_frame))
+        for frame in xyz:
+            dcd.writeModel(frame * unit.nanometers)
 
 
-def write_trajectory(path_dcd, topology, xyz, *, force: bool = False) -> TrajectoryPaths:
+def write_trajectory(path_dcd, topology, xyz, *, force: bool = False, frame_time=None) -> TrajectoryPaths:
     """Write an unweighted trajectory (e.g. reference MD): ``path_dcd`` and the PDB topology beside it.
 
     Args:
@@ -184,14 +186,15 @@ def write_trajectory(path_dcd, topology, xyz, *, force: bool = False) -> Traject
         topology: MolecularSystem, ``openmm.app.Topology`` or ``mdtraj.Topology``.
         xyz: (n_frames, n_atoms, 3) float array in nm (a single (n_atoms, 3) frame is accepted).
         force: overwrite existing outputs.
+        frame_time: ``(timestep_fs, steps_per_frame)`` of MD frames, stored in the DCD header (default: none).
     Returns:
         the :class:`TrajectoryPaths` (its ``npz``/``csv`` are not written).
     """
     paths = trajectory_paths(path_dcd)
-    top = _mdtraj_topology(topology)
+    top = as_mdtraj_topology(topology)
     xyz = _checked_xyz(xyz, top.n_atoms)
     with atomic_outputs([paths.pdb, paths.dcd], force) as (tmp_pdb, tmp_dcd):
-        _write_dcd_and_pdb(tmp_dcd, tmp_pdb, top, xyz)
+        _write_dcd_and_pdb(tmp_dcd, tmp_pdb, top, xyz, frame_time)
     return paths
 
 
@@ -203,7 +206,7 @@ def _write_weights_csv(path: Path, columns: dict) -> None:
 
 
 def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_energies, *, force: bool = False,
-                              extra: dict | None = None) -> TrajectoryPaths:
+                              extra: dict | None = None, frame_time=None) -> TrajectoryPaths:
     """Write weighted samples: DCD, PDB topology, ``.weights.npz`` and ``.weights.csv`` (all atomic).
 
     Args:
@@ -215,9 +218,10 @@ def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_ener
         force: overwrite existing outputs.
         extra: more arrays/scalars for the npz (e.g. ``{"temperature": 300.0}``); 1-D arrays of length
             n_frames also become CSV columns.
+        frame_time: ``(timestep_fs, steps_per_frame)`` of MD frames (e.g. umbrella windows), for the DCD header.
     """
     paths = trajectory_paths(path_dcd)
-    top = _mdtraj_topology(topology)
+    top = as_mdtraj_topology(topology)
     xyz = _checked_xyz(xyz, top.n_atoms)
     n = xyz.shape[0]
     log_w = _checked_per_frame(log_weights, n, "log_weights", "write_weighted_trajectory")
@@ -235,7 +239,7 @@ def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_ener
         with open(t_npz, "wb") as handle:
             np.savez(handle, **arrays)
         _write_weights_csv(t_csv, columns)
-        _write_dcd_and_pdb(t_dcd, t_pdb, top, xyz)
+        _write_dcd_and_pdb(t_dcd, t_pdb, top, xyz, frame_time)
     return paths
 
 
@@ -262,7 +266,7 @@ def read_trajectory(path_dcd, top=None):
         except Exception as err:  # mdtraj raises assorted errors for malformed files
             raise InputError(f"could not read topology {top}: {err}") from err
     else:
-        topology = _mdtraj_topology(top)
+        topology = as_mdtraj_topology(top)
     try:
         with _silenced_c_stdout(), mdtraj.formats.DCDTrajectoryFile(str(paths.dcd)) as handle:
             xyz_angstrom, lengths, angles = handle.read()

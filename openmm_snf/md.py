@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .energy.platforms import choose_platform, platform_properties
 from .energy.replicate import build_replicated_system
 from .systems import MolecularSystem, kT_in_kj_per_mol
+from .units import in_unit
 
 __all__ = ["MDSettings", "UmbrellaBias", "run_md"]
 
@@ -33,6 +34,8 @@ class MDSettings:
     n_replicas: independent copies integrated in one Context; timestep in fs; friction in 1/ps;
     equilibration_steps: steps run before the first frame (after an energy minimization);
     temperature: kelvin (default: the system's); seed: seeds velocities and the Langevin noise;
+    timestep, friction, temperature and starts may also be ``openmm.unit`` quantities
+    (``2 * unit.femtoseconds``), stored as plain numbers in the units above;
     starts: optional list of start structures ((n_atoms, 3) nm each); replica r starts from
     ``starts[r % len(starts)]`` (e.g. one per well of a double well), default the system's positions.
     """
@@ -46,6 +49,13 @@ class MDSettings:
     temperature: float | None = None
     seed: int = 0
     starts: list | None = None
+
+    def __post_init__(self):
+        self.timestep = in_unit(self.timestep, unit.femtosecond, "timestep")
+        self.friction = in_unit(self.friction, unit.picosecond ** -1, "friction")
+        self.temperature = in_unit(self.temperature, unit.kelvin, "temperature")
+        if unit.is_quantity(self.starts):
+            self.starts = in_unit(self.starts, unit.nanometer, "starts").tolist()
 
     def validate(self, n_atoms: int) -> None:
         for name in ("n_frames", "steps_per_frame", "n_replicas"):
@@ -166,7 +176,8 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     context.setVelocitiesToTemperature(temperature * unit.kelvin, settings.seed + 1)
     frames = np.empty((n_rep, int(settings.n_frames), n_atoms, 3))
     bar = tqdm(total=settings.equilibration_steps + settings.n_frames * settings.steps_per_frame,
-               desc=f"MD {mol.name} ({n_rep} replicas, OpenMM {choice.name})", unit="step", disable=not progress)
+               desc=f"MD {mol.name} ({n_rep} replicas, OpenMM {choice.name})", unit="step",
+               disable=None if progress else True)  # None: a bar only on a terminal
     if settings.equilibration_steps:
         integrator.step(int(settings.equilibration_steps))
         bar.update(settings.equilibration_steps)

@@ -50,8 +50,7 @@ from .tempering import TemperingSettings, run_tempering
 from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
 
 __all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "choose_annealing", "load_run",
-           "make_data",
-           "read_run_config", "sample"]
+           "load_run_system", "make_data", "read_run_config", "sample"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
@@ -207,9 +206,10 @@ def make_data(mol: MolecularSystem, config: dict, path_dcd, *, force: bool = Fal
     (+ PDB, and for tempering the weights sidecar); return (frames (n, n_atoms, 3) nm, log weights or None)."""
     data = config["data"]
     if data["method"] == "md":
-        frames = run_md(mol, MDSettings(**data["md"]), platform=config["energy"]["platform"],
+        md = MDSettings(**data["md"])
+        frames = run_md(mol, md, platform=config["energy"]["platform"],
                         threads=config["energy"]["threads"], progress=progress).reshape(-1, mol.n_atoms, 3)
-        write_trajectory(path_dcd, mol, frames, force=force)
+        write_trajectory(path_dcd, mol, frames, force=force, frame_time=(md.timestep, md.steps_per_frame))
         return frames, None
     if data["method"] != "tempering":
         raise RunConfigError(f"data.method must be 'tempering' or 'md', got {data['method']!r}")
@@ -309,6 +309,11 @@ def read_run_config(folder) -> dict:
     return _read_yaml(Path(folder) / "config.yaml", "run configuration")
 
 
+def load_run_system(folder) -> MolecularSystem:
+    """The MolecularSystem a run folder was trained on (as its ``config.yaml`` says to load it)."""
+    return _load_mol(read_run_config(folder))
+
+
 def load_run(folder, *, device: str | None = None) -> Run:
     """Reopen a trained run for sampling: model weights from ``best.pt`` (the best validation) when the
     run wrote one, else from ``checkpoint.pt`` (the last iteration)."""
@@ -346,7 +351,7 @@ def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress:
     n_shards = n_shards or world_size_of(process_group)
     sizes, shards = split_sizes(n, n_shards), local_shards(n_shards, process_group)
     with tqdm(total=sum(sizes[k] for k in shards), desc="sampling", unit="sample",
-              disable=not (progress and rank_of(process_group) == 0)) as bar:
+              disable=None if progress and rank_of(process_group) == 0 else True) as bar:
         mine = {k: _sample_shard(run, sizes[k], shard_seed(seed, k, n_shards), batch_size, bar) for k in shards}
     gathered = gather_in_order(mine, process_group)
     if gathered is None:

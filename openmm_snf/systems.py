@@ -24,8 +24,10 @@ import openmm.app as app
 import openmm.unit as unit
 import yaml
 
+from .units import in_unit
+
 __all__ = ["MolecularSystem", "SystemLoadError", "load_system", "shipped_systems", "SHIPPED_DIR",
-           "kT_in_kj_per_mol"]
+           "kT_in_kj_per_mol", "as_mdtraj_topology"]
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "systems"
 
@@ -86,16 +88,29 @@ class MolecularSystem:
         return mdtraj.Topology.from_openmm(self.topology)
 
     def with_temperature(self, temperature: float) -> "MolecularSystem":
-        """The same system at another temperature (the System's forces are unchanged)."""
+        """The same system at another temperature (kelvin or a Quantity; the System's forces are unchanged)."""
+        temperature = in_unit(temperature, unit.kelvin, "temperature")
         _check_temperature(temperature, "temperature")
         return MolecularSystem(self.name, self.topology, self.system, self.positions, float(temperature),
                                dict(self.cvs), self.description)
 
     def write_pdb(self, path, positions=None) -> None:
-        """Write the topology with ``positions`` (n_atoms, 3) nm (default: the system's) as a PDB file."""
-        pos = self.positions if positions is None else np.asarray(positions)
+        """Write the topology with ``positions`` (n_atoms, 3) nm or a Quantity (default: the system's) as a PDB."""
+        pos = self.positions if positions is None else np.asarray(in_unit(positions, unit.nanometer, "positions"))
         with open(path, "w") as handle:
             app.PDBFile.writeFile(self.topology, pos * unit.nanometer, handle, keepIds=True)
+
+
+def as_mdtraj_topology(topology):
+    """An ``mdtraj.Topology`` from a MolecularSystem, an ``openmm.app.Topology`` or an ``mdtraj.Topology``."""
+    import mdtraj
+    if isinstance(topology, mdtraj.Topology):
+        return topology
+    if isinstance(topology, MolecularSystem):
+        return topology.mdtraj_topology()
+    if isinstance(topology, app.Topology):
+        return mdtraj.Topology.from_openmm(topology)
+    raise TypeError(f"expected a MolecularSystem, openmm.app.Topology or mdtraj.Topology, got {type(topology)}")
 
 
 def shipped_systems() -> list[str]:
@@ -110,10 +125,13 @@ def load_system(source, *, pdb=None, forcefield=None, implicit=None, temperature
         source: shipped name, folder with ``metadata.yaml``, ``*.pdb``, ``*.xml`` (serialized System) or
             ``*.prmtop``.
         pdb: structure for a System XML, or ``.inpcrd`` coordinates for a prmtop.
-        forcefield: force-field XML names for a PDB (default ``["amber14-all.xml"]``).
+        forcefield: force-field XML name, or a list of them, for a PDB (default ``"amber14-all.xml"``).
         implicit: implicit-solvent model for a PDB or prmtop: one of obc1, obc2, gbn, gbn2, hct.
-        temperature: kelvin; required unless the source's metadata gives it (default 300 K otherwise).
+        temperature: kelvin, or an ``openmm.unit`` temperature; default the source's metadata, else 300 K.
     """
+    temperature = in_unit(temperature, unit.kelvin, "temperature")
+    if isinstance(forcefield, (str, os.PathLike)):  # one file name, not a sequence of characters
+        forcefield = [os.fspath(forcefield)]
     if temperature is not None:
         _check_temperature(temperature, "--temperature")
     if implicit is not None and implicit.lower() not in IMPLICIT_MODELS:

@@ -19,6 +19,8 @@ temperatures' frames count, each by what it says about T0.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from dataclasses import dataclass
 
@@ -139,8 +141,9 @@ def mbar_log_weights(reduced_energies: np.ndarray, temperature_index: np.ndarray
     MBAR (pymbar) gives the rungs' free energies f_k, and frame n's weight for T0 is
     exp(-u0_n) / sum_k N_k exp(f_k - u_k,n), computed in log space. Normalized to log-sum-exp 0.
     """
-    from pymbar import MBAR
     from scipy.special import logsumexp
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        from pymbar import MBAR  # prints a JAX advertisement and a timeseries warning on import
     u0 = np.asarray(reduced_energies, dtype=np.float64)
     index = np.asarray(temperature_index)
     temperatures = np.asarray(temperatures, dtype=np.float64)
@@ -272,7 +275,8 @@ def run_tempering(mol: MolecularSystem, settings: TemperingSettings | None = Non
     ladder_of_copy = np.arange(n_ladders * n_temps) // n_temps
     total = settings.equilibration_steps + n_frames * settings.steps_per_frame
     with tqdm(total=total, desc=f"tempering {mol.name} ({n_ladders} x {n_temps} copies, "
-              f"{temperatures[0]:.0f}-{temperatures[-1]:.0f} K)", unit="step", disable=not progress) as bar:
+              f"{temperatures[0]:.0f}-{temperatures[-1]:.0f} K)", unit="step",
+              disable=None if progress else True) as bar:  # None: a bar only on a terminal
         done = 0
         while done < settings.equilibration_steps:
             n = min(settings.steps_per_frame, settings.equilibration_steps - done)

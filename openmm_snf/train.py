@@ -489,7 +489,7 @@ class Trainer:
         target = self.config.n_iterations if n_iterations is None else n_iterations
         history = []
         self.snf.train()
-        bar = tqdm(total=target, initial=self.iteration, disable=not (self.progress and self.is_main),
+        bar = tqdm(total=target, initial=self.iteration, disable=None if self.progress and self.is_main else True,
                    desc="training")
         log = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path and self.is_main else None
         try:

@@ -109,7 +109,7 @@ def test_cv_definitions():
         parse_cv_definition("distance:0,5")
 
 
-def test_several_residues_need_an_index():
+def test_several_residues_need_a_residue_or_an_index():
     topology = mdtraj.Topology()
     chain = topology.add_chain()
     atoms = []
@@ -119,10 +119,15 @@ def test_several_residues_need_an_index():
     for a, b in zip(atoms, atoms[1:]):
         topology.add_bond(a, b)
     traj = mdtraj.Trajectory(np.random.default_rng(0).standard_normal((3, 9, 3)), topology)
-    with pytest.raises(CVError, match=r"ambiguous: the topology has 2 phi torsions; use phi\[0\] .. phi\[1\]"):
+    with pytest.raises(CVError, match=r"ambiguous: the topology has 2 phi torsions; name the residue "
+                                      r"\(phi\[ALA1\], phi\[ALA2\]\) or the index phi\[0\] .. phi\[1\]"):
         compute_cv(traj, "phi")
     np.testing.assert_allclose(compute_cv(traj, "phi[1]"), compute_cv(traj, "dihedral:5,6,7,8"), atol=1e-6)
-    assert "psi[1]" in known_cv_names(traj)
+    np.testing.assert_allclose(compute_cv(traj, "phi[ala2]"), compute_cv(traj, "phi[1]"))
+    np.testing.assert_allclose(compute_cv(traj, "psi[ALA0]"), compute_cv(traj, "dihedral:0,1,2,3"), atol=1e-6)
+    assert "psi[ALA1]" in known_cv_names(traj)
+    with pytest.raises(CVError, match=r"no phi torsion in residue ALA0; residues with one: ALA1, ALA2"):
+        compute_cv(traj, "phi[ALA0]")
 
 
 def test_states_select_the_right_frames():

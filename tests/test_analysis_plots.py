@@ -87,3 +87,84 @@ def test_existing_plot_is_kept_unless_forced(tmp_path):
     assert out.read_bytes().startswith(PNG_SIGNATURE)
     with pytest.raises(InputError, match=r"use a \.png file name"):
         plot_log_weights(tmp_path / "logw.pdf", np.zeros(10))
+
+
+def test_training_curves_leave_out_bookkeeping_and_group_panels():
+    from openmm_snf.analysis.plots import BOOKKEEPING, _numeric_series, _training_panels
+    records = [{"iteration": i, "loss": 1.0 / (i + 1), "loss_forward": 1.0, "lr": 1e-3, "grad_norm": 2.0,
+                "skipped": False, "n_skipped": 0, "elapsed_s": 0.1 * i, "ess_fraction": 0.2,
+                "acceptance": {"block1": 0.5, "block3": 0.4}} for i in range(5)]
+    records[-1]["val_loss"] = 0.9
+    _, series = _numeric_series(records)
+    assert not set(series) & set(BOOKKEEPING)
+    panels = {title: (ylabel, lines) for title, ylabel, lines in _training_panels(series)}
+    assert list(panels) == ["loss", "Kish ESS of a monitoring batch", "Metropolis acceptance"]
+    assert set(panels["loss"][1]) == {"loss", "loss_forward", "val_loss"} and "nats" in panels["loss"][0]
+    np.testing.assert_allclose(panels["Kish ESS of a monitoring batch"][1]["ess"][1], 20.0)  # in percent
+    assert set(panels["Metropolis acceptance"][1]) == {"block1", "block3"}
+
+
+def test_log_weight_histogram_is_clipped_to_the_top_nats(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+    seen = {}
+    original = Axes.hist
+
+    def spy(self, x, *args, **kwargs):
+        seen["values"], seen["range"] = np.asarray(x), kwargs.get("range")
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "hist", spy)
+    log_w = np.concatenate([np.random.default_rng(0).normal(size=1000), [-7e6, -300.0]])
+    _assert_png(plot_log_weights(tmp_path / "logw.png", log_w))
+    assert seen["range"][0] == -50.0 and seen["values"].size == 1000 and seen["values"].min() >= -50
+
+
+def test_convergence_and_energy_plots(tmp_path):
+    from openmm_snf.analysis.plots import plot_convergence, plot_energy_histogram
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=3000)
+    log_w = -0.5 * x
+    _assert_png(plot_convergence(tmp_path / "conv.png", log_w, x > 1, x < 1, labels=("x>1", "x<1"),
+                                 reference_delta_f=1.0))
+    u = 0.5 * x ** 2
+    _assert_png(plot_energy_histogram(tmp_path / "u.png", u, log_w, reference=0.5 * rng.normal(size=2000) ** 2))
+    with pytest.raises(InputError, match="one equal length"):
+        plot_convergence(tmp_path / "bad.png", log_w, x[:10] > 0, x < 0)
+
+
+def test_overlap_matrix_plot(tmp_path):
+    from openmm_snf.analysis.plots import plot_overlap_matrix
+    k = np.arange(8)
+    matrix = np.exp(-np.minimum(np.abs(k[:, None] - k[None, :]), 8 - np.abs(k[:, None] - k[None, :])) ** 2)
+    matrix /= matrix.sum(1, keepdims=True)
+    _assert_png(plot_overlap_matrix(tmp_path / "overlap.png", matrix, centers=np.linspace(-np.pi, np.pi, 8, False)))
+    with pytest.raises(InputError, match="square"):
+        plot_overlap_matrix(tmp_path / "bad.png", matrix[:3])
+
+
+def test_state_bars_map_the_delta_f_interval_to_shares(tmp_path):
+    from openmm_snf.analysis import free_energy_difference
+    from openmm_snf.analysis.plots import plot_state_free_energies, state_shares
+    shares = state_shares(np.log(3.0), 0.0, np.log(9.0))  # P_B = 3 P_A, interval P_B/P_A in [1, 9]
+    np.testing.assert_allclose(shares["A"], [0.25, 0.1, 0.5])
+    np.testing.assert_allclose(shares["B"], [0.75, 0.5, 0.9])
+    x = np.random.default_rng(1).normal(size=4000)
+    result = free_energy_difference(np.zeros(4000), x > 1, x < 1, labels=("x>1", "x<1"), kT=2.5, n_bootstrap=100)
+    _assert_png(plot_state_free_energies(tmp_path / "states.png", result))
+
+
+def test_weighted_reference_frames_are_read_with_their_weights(tmp_path):
+    from openmm_snf.analysis.plots import plot_energy_histogram
+    from openmm_snf.analysis.report import _read_reference
+    from openmm_snf.io import write_trajectory, write_weighted_trajectory
+    from openmm_snf.systems import load_system
+    mol = load_system("double_well")
+    xyz = np.random.default_rng(0).normal(size=(20, 1, 3))
+    write_weighted_trajectory(tmp_path / "tempering.dcd", mol, xyz, np.arange(20.0), np.zeros(20))
+    write_trajectory(tmp_path / "md.dcd", mol, xyz)
+    traj, log_w = _read_reference(tmp_path / "tempering.dcd")
+    assert traj.n_frames == 20 and np.allclose(log_w, np.arange(20.0))
+    assert _read_reference(tmp_path / "md.dcd")[1] is None and _read_reference(None) == (None, None)
+    u = 0.5 * (xyz[:, 0, 0] ** 2)
+    _assert_png(plot_energy_histogram(tmp_path / "u.png", u, np.zeros(20), reference=u,
+                                      reference_log_weights=np.arange(20.0), reference_label="tempering"))

@@ -92,7 +92,7 @@ def test_report_writes_plots(double_well_run):
     out = double_well_run / "plots"
     assert main(["report", str(double_well_run / "run"), "--samples", str(double_well_run / "samples.dcd"),
                  "--out-dir", str(out)]) == 0
-    for name in ("training_curves.png", "log_weights.png", "profile_x.png"):
+    for name in ("training_curves.png", "log_weights.png", "energies.png", "convergence.png", "profile_x.png"):
         path = out / name
         assert path.stat().st_size > 10_000
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -318,3 +318,16 @@ def test_anneal_auto_samples_a_good_flow_alone_and_anneals_a_poor_one(double_wel
     with pytest.raises(SystemExit):
         main(["sample", str(poor), "--n", "10", "--out", str(tmp_path / "x.dcd"), "--anneal", "many"])
     assert "expected 'auto' or a whole number" in capsys.readouterr().err
+
+
+def test_sample_and_train_write_strict_json_summaries(double_well_run):
+    sample = json.loads((double_well_run / "samples.summary.json").read_text())
+    weights = np.load(double_well_run / "samples.weights.npz")
+    from openmm_snf.weights import kish_ess
+    assert sample["command"] == "sample" and sample["n"] == 4000 and sample["seed"] == 3
+    assert sample["kish_ess"] == pytest.approx(kish_ess(weights["log_weights"]))
+    assert sample["largest_weight"] == pytest.approx(weights["weights"].max())
+    train = json.loads((double_well_run / "run" / "summary.json").read_text())
+    last = json.loads((double_well_run / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert train["iterations"] == last["iteration"] and train["last"]["loss"] == pytest.approx(last["loss"])
+    assert train["data"]["method"] == "tempering" and train["data"]["settings"]["n_ladders"] == 16

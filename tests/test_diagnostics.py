@@ -145,6 +145,6 @@ def test_default_states():
     assert default_states(traj) == {}
     peptide = mdtraj.load(str(Path(__file__).parent / "data" / "ace_ser_phe_nme.pdb"))  # ACE-ALA-SER-PHE-NME
     states = default_states(peptide)
-    assert list(states) == [f"phi[{i}]{op}0" for i in range(3) for op in "<>"]
+    assert list(states) == [f"phi[{residue}]{op}0" for residue in ("ALA2", "SER3", "PHE4") for op in "<>"]
     phi = mdtraj.compute_phi(peptide)[1][:, 1]
-    np.testing.assert_array_equal(states["phi[1]>0"], phi > 0)
+    np.testing.assert_array_equal(states["phi[SER3]>0"], phi > 0)

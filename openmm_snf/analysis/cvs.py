@@ -8,7 +8,8 @@ A CV is looked up, in this order, as
 2. a spec string ``kind:arguments``: ``dihedral:4,6,8,14``, ``angle:0,1,2``, ``distance:0,5``,
    ``position:0,x``, ``rmsd`` or ``rmsd:<mdtraj selection>`` (needs a reference structure);
 3. a backbone torsion from the topology via mdtraj: ``phi``, ``psi``, ``omega``, ``chi1`` .. ``chi4``;
-   with several residues, ``phi[i]`` picks the i-th one.
+   with several residues, ``phi[ALA2]`` picks the one of residue ALA2 (name and number as in the PDB)
+   and ``phi[i]`` the i-th one (0-based). ``umbrella`` biases the same atoms (:func:`resolve_dihedral`).
 
 Units: angles and dihedrals in radians (dihedrals in (-pi, pi]), distances, positions and RMSD in nm.
 """
@@ -20,12 +21,14 @@ import numpy as np
 
 from .errors import CVError
 
-__all__ = ["KINDS", "compute_cv", "compute_cvs", "known_cv_names", "parse_cv_spec", "parse_cv_definition"]
+__all__ = ["KINDS", "TORSIONS", "compute_cv", "compute_cvs", "known_cv_names", "parse_cv_spec",
+           "parse_cv_definition", "resolve_dihedral", "torsion_atoms"]
 
 KINDS = ("dihedral", "angle", "distance", "position", "rmsd")
 _N_ATOMS = {"dihedral": 4, "angle": 3, "distance": 2}
 _AXES = {"x": 0, "y": 1, "z": 2, "0": 0, "1": 1, "2": 2}
-_TORSION = re.compile(r"^(phi|psi|omega|chi[1-4])(?:\[(\d+)\])?$")
+TORSIONS = ("phi", "psi", "omega", "chi1", "chi2", "chi3", "chi4")
+_TORSION = re.compile(r"^(phi|psi|omega|chi[1-4])(?:\[(\w+)\])?$")
 
 
 def _torsion_function(name: str):
@@ -102,40 +105,85 @@ def _from_definition(traj, name: str, definition: dict, reference) -> np.ndarray
     return compute(traj, index)[:, 0].astype(np.float64)
 
 
-def _available_torsions(topology) -> dict[str, int]:
-    """Backbone/side-chain torsion names defined by the topology, with how many of each."""
+def _torsion_table(topology) -> dict[str, list[tuple[str, list[int]]]]:
+    """{torsion name: [(residue label, 4 atom indices), ...]} for the torsions mdtraj finds in ``topology``.
+
+    A torsion belongs to the residue of its second atom: phi_i = C(i-1) N(i) CA(i) C(i), psi_i = N CA C
+    N(i+1), omega_i = CA(i) C(i) N(i+1) CA(i+1), chi_i from N CA of residue i. Labels are mdtraj's
+    ``ALA2`` (residue name and number as in the PDB).
+    """
     import mdtraj
     probe = mdtraj.Trajectory(np.zeros((1, topology.n_atoms, 3)), topology)
-    counts = {}
-    for name in ("phi", "psi", "omega", "chi1", "chi2", "chi3", "chi4"):
-        n = len(_torsion_function(name)(probe)[0])
-        if n:
-            counts[name] = n
-    return counts
+    table = {}
+    for name in TORSIONS:
+        atoms = _torsion_function(name)(probe)[0]
+        if len(atoms):
+            table[name] = [(str(topology.atom(int(quad[1])).residue), [int(a) for a in quad]) for quad in atoms]
+    return table
 
 
 def known_cv_names(traj, cvs: dict | None = None) -> list[str]:
-    """The names :func:`compute_cv` accepts for ``traj`` (besides spec strings)."""
+    """The names :func:`compute_cv` accepts for ``traj`` (besides spec strings and torsion indices)."""
     names = list(cvs or {})
-    for torsion, count in _available_torsions(traj.topology).items():
+    for torsion, entries in _torsion_table(traj.topology).items():
         if torsion not in names:
-            names += [torsion] if count == 1 else [f"{torsion}[{i}]" for i in range(count)]
+            names += [torsion] if len(entries) == 1 else [f"{torsion}[{label}]" for label, _ in entries]
     return names
 
 
-def _torsion(traj, name: str, match) -> np.ndarray:
-    torsion, index = match.group(1), match.group(2)
-    atoms, values = _torsion_function(torsion)(traj)
-    if len(atoms) == 0:
-        raise CVError(f"the topology defines no {torsion} torsion; known CVs: {', '.join(known_cv_names(traj))}")
-    if index is None:
-        if len(atoms) > 1:
-            raise CVError(f"CV {name!r} is ambiguous: the topology has {len(atoms)} {torsion} torsions; "
-                          f"use {torsion}[0] .. {torsion}[{len(atoms) - 1}]")
-        return values[:, 0].astype(np.float64)
-    if int(index) >= len(atoms):
-        raise CVError(f"CV {name!r}: only {len(atoms)} {torsion} torsion(s) (indices 0..{len(atoms) - 1})")
-    return values[:, int(index)].astype(np.float64)
+def torsion_atoms(topology, name: str) -> list[int] | None:
+    """The 4 atom indices (0-based) of a torsion named ``phi``, ``psi[ALA2]``, ``chi1[1]`` ...; None if ``name``
+    is not a torsion name. ``[ALA2]`` picks a residue by its label, ``[1]`` the i-th torsion of that kind.
+
+    Raises:
+        CVError: the topology has no such torsion, the residue has none, or a bare name is ambiguous.
+    """
+    match = _TORSION.match(name)
+    if not match:
+        return None
+    torsion, which = match.group(1), match.group(2)
+    entries = _torsion_table(topology).get(torsion, [])
+    if not entries:
+        known = [n for n, e in _torsion_table(topology).items()]
+        raise CVError(f"the topology defines no {torsion} torsion (it has: {', '.join(known) or 'none'}); give a "
+                      "spec such as dihedral:I,J,K,L")
+    labels = [label for label, _ in entries]
+    if which is None:
+        if len(entries) > 1:
+            raise CVError(f"CV {name!r} is ambiguous: the topology has {len(entries)} {torsion} torsions; name the "
+                          f"residue ({', '.join(f'{torsion}[{label}]' for label in labels)}) or the index "
+                          f"{torsion}[0] .. {torsion}[{len(entries) - 1}]")
+        return entries[0][1]
+    if which.isdigit():
+        if int(which) >= len(entries):
+            raise CVError(f"CV {name!r}: only {len(entries)} {torsion} torsion(s) (indices 0..{len(entries) - 1})")
+        return entries[int(which)][1]
+    for label, atoms in entries:
+        if label.upper() == which.upper():
+            return atoms
+    raise CVError(f"CV {name!r}: no {torsion} torsion in residue {which}; residues with one: {', '.join(labels)}")
+
+
+def resolve_dihedral(topology, name: str, cvs: dict | None = None) -> list[int]:
+    """The 4 atoms of a dihedral CV, resolved as :func:`compute_cv` does: a ``cvs`` entry, a
+    ``dihedral:i,j,k,l`` spec, or a torsion name from the topology (``phi``, ``psi[ALA2]``).
+
+    Raises:
+        CVError: unknown name, or a CV that is not a dihedral.
+    """
+    cvs = cvs or {}
+    if name in cvs or ":" in name:
+        definition = cvs[name] if name in cvs else parse_cv_spec(name)
+        if definition.get("kind") != "dihedral":
+            raise CVError(f"CV {name!r} is a {definition.get('kind')}, not a dihedral")
+        return _check_atoms(definition.get("atoms") or [], topology.n_atoms, name)
+    atoms = torsion_atoms(topology, name)
+    if atoms is None:
+        import mdtraj
+        known = known_cv_names(mdtraj.Trajectory(np.zeros((1, topology.n_atoms, 3)), topology), cvs)
+        raise CVError(f"unknown dihedral {name!r}; known CVs: {', '.join(known) or 'none'}; or give "
+                      "dihedral:I,J,K,L (0-based atom indices)")
+    return atoms
 
 
 def compute_cv(traj, name: str, *, cvs: dict | None = None, reference=None) -> np.ndarray:
@@ -143,7 +191,8 @@ def compute_cv(traj, name: str, *, cvs: dict | None = None, reference=None) -> n
 
     Args:
         traj: ``mdtraj.Trajectory`` (nm).
-        name: a key of ``cvs``, a spec such as ``dihedral:4,6,8,14``, or a torsion name (``phi``, ``psi[1]``).
+        name: a key of ``cvs``, a spec such as ``dihedral:4,6,8,14``, or a torsion name (``phi``, ``psi[ALA2]``,
+            ``psi[1]``).
         cvs: named definitions, e.g. ``MolecularSystem.cvs``.
         reference: ``mdtraj.Trajectory`` whose first frame is the RMSD reference.
     Raises:
@@ -154,9 +203,9 @@ def compute_cv(traj, name: str, *, cvs: dict | None = None, reference=None) -> n
         return _from_definition(traj, name, cvs[name], reference)
     if ":" in name or name.lower() == "rmsd":
         return _from_definition(traj, name, parse_cv_spec(name), reference)
-    match = _TORSION.match(name)
-    if match:
-        return _torsion(traj, name, match)
+    atoms = torsion_atoms(traj.topology, name)
+    if atoms is not None:
+        return _from_definition(traj, name, {"kind": "dihedral", "atoms": atoms}, reference)
     raise CVError(f"unknown collective variable {name!r}; known: {', '.join(known_cv_names(traj, cvs)) or 'none'}; "
                   f"or give a spec like dihedral:I,J,K,L, angle:I,J,K, distance:I,J, position:I,x, rmsd")
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..weights import kish_ess, pareto_khat
-from .cvs import compute_cvs, known_cv_names
+from .cvs import compute_cvs, known_cv_names, torsion_atoms
 from .states import parse_state
 
 __all__ = ["StateDiagnostic", "Verdict", "diagnose", "default_states", "MIN_ESS_FRACTION", "MIN_STATE_ESS",
@@ -191,15 +191,13 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
                    reasons=tuple(reason for reason, _ in found), advice=tuple(advice for _, advice in found))
 
 
-_PHI = re.compile(r"^phi(\[\d+\])?$")
+_PHI = re.compile(r"^phi(\[\w+\])?$")
 
 
 def _is_proline_phi(traj, name: str) -> bool:
-    """Whether the topology's torsion ``phi`` / ``phi[i]`` is a proline's (its ring fixes phi near -65 deg)."""
-    import mdtraj
-    atoms, _ = mdtraj.compute_phi(traj[:1])
-    index = int(name[4:-1]) if "[" in name else 0
-    return index < len(atoms) and traj.topology.atom(int(atoms[index][2])).residue.name == "PRO"
+    """Whether the topology's torsion ``phi`` / ``phi[ALA2]`` is a proline's (its ring fixes phi near -65 deg)."""
+    atoms = torsion_atoms(traj.topology, name)
+    return atoms is not None and traj.topology.atom(atoms[2]).residue.name == "PRO"
 
 
 def default_states(traj, cvs: dict | None = None) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ from .errors import AnalysisError, EmptyStateError
 from .states import State, parse_state
 
 __all__ = ["FreeEnergyResult", "free_energy_difference", "state_free_energy", "bootstrap_indices",
-           "pymbar_exp_delta_f"]
+           "automatic_block_length", "pymbar_exp_delta_f"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,7 @@ class FreeEnergyResult:
     exp_std: float
     kT: float | None = None
     verdict: Verdict | None = None
+    block_length: int = 1
 
     def _kj(self, value: float) -> float:
         if self.kT is None:
@@ -82,15 +83,19 @@ class FreeEnergyResult:
             out["delta_f_kj_per_mol"] = self.delta_f_kj_per_mol
             out["ci_low_kj_per_mol"], out["ci_high_kj_per_mol"] = self.ci_kj_per_mol
             out["std_kj_per_mol"] = self._kj(self.std)
+        bad = [f"{key}={value}" for key, value in out.items() if isinstance(value, float) and not math.isfinite(value)]
         out = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                for key, value in out.items()}
+        if bad:  # a null is a failed estimate, not a missing one
+            out["error"] = "not finite, written as null: " + ", ".join(bad)
         out["verdict"] = self.verdict.to_dict() if self.verdict is not None else None
         return out
 
     def summary(self) -> str:
         """One human-readable line, e.g. ``dF(A-B) = 1.23 kT [1.1, 1.4] (95%) = 3.07 kJ/mol ...``."""
         text = (f"dF({self.label_a} - {self.label_b}) = {self.delta_f:.3f} kT "
-                f"[{_bound(self.ci_low)}, {_bound(self.ci_high)}] ({self.confidence:.0%} bootstrap)")
+                f"[{_bound(self.ci_low)}, {_bound(self.ci_high)}] ({self.confidence:.0%} bootstrap"
+                + (f" in blocks of {self.block_length} frames)" if self.block_length > 1 else ")"))
         if self.kT is not None:
             low, high = self.ci_kj_per_mol
             text += f" = {self.delta_f_kj_per_mol:.3f} kJ/mol [{_bound(low)}, {_bound(high)}]"
@@ -133,6 +138,19 @@ def _bootstrap_delta_f(log_w_a, log_w_b, n_bootstrap, rng, block_length):
     return np.where(np.isnan(replicates), np.inf, replicates)
 
 
+def automatic_block_length(in_a, in_b) -> int:
+    """Bootstrap block length for frames in time order: the larger statistical inefficiency g of the two
+    state indicators (pymbar.timeseries), rounded; 1 for uncorrelated samples (g ~ 1) or a constant indicator."""
+    with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
+        from pymbar import timeseries
+    inefficiency = 1.0
+    for mask in (in_a, in_b):
+        indicator = np.asarray(mask, dtype=np.float64)
+        if 0 < indicator.sum() < indicator.size:
+            inefficiency = max(inefficiency, float(timeseries.statistical_inefficiency(indicator)))
+    return max(1, min(int(round(inefficiency)), len(np.asarray(in_a)) // 2 or 1))
+
+
 def pymbar_exp_delta_f(log_weights, in_a, in_b) -> tuple[float, float]:
     """F_A - F_B and its analytic standard error from pymbar's EXP estimator (covariance ignored)."""
     with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
@@ -145,7 +163,7 @@ def pymbar_exp_delta_f(log_weights, in_a, in_b) -> tuple[float, float]:
 
 def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: float | None = None,
                            n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
-                           block_length: int = 1) -> FreeEnergyResult:
+                           block_length: int | str = 1) -> FreeEnergyResult:
     """delta_f = F_A - F_B = -ln(sum_A w / sum_B w) with a bootstrap percentile interval.
 
     Args:
@@ -156,7 +174,8 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         n_bootstrap: bootstrap replicates (>= 10).
         confidence: two-sided level of the interval, e.g. 0.95.
         seed: seed of the bootstrap's ``numpy.random.Generator``.
-        block_length: frames per resampled block; > 1 for correlated (MD) frames.
+        block_length: frames per resampled block; > 1 for correlated (MD) frames; ``"auto"``: from the
+            statistical inefficiency of the state indicators in frame order (:func:`automatic_block_length`).
     Raises:
         EmptyStateError: a state holds no samples (its ``verdict`` says what to do).
     """
@@ -174,6 +193,8 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         if not mask.any():
             raise EmptyStateError(f"state {label!r} has no samples among {len(log_w)} frames; widen its "
                                   "definition or draw more samples", verdict=verdict)
+    if block_length == "auto":
+        block_length = automatic_block_length(in_a, in_b)
     log_w_a, log_w_b = np.where(in_a, log_w, -np.inf), np.where(in_b, log_w, -np.inf)
     log_sum_a, log_sum_b, log_sum = (np.logaddexp.reduce(v) for v in (log_w[in_a], log_w[in_b], log_w))
     delta_f = float(log_sum_b - log_sum_a)
@@ -188,7 +209,7 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         n_bootstrap=n_bootstrap, n_bootstrap_degenerate=degenerate, n_a=int(in_a.sum()), n_b=int(in_b.sum()),
         n_total=len(log_w), ess_a=kish_ess(log_w[in_a]), ess_b=kish_ess(log_w[in_b]), ess_total=kish_ess(log_w),
         population_a=float(np.exp(log_sum_a - log_sum)), population_b=float(np.exp(log_sum_b - log_sum)),
-        exp_delta_f=exp_delta_f, exp_std=exp_std, kT=kT, verdict=verdict)
+        exp_delta_f=exp_delta_f, exp_std=exp_std, kT=kT, verdict=verdict, block_length=int(block_length))
 
 
 def _describe_ranges(values: dict) -> str:

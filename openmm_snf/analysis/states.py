@@ -29,7 +29,7 @@ _TOKEN = re.compile(r"""\s*(?:
     (?P<op><=|>=|<|>) |
     (?P<paren>[()]) |
     (?P<minus>-) |
-    (?P<name>[A-Za-z_]\w*(?:\[\d+\])?)
+    (?P<name>[A-Za-z_]\w*(?:\[\w+\])?)
 )""", re.VERBOSE)
 _LABEL = re.compile(r"^\s*([A-Za-z_][\w.\-]*)\s*:(.*)$", re.DOTALL)
 _KEYWORDS = {"and", "or", "not"}

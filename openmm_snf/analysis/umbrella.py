@@ -27,7 +27,9 @@ from scipy.stats import norm
 
 from .errors import AnalysisError, EmptyStateError
 
-__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "umbrella_mbar"]
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
+
+MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 
 
 def _pymbar():
@@ -78,6 +80,20 @@ class UmbrellaAnalysis:
     statistical_inefficiency: np.ndarray
     kept: np.ndarray
     mbar: object
+    periodic: bool = False
+
+    def overlap_matrix(self) -> np.ndarray:
+        """(K, K) MBAR overlap matrix O (pymbar ``compute_overlap``): O_ij is the probability that a frame of
+        window i is attributed to window j; each row sums to one."""
+        with contextlib.redirect_stdout(_io.StringIO()):
+            return np.asarray(self.mbar.compute_overlap()["matrix"], dtype=np.float64)
+
+    def neighbour_overlap(self) -> np.ndarray:
+        """Overlap O_{k,k+1} of each window with the next: (K,) for dihedral windows, the last one wrapping
+        around to the first, else (K-1,); below :data:`MIN_NEIGHBOUR_OVERLAP` the chain is weakly linked there."""
+        matrix = self.overlap_matrix()
+        k = np.arange(len(matrix) if self.periodic else len(matrix) - 1)
+        return matrix[k, (k + 1) % len(matrix)]
 
     def delta_f(self, in_a, in_b, *, labels=("A", "B"), confidence: float = 0.95) -> UmbrellaFreeEnergy:
         """F_A − F_B for boolean masks (K * n_frames,) over all frames (window-major)."""
@@ -144,4 +160,5 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - bias.reduced_energies(flat), axis=0)
     log_w -= logsumexp(log_w)
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
-                            log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar)
+                            log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
+                            periodic=bias.kind == "dihedral")

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..weights import kish_ess
+from ..systems import as_mdtraj_topology
+from ..weights import kish_ess, normalized_weights
 from .base import push_forward
 
 __all__ = ["SNF", "SNFSample"]
@@ -40,6 +41,20 @@ class SNFSample:
     def ess(self) -> float:
         """Kish effective sample size of the weights."""
         return kish_ess(self.log_weights)
+
+    def to_mdtraj(self, topology):
+        """``(mdtraj.Trajectory, weights)``: the samples as a trajectory (nm) and their normalized weights
+        (n,) float64 summing to one, e.g. ``np.average(mdtraj.compute_phi(traj)[1][:, 0], weights=weights)``.
+
+        Args:
+            topology: a MolecularSystem, ``openmm.app.Topology`` or ``mdtraj.Topology`` of n_atoms atoms.
+        """
+        import mdtraj
+        top = as_mdtraj_topology(topology)
+        xyz = self.x.detach().cpu().double().numpy().reshape(len(self.x), -1, 3)
+        if xyz.shape[1] != top.n_atoms:
+            raise ValueError(f"the samples have {xyz.shape[1]} atoms, the topology {top.n_atoms}")
+        return mdtraj.Trajectory(xyz, top), normalized_weights(self.log_weights)
 
 
 class SNF(nn.Module):
