@@ -21,7 +21,7 @@ from .analysis import FreeEnergyResult, state_free_energy
 from .flows.anneal import annealed
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
-from .runs import Run, build_run, load_run, resolve_config
+from .runs import Run, build_run, choose_annealing, load_run, resolve_config
 from .runs import sample as _sample_run
 from .systems import load_system
 from .units import in_unit
@@ -69,20 +69,23 @@ def train(system, out, *, data=None, config=None, iterations: int | None = None,
     return run
 
 
-def sample(run, n: int, *, seed: int = 0, anneal: int = 0, anneal_kernel: str = "mc", anneal_steps: int = 2,
+def sample(run, n: int, *, seed: int = 0, anneal: int | str = "auto", anneal_kernel: str = "mc", anneal_steps: int = 2,
            anneal_step_size: float = 0.2, batch_size: int = 1024, out=None, force: bool = False,
            progress: bool = True) -> WeightedTrajectory:
     """Draw ``n`` weighted samples from a trained run (a :class:`Run` or its folder), as ``openmm-snf sample``.
 
     Args:
         anneal, anneal_kernel, anneal_steps, anneal_step_size: annealed importance sampling of a flow-only
-            model (see ``openmm-snf sample --help``); weights stay exact.
+            model (see ``openmm-snf sample --help``); weights stay exact. ``"auto"``: as
+            :func:`~openmm_snf.runs.choose_annealing` decides from a pilot of the flow alone.
         out: also write ``out`` (.dcd) with its PDB and weight sidecars.
     Returns:
         a :class:`~openmm_snf.io.WeightedTrajectory`: ``.traj`` (mdtraj, nm), ``.log_weights``, ``.weights``
         (normalized), ``.reduced_energies`` (u = U/kT), ``.ess``.
     """
     run = run if isinstance(run, Run) else load_run(run)
+    if anneal == "auto":
+        anneal, _ = choose_annealing(run, seed=seed)
     if anneal:
         run = dataclasses.replace(run, snf=annealed(run.snf, anneal, n_steps=anneal_steps, step_size=anneal_step_size,
                                                      kernel=anneal_kernel))
