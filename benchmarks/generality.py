@@ -17,7 +17,7 @@ For each system (double_well; alanine_dipeptide_implicit and trialanine_implicit
 
 Usage:
     python benchmarks/generality.py [--systems double_well,alanine_dipeptide_implicit,trialanine_implicit]
-                                    [--samples 10000] [--anneal 40] [--quick] [--out benchmarks/cache/generality]
+                                    [--samples 10000] [--anneal auto] [--umbrella 32,1500,100]
 """
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ from openmm_snf.weights import kish_ess, pareto_khat
 
 CACHE = Path(__file__).resolve().parent / "cache"
 SYSTEMS = ("double_well", "alanine_dipeptide_implicit", "trialanine_implicit")
-#: umbrella reference along each phi: (windows, frames per window, 1-fs steps per frame), by --quick
-UMBRELLA = {False: (32, 1500, 100), True: (16, 300, 100)}
+#: umbrella reference along each phi: (windows, frames per window, 1-fs steps per frame)
+UMBRELLA = (32, 1500, 100)
 UMBRELLA_K = 100.0  # kT/rad²
 
 
@@ -83,9 +83,9 @@ def torsion_pairs(mol) -> list[tuple[str, str]]:
     return [(name, "psi" + name[3:]) for name in mol.cvs if name.startswith("phi") and "psi" + name[3:] in mol.cvs]
 
 
-def umbrella_reference(mol, phi: str, quick: bool) -> dict:
+def umbrella_reference(mol, phi: str, size: tuple[int, int, int]) -> dict:
     """Umbrella windows along ``phi`` + MBAR: ΔF(phi>0 − phi<0), its interval, reweighted CV values, wall time."""
-    windows, frames, steps = UMBRELLA[quick]
+    windows, frames, steps = size
     path = CACHE / f"generality_ref_{mol.name}_{phi}_{windows}x{frames}x{steps}.npz"
     if path.is_file():
         with np.load(path) as stored:
@@ -147,8 +147,7 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
     for stage, argv in (("md", ["md", system, "--out", str(folder / "data.dcd")]),
                         ("train", ["train", system, "--data", str(folder / "data.dcd"), "--out", str(folder / "run")]),
                         ("sample", ["sample", str(folder / "run"), "--n", str(args.samples), "--out",
-                                    str(folder / "samples.dcd")] + (["--anneal", str(args.anneal)] if args.anneal
-                                                                    else []))):
+                                    str(folder / "samples.dcd"), "--anneal", str(args.anneal)])):
         counter.take()
         start = time.perf_counter()
         status = cli(argv)
@@ -156,7 +155,7 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
         if status != 0:
             raise SystemExit(f"{system}: 'openmm-snf {' '.join(argv)}' exited with {status}")
     exact = double_well_exact() if system == "double_well" else None
-    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.quick) for name in state_cvs(mol)}
+    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.umbrella) for name in state_cvs(mol)}
     samples = read_weighted_trajectory(folder / "samples.dcd")
     result = {"system": system, "stages": stages, "default": measure(samples.traj, samples.log_weights, mol, refs,
                                                                      exact)}
@@ -215,9 +214,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--samples", type=int, default=10000)
-    parser.add_argument("--anneal", type=int, default=40, help="annealing stages of the sampler (0: flow alone)")
+    parser.add_argument("--anneal", default="auto", help="the sampler's --anneal (default: auto, as 'sample')")
     parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
-    parser.add_argument("--quick", action="store_true", help="a smaller umbrella reference (wider interval)")
+    parser.add_argument("--umbrella", type=lambda t: tuple(int(v) for v in t.split(",")), default=UMBRELLA,
+                        metavar="WINDOWS,FRAMES,STEPS", help="size of the umbrella reference along each phi "
+                        "(1-fs steps per frame; smaller is faster, with a wider interval)")
     parser.add_argument("--out", default=str(CACHE / "generality"))
     args = parser.parse_args()
     counter = EvaluationCounter()

@@ -57,13 +57,13 @@ DEFAULTS = {
     "device": "cpu",
     "energy": {"platform": None, "precision": "mixed", "threads": None},
     "data": {"path": None, "max_reference_frames": 2000, "method": "tempering", "balance_states": 0.1,
-             "tempering": asdict(TemperingSettings(timestep=2.0, hydrogen_mass=3.0)),
+             "tempering": asdict(TemperingSettings(n_frames=1500, timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
     "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [128, 128], "stochastic": None, "n_steps": 10,
               "step_size": 0.1, "lambdas": None, "augment": 0},
-    "training": asdict(TrainConfig(n_iterations=2000, batch_size=256, lr_schedule="cosine", checkpoint_every=500,
-                                   ess_every=100)),
+    "training": asdict(TrainConfig(n_iterations=4000, batch_size=256, lr_schedule="cosine", checkpoint_every=500,
+                                   ess_every=200)),
     "regularization": {"high": 500.0, "max": 10000.0},
 }
 

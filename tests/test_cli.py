@@ -114,14 +114,15 @@ def test_alanine_dipeptide_end_to_end_through_subprocess(tmp_path):
         "--replicas", "4", "--equilibration", "100")
     run("train", "alanine_dipeptide_vacuum", "--data", "md.dcd", "--config", str(config), "--out", "run")
     assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "run" / "data.dcd").exists()
-    out = run("sample", "run", "--n", "1000", "--out", "samples.dcd")
+    out = run("sample", "run", "--n", "1000", "--out", "samples.dcd", "--anneal", "0")
     # three training iterations: an under-trained model, flagged by its ESS and k-hat, with what to do
     assert "Kish ESS" in out and "phi<0: ESS" in out and "phi>0: ESS" in out
     line = next(line for line in out.splitlines() if line.startswith("UNRELIABLE:"))
     assert "(< 1%)" in line and "Pareto k-hat" in line and "--anneal K" in line, out
     traj = mdtraj.load(str(tmp_path / "samples.dcd"), top=str(tmp_path / "samples.pdb"))
     assert traj.n_frames == 1000 and traj.n_atoms == 22
-    strict = subprocess.run(cli + ["sample", "run", "--n", "1000", "--out", "strict.dcd", "--strict"], cwd=tmp_path,
+    strict = subprocess.run(cli + ["sample", "run", "--n", "1000", "--out", "strict.dcd", "--strict", "--anneal", "0"],
+                            cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert strict.returncode == 3 and (tmp_path / "strict.dcd").is_file(), strict.stderr
     out = run("free-energy", "md.dcd", "--states", "A: phi < 0", "B: phi > -4", "--json")
