@@ -244,6 +244,7 @@ def _left_well_only(source: Path, target: Path) -> Path:
     traj[keep].save_dcd(str(target))
     traj[:1].save_pdb(str(target.with_suffix(".pdb")))
     sidecar = dict(np.load(source.with_suffix(".weights.npz")))
+    sidecar.pop("dcd_sha256")  # the fingerprint of the source's DCD: this is another trajectory
     np.savez(target.with_suffix(".weights.npz"),
              **{k: v[keep] if v.shape == keep.shape else v for k, v in sidecar.items()})
     return target
