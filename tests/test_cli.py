@@ -98,6 +98,7 @@ def test_report_writes_plots(double_well_run):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_alanine_dipeptide_end_to_end_through_subprocess(tmp_path):
     """md -> train --data -> sample -> free-energy through the installed console script, tiny budgets."""
     config = tmp_path / "tiny.yaml"
