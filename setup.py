@@ -7,7 +7,11 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["openmm_snf", "openmm_snf.*"]),
+    # the shipped systems live in the top-level systems/ folder and are installed as package data
+    # openmm_snf/shipped/<name>/... (openmm_snf.systems finds them there through importlib.resources)
+    packages=find_packages(include=["openmm_snf", "openmm_snf.*"]) + ["openmm_snf.shipped"],
+    package_dir={"openmm_snf.shipped": "systems"},
+    package_data={"openmm_snf.shipped": ["*/*.yaml", "*/*.pdb", "*/*.xml"]},
     install_requires=[
         "openmm>=8.1",
         "openmmtools",

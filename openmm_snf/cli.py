@@ -1,15 +1,20 @@
-"""The ``openmm-snf`` command line: md, train, sample, free-energy, report, demo.
+"""The ``openmm-snf`` command line: md, umbrella, train, sample, free-energy, report, demo.
 
 Every command is a thin layer over the Python API; ``main(argv)`` is testable without a subprocess.
-Errors in the user's input end in one line ``openmm-snf: error: ...`` and exit status 2; ``sample`` and
-``free-energy`` with ``--strict`` exit with status 3 when their reliability verdict is UNRELIABLE.
+Errors in the user's input (files, options, configuration) and failures of the environment (a full or
+read-only disk, a simulation that blows up, memory) end in one line ``openmm-snf COMMAND: error: ...``
+and exit status 2 (``--debug`` shows the traceback instead); every input is checked before work starts.
+SIGTERM (``timeout``, batch schedulers) is handled like Ctrl-C: unfinished outputs are not written.
+``sample`` and ``free-energy`` with ``--strict`` exit with status 3 when their reliability verdict is UNRELIABLE.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import shlex
+import signal
 import sys
 
 from . import __version__
@@ -44,6 +49,35 @@ def _forcefield_files(text: str) -> list[str]:
     return files
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in the same one-line form as every other error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _number(kind, low=None, *, above=False, high=None):
+    """An argparse type: ``kind`` (int or float), finite, >= ``low`` (> with ``above``), <= ``high``."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value) or low is not None and (value <= low if above else value < low) or \
+                high is not None and value > high:
+            bound = ([] if kind is int else ["finite"]) + ([] if low is None else [f"{'>' if above else '>='} {low}"])
+            bound += [] if high is None else [f"<= {high}"]
+            raise argparse.ArgumentTypeError(f"{text!r} must be {' and '.join(bound)}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_POSITIVE_INT, _COUNT = _number(int, 1), _number(int, 0)
+_POSITIVE, _NON_NEGATIVE = _number(float, 0, above=True), _number(float, 0)
+_SEED = _number(int, 0, high=2**31 - 2)  # OpenMM's integrator seeds are 32-bit
+
+
 def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
     """The one group of system options shared by md, umbrella and train (load_system's arguments)."""
     group = parser.add_argument_group("system", "what to simulate (the same options for md, umbrella and train)")
@@ -57,7 +91,7 @@ def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default: amber14-all.xml)")
     group.add_argument("--implicit", choices=["obc1", "obc2", "gbn", "gbn2", "hct"],
                        help="implicit-solvent model for a PDB or prmtop SYSTEM (default: vacuum)")
-    group.add_argument("--temperature", type=float,
+    group.add_argument("--temperature", type=_POSITIVE,
                        help="temperature in kelvin (default: the system's own, 300 K if it has none)")
 
 
@@ -71,10 +105,10 @@ def _add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distributed", action="store_true",
                         help="data-parallel over the processes started by torchrun, e.g. 'torchrun --nproc-per-node "
                              "4 -m openmm_snf.cli COMMAND ... --distributed' (one rank per GPU; rank 0 writes)")
-    parser.add_argument("--shards", type=int, metavar="S",
+    parser.add_argument("--shards", type=_POSITIVE_INT, metavar="S",
                         help="draw the batch/samples in S shards with their own random streams (default: one per "
                              "rank): equal seeds and S give equal results on any number of ranks dividing S")
-    parser.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+    parser.add_argument("--dist-timeout", type=_POSITIVE, default=1800.0, metavar="SECONDS",
                         help="with --distributed: how long a rank waits for the others before failing")
     parser.set_defaults(process_group=None)
 
@@ -84,16 +118,17 @@ def _add_dynamics_arguments(parser: argparse.ArgumentParser, *, frames, steps_pe
     """Options shared by md and umbrella (Langevin dynamics of many copies); with ``frames`` None every
     default is None: the system's training-data settings decide."""
     own = frames is not None
-    parser.add_argument("--frames", type=int, default=frames, help=f"frames saved per {per}")
-    parser.add_argument("--steps-per-frame", type=int, default=steps_per_frame,
+    parser.add_argument("--frames", type=_POSITIVE_INT, default=frames, help=f"frames saved per {per}")
+    parser.add_argument("--steps-per-frame", type=_POSITIVE_INT, default=steps_per_frame,
                         help="integration steps between saved frames")
-    parser.add_argument("--equilibration", type=int, default=equilibration, help="steps before the first saved frame")
-    parser.add_argument("--timestep", type=float, default=1.0 if own else None, help="time step in fs")
-    parser.add_argument("--friction", type=float, default=1.0 if own else None, help="Langevin friction in 1/ps")
-    parser.add_argument("--seed", type=int, default=0 if own else None, help="seed of velocities and Langevin noise")
+    parser.add_argument("--equilibration", type=_COUNT, default=equilibration,
+                        help="steps before the first saved frame")
+    parser.add_argument("--timestep", type=_POSITIVE, default=1.0 if own else None, help="time step in fs")
+    parser.add_argument("--friction", type=_POSITIVE, default=1.0 if own else None, help="Langevin friction in 1/ps")
+    parser.add_argument("--seed", type=_SEED, default=0 if own else None, help="seed of velocities and Langevin noise")
     parser.add_argument("--platform", help="OpenMM platform (CUDA, OpenCL, CPU, Reference; default: auto, the "
                                            "same choice as train and sample: a GPU if usable, else CPU)")
-    parser.add_argument("--threads", type=int, help="CPU platform threads (default: OpenMM's choice)")
+    parser.add_argument("--threads", type=_POSITIVE_INT, help="CPU platform threads (default: OpenMM's choice)")
     parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
 
 
@@ -117,10 +152,11 @@ def _add_md(sub) -> None:
                                    "the weights sidecar beside it; mdtraj.load(OUT, top=OUT.pdb) reads it.")
     _add_system_arguments(p)
     p.add_argument("--out", required=True, help="output .dcd (the .pdb topology and weights are written beside it)")
-    p.add_argument("--replicas", type=int, help="independent ladders (with --method md: independent replicas)")
-    p.add_argument("--max-temperature", type=float, metavar="K",
+    p.add_argument("--replicas", type=_POSITIVE_INT,
+                   help="independent ladders (with --method md: independent replicas)")
+    p.add_argument("--max-temperature", type=_POSITIVE, metavar="K",
                    help="hottest rung in kelvin (default 2.5 x T; T itself: plain MD at T)")
-    p.add_argument("--temperatures", type=int, metavar="N",
+    p.add_argument("--temperatures", type=_POSITIVE_INT, metavar="N",
                    help="rungs per ladder (default: enough for exchange rates of a few tens of percent)")
     p.add_argument("--method", choices=["tempering", "md"],
                    help="tempering (the default, through the batched energy) or md (plain MD at T in one "
@@ -151,13 +187,14 @@ def _md_config(args) -> dict:
 
 
 def _run_md(args) -> int:
-    from .io import check_outputs_free, trajectory_paths
+    from .io import check_not_inputs, check_outputs_free, trajectory_paths
     from .runs import make_data
     from .summary import write_summary
+    paths = trajectory_paths(args.out)
     config = _md_config(args)
     mol = _load(args)
-    paths = trajectory_paths(args.out)
-    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, _summary_path(paths.dcd)], args.force)
+    check_not_inputs(paths.all, mol.sources)
+    check_outputs_free(paths.all + [_summary_path(paths.dcd)], args.force)
     frames, log_weights = make_data(mol, config, paths.dcd, force=args.force, progress=not args.quiet)
     data = config["data"]
     summary = {"command": "md", "version": __version__, "system": mol.name, "out": paths.dcd, "topology": paths.pdb,
@@ -190,8 +227,8 @@ def _add_umbrella(sub) -> None:
     p.add_argument("--cv", default="phi",
                    help="the dihedral to bias: phi, psi, chi1.. from the topology (psi[ALA2] picks a residue, "
                         "psi[1] the second), a dihedral of the system's metadata, or dihedral:i,j,k,l (0-based)")
-    p.add_argument("--windows", type=int, default=24, help="windows, centred evenly on [-pi, pi)")
-    p.add_argument("--k", type=float, default=100.0, help="force constant in kT/rad^2")
+    p.add_argument("--windows", type=_number(int, 2), default=24, help="windows, centred evenly on [-pi, pi)")
+    p.add_argument("--k", type=_POSITIVE, default=100.0, help="force constant in kT/rad^2")
     _add_dynamics_arguments(p, frames=500, steps_per_frame=100, equilibration=2000, per="window")
     p.set_defaults(run=_run_umbrella)
 
@@ -204,15 +241,18 @@ def _run_umbrella(args) -> int:
     from .analysis.cvs import resolve_dihedral
     from .analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_mbar
     from .energy import OpenMMEnergy
-    from .io import check_outputs_free, trajectory_paths, write_weighted_trajectory
+    from .io import check_not_inputs, check_outputs_free, trajectory_paths, write_weighted_trajectory
     from .md import UmbrellaBias, run_md
     from .summary import write_summary
+    paths = trajectory_paths(args.out)
     mol = _load(args)
     atoms = resolve_dihedral(mol.mdtraj_topology(), args.cv, mol.cvs)
+    if len(set(atoms)) != 4:
+        raise ValueError(f"--cv {args.cv!r}: a dihedral needs four different atoms, got {list(atoms)}")
     cvs = {**mol.cvs, args.cv: {"kind": "dihedral", "atoms": atoms}}  # free-energy/report resolve it the same way
-    paths = trajectory_paths(args.out)
     summary_path = _summary_path(paths.dcd)
-    check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, summary_path], args.force)
+    check_not_inputs(paths.all, mol.sources)
+    check_outputs_free(paths.all + [summary_path], args.force)
     centers = np.linspace(-np.pi, np.pi, args.windows, endpoint=False)
     bias = UmbrellaBias("dihedral", tuple(atoms), tuple(centers), args.k)
     xyz = run_md(mol, _md_settings(args, args.windows), platform=args.platform, threads=args.threads, bias=bias,
@@ -264,16 +304,18 @@ def _add_train(sub) -> None:
     p.add_argument("--data", help="training data: a DCD with the PDB topology beside it (e.g. from 'md')")
     p.add_argument("--config", help="YAML file with sections system, energy, data, coordinates, model, "
                                     "training, regularization, device (see openmm_snf/runs.py)")
-    p.add_argument("--iterations", type=int, help="total optimizer iterations (default: from the configuration)")
-    p.add_argument("--batch-size", type=int, help="samples per loss term (default: from the configuration)")
-    p.add_argument("--reverse-kl", type=float, metavar="WEIGHT",
+    p.add_argument("--iterations", type=_COUNT, help="total optimizer iterations (default: from the configuration)")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, help="samples per loss term (default: from the configuration)")
+    p.add_argument("--reverse-kl", type=_NON_NEGATIVE, metavar="WEIGHT",
                    help="weight of the energy-based (reverse KL) loss; the data (forward KL) weight stays")
-    p.add_argument("--seed", type=int, help="training seed (default: from the configuration, 0)")
+    p.add_argument("--seed", type=_SEED, help="training seed (default: from the configuration, 0)")
     p.add_argument("--platform", help="OpenMM platform for energies (default: auto: a GPU if usable, else the CPU "
                                       "with the compiled kernel; the same choice as md and sample)")
-    p.add_argument("--threads", type=int, help="CPU platform threads")
+    p.add_argument("--threads", type=_POSITIVE_INT, help="CPU platform threads")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device of the model (default: cpu)")
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its last checkpoint, with its saved configuration; only "
+                        "--iterations, --platform, --threads and --device may change it (others are refused)")
     _add_distributed_arguments(p)
     p.set_defaults(run=_run_train)
 
@@ -283,7 +325,7 @@ def _train_overrides(args) -> dict:
                                               ("weight_reverse", args.reverse_kl), ("seed", args.seed),
                                               ("n_shards", args.shards))
                 if value is not None}
-    overrides = {"training": training}
+    overrides = {"training": training} if training else {}
     energy = {key: value for key, value in (("platform", args.platform), ("threads", args.threads)) if value}
     if energy:
         overrides["energy"] = energy
@@ -295,17 +337,26 @@ def _train_overrides(args) -> dict:
 
 
 def _run_train(args) -> int:
-    from .runs import build_run, resolve_config
+    from .distributed import run_on_main
+    from .runs import build_run, discard_unfinished, resolve_config, resume_config
     source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
               "temperature": args.temperature}
-    config = None if args.resume else resolve_config(source, args.config, _train_overrides(args))
+    if args.resume:  # rank 0 reads the saved run (the others read what it records in config.yaml)
+        config, changes = run_on_main(lambda: resume_config(args.out, source, args.config, _train_overrides(args)),
+                                      args.process_group) or (None, [])
+        if changes:
+            print(f"--resume applies {', '.join(changes)} (recorded in {args.out}/config.yaml)")
+    else:
+        config = resolve_config(source, args.config, _train_overrides(args))
     run, trainer = build_run(args.out, config, resume=args.resume, progress=not args.quiet,
                              process_group=args.process_group)
-    if args.resume and args.iterations:
-        trainer.config.n_iterations = args.iterations
     if trainer.is_main:
         print(f"{run.mol.name}: {run.energy.describe()}")
-    history = trainer.train()
+    try:
+        history = trainer.train()
+    except BaseException:
+        discard_unfinished(run)
+        raise
     if trainer.is_main and not history:
         print(f"{run.checkpoint_path} is already at {trainer.iteration} iterations: nothing to train (raise "
               "--iterations to continue)")
@@ -348,11 +399,11 @@ def _add_sample(sub) -> None:
                                    "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
                                    "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line.")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
-    p.add_argument("--n", type=int, default=10000, help="number of samples")
+    p.add_argument("--n", type=_POSITIVE_INT, default=10000, help="number of samples")
     p.add_argument("--out", required=True, help="output .dcd")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same samples)")
-    p.add_argument("--batch-size", type=int, default=1024, help="samples drawn per batch")
-    p.add_argument("--resample", type=int, metavar="M",
+    p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (same seed, same samples)")
+    p.add_argument("--batch-size", type=_POSITIVE_INT, default=1024, help="samples drawn per batch")
+    p.add_argument("--resample", type=_POSITIVE_INT, metavar="M",
                    help="also write OUT-resampled.dcd: M frames drawn by weight (unweighted)")
     p.add_argument("--anneal", type=_anneal_stages, default="auto", metavar="K",
                    help="refine a flow-only model (model.stochastic: null) by annealed importance sampling: K "
@@ -362,8 +413,8 @@ def _add_sample(sub) -> None:
                         "Kish ESS >= 10%% and Pareto k-hat <= 0.5, else K = 40; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
-    p.add_argument("--anneal-steps", type=int, default=2, help="steps per annealing stage")
-    p.add_argument("--anneal-step-size", type=float, default=0.2,
+    p.add_argument("--anneal-steps", type=_POSITIVE_INT, default=2, help="steps per annealing stage")
+    p.add_argument("--anneal-step-size", type=_POSITIVE, default=0.2,
                    help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
@@ -389,18 +440,22 @@ def _report_verdict(verdict, strict: bool) -> int:
 
 def _run_sample(args) -> int:
     import numpy as np
-    from .io import check_outputs_free, read_weighted_trajectory, trajectory_paths, write_resampled_trajectory, \
-        write_weighted_trajectory
+    from .io import check_not_inputs, check_outputs_free, read_weighted_trajectory, trajectory_paths, \
+        write_resampled_trajectory, write_weighted_trajectory
     from .distributed import run_on_main
     from .flows.anneal import annealed
     from .analysis import default_states, diagnose
     from .distributed import rank_of
-    from .runs import choose_annealing, load_run, sample
+    from .runs import choose_annealing, load_run, run_inputs, sample
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
-    run_on_main(lambda: check_outputs_free([paths.dcd, paths.pdb, paths.npz, paths.csv, _summary_path(paths.dcd)] +
-                                           ([resampled.dcd, resampled.pdb] if args.resample else []), args.force),
-                args.process_group)
+    outputs = paths.all + [_summary_path(paths.dcd)] + (resampled.all if args.resample else [])
+
+    def check_outputs():
+        check_not_inputs(outputs, run_inputs(args.run_dir))
+        check_outputs_free(outputs, args.force)
+
+    run_on_main(check_outputs, args.process_group)
     run = load_run(args.run_dir, device=args.device)
     if args.anneal == "auto":
         args.anneal, reason = choose_annealing(run, seed=args.seed)
@@ -485,11 +540,11 @@ def _add_free_energy(sub) -> None:
     p.add_argument("--cv", action="append", default=[], metavar="NAME=SPEC", help="define a CV (repeatable)")
     p.add_argument("--top", help="topology file (default: the .pdb beside the DCD)")
     p.add_argument("--reference", help="reference structure (PDB) for rmsd CVs")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--bootstrap", type=_number(int, 10), default=1000, help="bootstrap replicates")
     p.add_argument("--block-length", type=_block_length, default="auto",
                    help="frames per bootstrap block; auto: the statistical inefficiency of the state indicators "
                         "in frame order (pymbar.timeseries), 1 for independent samples, more for MD frames")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=_SEED, default=0, help="bootstrap seed")
     p.add_argument("--json", action="store_true",
                    help="print the result as strict JSON (with its verdict; non-finite values: null, named in "
                         "'error')")
@@ -503,10 +558,7 @@ def _add_free_energy(sub) -> None:
 def _block_length(text: str):
     if text == "auto":
         return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of frames or 'auto', got {text!r}") from None
+    return _POSITIVE_INT(text)
 
 
 def _summary_path(dcd) -> "Path":
@@ -526,13 +578,13 @@ def _read_samples(path, top):
 
 
 def _run_free_energy(args) -> int:
-    import mdtraj
     from .analysis import EmptyStateError, parse_cv_definition, state_free_energy
+    from .io import read_structure
+    reference = read_structure(args.reference, "--reference") if args.reference else None
     samples = _read_samples(args.samples, args.top)
     cvs = json.loads(str(samples.extra["cvs_json"])) if "cvs_json" in samples.extra else {}
     cvs.update(dict(parse_cv_definition(text) for text in args.cv))
     kT = float(samples.extra["kT"]) if "kT" in samples.extra else None
-    reference = mdtraj.load(args.reference) if args.reference else None
     try:
         result = state_free_energy(samples.traj, samples.log_weights, *args.states, cvs=cvs, reference=reference,
                                    kT=kT, n_bootstrap=args.bootstrap, seed=args.seed, block_length=args.block_length)
@@ -605,9 +657,9 @@ def _add_demo(sub) -> None:
                                    "rewrites the samples and plots.")
     p.add_argument("--system", default="alanine_dipeptide_vacuum", help="shipped system")
     p.add_argument("--out", default="demo", help="output folder")
-    p.add_argument("--iterations", type=int, help="training iterations (default: the system's train.yaml)")
-    p.add_argument("--n", type=int, default=10000, help="samples to draw")
-    p.add_argument("--anneal", type=int, default=40, metavar="K",
+    p.add_argument("--iterations", type=_COUNT, help="training iterations (default: the system's train.yaml)")
+    p.add_argument("--n", type=_POSITIVE_INT, default=10000, help="samples to draw")
+    p.add_argument("--anneal", type=_COUNT, default=40, metavar="K",
                    help="annealing stages for a flow-only model (the alanine dipeptide default; 0: plain flow samples)")
     p.set_defaults(run=_run_demo)
 
@@ -623,7 +675,7 @@ def _run_demo(args) -> int:
     out = Path(args.out)
     run_dir, samples = out / "run", out / "samples.dcd"
     train = ["train", args.system, "--out", str(run_dir)] + (["--iterations", str(args.iterations)]
-                                                             if args.iterations else [])
+                                                             if args.iterations is not None else [])
     if (run_dir / "config.yaml").is_file():
         train.append("--resume")
     status = _demo_step(train, args.quiet)
@@ -652,13 +704,14 @@ def _demo_step(argv: list[str], quiet: bool) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="openmm-snf", formatter_class=_Formatter, epilog=EPILOG,
         description="Stochastic Normalizing Flows for OpenMM: reference MD, training, sampling with exact "
                     "importance weights, free-energy differences and plots.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
-    parser.add_argument("--torch-threads", type=int, default=1,
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (for bug reports)")
+    parser.add_argument("--torch-threads", type=_POSITIVE_INT, default=1,
                         help="torch threads of the model on the CPU (more threads rarely help small molecules and "
                              "compete with OpenMM's own; with --distributed each rank gets its share instead)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -683,27 +736,95 @@ def _dispatch(args) -> int:
         return args.run(args)
 
 
-def main(argv=None) -> int:
-    """Entry point of ``openmm-snf``; returns the exit status."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that unfinished outputs are cleaned up the same way."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _is_user_facing(err: BaseException) -> bool:
+    """Whether ``err`` ends a command with one line and exit status 2: the package's own error classes,
+    a ValueError the package raised itself (its checks of arguments), and the environment's failures
+    (disk, memory, a simulation that blows up). Anything else is a bug and keeps its traceback."""
+    import openmm
+    import torch
     from .analysis import AnalysisError
-    from .distributed import DistributedError
     from .io import TrajectoryIOError
     from .runs import RunConfigError
     from .systems import SystemLoadError
+    from .train import CheckpointError
+    if isinstance(err, (SystemLoadError, TrajectoryIOError, AnalysisError, RunConfigError, CheckpointError, OSError,
+                        MemoryError, torch.OutOfMemoryError, openmm.OpenMMException, FloatingPointError)):
+        return True
+    if isinstance(err, RuntimeError) and "can't allocate memory" in str(err):  # torch's CPU allocator
+        return True
+    return isinstance(err, ValueError) and _raised_in_package(err)
+
+
+def _raised_in_package(err: BaseException) -> bool:
+    from pathlib import Path
+    trace = err.__traceback__
+    while trace is not None and trace.tb_next is not None:
+        trace = trace.tb_next
+    package = Path(__file__).resolve().parent
+    return trace is not None and package in Path(trace.tb_frame.f_code.co_filename).resolve().parents
+
+
+def _describe(err: BaseException) -> str:
+    import openmm
+    import torch
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text:
+        return f"out of memory ({text[:200]}); use a smaller --batch-size or --n"
+    if isinstance(err, (openmm.OpenMMException, FloatingPointError)):
+        return (f"the simulation failed ({text}); check the structure for overlapping atoms, use a smaller "
+                "--timestep, or check the collective variable")
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"cannot use {err.filename}: {err.strerror or text}"
+    return text
+
+
+def main(argv=None) -> int:
+    """Entry point of ``openmm-snf``; returns the exit status."""
+    from .distributed import DistributedError
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if _in_main_thread() else None
     try:
         return _dispatch(args)
     except DistributedError as err:
+        if args.debug:
+            raise
         print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
         return 1
-    except (SystemLoadError, TrajectoryIOError, AnalysisError, RunConfigError, ValueError, FileNotFoundError) as err:
-        print(f"openmm-snf {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"openmm-snf {args.command}: interrupted; finished outputs are complete, unfinished ones were not "
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"openmm-snf {args.command}: {what}; finished outputs are complete, unfinished ones were not "
               "written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
+    except Exception as err:
+        if args.debug or not _is_user_facing(err):
+            raise
+        _close_progress_bars()
+        print(f"openmm-snf {args.command}: error: {_describe(err)}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so that the error starts its own line."""
+    from tqdm.auto import tqdm
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+def _in_main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

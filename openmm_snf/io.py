@@ -9,13 +9,19 @@ For ``samples.dcd`` the outputs are, side by side:
 
 Every file is written under a temporary name in the destination folder and renamed into place only
 after all of them were written, so an interrupted run never leaves a half-written file at a final path.
-Existing outputs are never overwritten unless ``force=True``; all of them are checked before anything
-is written. Bad input raises a :class:`TrajectoryIOError` whose message names the file and the problem.
+The files of one trajectory are claimed as a set: writing an unweighted ``samples.dcd`` also removes a
+stale ``samples.weights.npz/.csv`` of an earlier weighted one, and the sidecar records a fingerprint
+(SHA-256) of the DCD it belongs to, so a sidecar is never applied to another trajectory. Existing outputs
+are never overwritten unless ``force=True``; all of them are checked before anything is written. A DCD
+whose header promises more frames than the file holds (a truncated copy) is refused. Bad input raises a
+:class:`TrajectoryIOError` whose message names the file and the problem.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +32,8 @@ from .systems import as_mdtraj_topology
 from .weights import kish_ess, normalized_weights
 
 __all__ = ["TrajectoryIOError", "OutputExistsError", "InputError", "TrajectoryPaths", "WeightedTrajectory",
-           "ResampleResult", "trajectory_paths", "atomic_outputs", "check_outputs_free", "write_trajectory",
+           "ResampleResult", "trajectory_paths", "atomic_outputs", "check_outputs_free", "check_not_inputs",
+           "read_structure", "write_trajectory",
            "read_trajectory", "write_weighted_trajectory", "read_weighted_trajectory", "resample",
            "write_resampled_trajectory"]
 
@@ -52,6 +59,11 @@ class TrajectoryPaths:
     npz: Path
     csv: Path
 
+    @property
+    def all(self) -> list[Path]:
+        """Every file of the set (an unweighted write removes the stale sidecars among them)."""
+        return [self.dcd, self.pdb, self.npz, self.csv]
+
 
 def trajectory_paths(path_dcd) -> TrajectoryPaths:
     """The companion paths of ``path_dcd`` (``x.dcd`` -> ``x.pdb``, ``x.weights.npz``, ``x.weights.csv``)."""
@@ -64,14 +76,39 @@ def trajectory_paths(path_dcd) -> TrajectoryPaths:
 
 
 def check_outputs_free(paths, force: bool = False) -> None:
-    """Raise :class:`OutputExistsError` naming every path in ``paths`` that exists, unless ``force``."""
-    existing = [str(p) for p in paths if Path(p).exists()]
+    """Check before any work that ``paths`` can be written: none exists (unless ``force``), none is a
+    folder, and each one's folder exists and accepts a new file (a probe file is created and removed).
+
+    Raises :class:`OutputExistsError` naming every existing path, or :class:`InputError`.
+    """
+    paths = [Path(os.fspath(p)) for p in paths]
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise InputError(f"output {', '.join(folders)} is a folder; give a file name")
+    existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise OutputExistsError(f"output exists: {', '.join(existing)}; choose another name or use --force "
                                 "(force=True) to overwrite")
-    for path in paths:
-        if not Path(path).parent.is_dir():
-            raise InputError(f"cannot write {path}: folder {Path(path).parent} does not exist")
+    for parent in dict.fromkeys(p.parent for p in paths):
+        if not parent.is_dir():
+            raise InputError(f"cannot write in {parent}: folder {parent} does not exist")
+        try:
+            handle, probe = tempfile.mkstemp(prefix=".openmm-snf-probe.", dir=parent)
+        except OSError as err:
+            raise InputError(f"cannot write in {parent}: {err.strerror or err}") from err
+        os.close(handle)
+        os.unlink(probe)
+
+
+def check_not_inputs(outputs, inputs) -> None:
+    """Raise :class:`InputError` if an output path is one of the ``inputs`` (same file, any spelling)."""
+    inputs = [Path(os.fspath(p)) for p in inputs if p is not None]
+    for output in (Path(os.fspath(p)) for p in outputs):
+        for source in inputs:
+            if output.exists() and source.exists() and os.path.samefile(output, source) or \
+                    output.resolve() == source.resolve():
+                raise InputError(f"output {output} is an input of this command ({source}); write the output "
+                                 "under another name")
 
 
 def _default_file_mode() -> int:
@@ -81,14 +118,18 @@ def _default_file_mode() -> int:
 
 
 @contextlib.contextmanager
-def atomic_outputs(paths, force: bool = False):
+def atomic_outputs(paths, force: bool = False, *, stale=()):
     """Context manager yielding temporary paths (same folder and suffix) for the final ``paths``.
 
-    On normal exit the temporaries are renamed onto the final paths (last path last, so put the main
-    file there); on an exception they are removed and the final paths are left as they were.
+    On normal exit the ``stale`` paths (files of the same set that this write does not produce, e.g.
+    an old weights sidecar beside a new unweighted DCD) are removed, then the temporaries are renamed
+    onto the final paths (last path last, so put the main file there); on an exception the
+    temporaries are removed and the final paths are left as they were. ``stale`` paths count as
+    outputs for ``force``.
     """
     finals = [Path(os.fspath(p)) for p in paths]
-    check_outputs_free(finals, force)
+    stale = [Path(os.fspath(p)) for p in stale]
+    check_outputs_free(finals + stale, force)
     temps = []
     try:
         for final in finals:
@@ -97,6 +138,8 @@ def atomic_outputs(paths, force: bool = False):
             os.close(handle)
             temps.append(Path(name))
         yield temps
+        for path in stale:
+            path.unlink(missing_ok=True)
         mode = _default_file_mode()
         for temp, final in zip(temps, finals):
             os.chmod(temp, mode)  # mkstemp creates 0600; give the file the mode open() would have
@@ -193,7 +236,7 @@ def write_trajectory(path_dcd, topology, xyz, *, force: bool = False, frame_time
     paths = trajectory_paths(path_dcd)
     top = as_mdtraj_topology(topology)
     xyz = _checked_xyz(xyz, top.n_atoms)
-    with atomic_outputs([paths.pdb, paths.dcd], force) as (tmp_pdb, tmp_dcd):
+    with atomic_outputs([paths.pdb, paths.dcd], force, stale=[paths.npz, paths.csv]) as (tmp_pdb, tmp_dcd):
         _write_dcd_and_pdb(tmp_dcd, tmp_pdb, top, xyz, frame_time)
     return paths
 
@@ -235,12 +278,25 @@ def write_weighted_trajectory(path_dcd, topology, xyz, log_weights, reduced_ener
             raise InputError(f"extra field {key!r} must be numeric or text for the npz sidecar, got "
                              f"{arrays[key].dtype} ({type(value).__name__})")
     columns = {k: v for k, v in arrays.items() if v.ndim == 1 and v.shape[0] == n and v.dtype.kind in "biuf"}
+    if DCD_FINGERPRINT in arrays:
+        raise InputError(f"extra key {DCD_FINGERPRINT!r} would shadow a standard sidecar field")
     with atomic_outputs([paths.npz, paths.csv, paths.pdb, paths.dcd], force) as (t_npz, t_csv, t_pdb, t_dcd):
-        with open(t_npz, "wb") as handle:
-            np.savez(handle, **arrays)
-        _write_weights_csv(t_csv, columns)
         _write_dcd_and_pdb(t_dcd, t_pdb, top, xyz, frame_time)
+        with open(t_npz, "wb") as handle:
+            np.savez(handle, **arrays, **{DCD_FINGERPRINT: _fingerprint(t_dcd)})
+        _write_weights_csv(t_csv, columns)
     return paths
+
+
+DCD_FINGERPRINT = "dcd_sha256"  # sidecar field: the SHA-256 of the DCD the weights belong to
+
+
+def _fingerprint(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _require_file(path: Path, what: str, hint: str = "") -> None:
@@ -267,11 +323,15 @@ def read_trajectory(path_dcd, top=None):
             raise InputError(f"could not read topology {top}: {err}") from err
     else:
         topology = as_mdtraj_topology(top)
+    promised = _dcd_header_frames(paths.dcd)
     try:
         with _silenced_c_stdout(), mdtraj.formats.DCDTrajectoryFile(str(paths.dcd)) as handle:
             xyz_angstrom, lengths, angles = handle.read()
     except Exception as err:
         raise InputError(f"could not read DCD {paths.dcd}: {err}") from err
+    if promised and xyz_angstrom.shape[0] != promised:
+        raise InputError(f"{paths.dcd} is truncated or damaged: its header promises {promised} frames, the file "
+                         f"holds {xyz_angstrom.shape[0]}; copy or write it again")
     if xyz_angstrom.shape[1] != topology.n_atoms:
         raise InputError(f"atom count mismatch: {paths.dcd} has {xyz_angstrom.shape[1]} atoms per frame, the "
                          f"topology {top} has {topology.n_atoms}; use the topology the trajectory was written with")
@@ -281,6 +341,29 @@ def read_trajectory(path_dcd, top=None):
     if lengths is not None:
         traj.unitcell_lengths, traj.unitcell_angles = lengths / 10.0, angles
     return traj
+
+
+def _dcd_header_frames(path: Path) -> int:
+    """The frame count a DCD header promises (0 if the writer left it unset or the header is unreadable;
+    the DCD reader then reports the problem)."""
+    with open(path, "rb") as handle:
+        head = handle.read(12)
+    for order in "<>":
+        if len(head) == 12 and struct.unpack(order + "i", head[:4])[0] == 84 and head[4:8] == b"CORD":
+            return max(struct.unpack(order + "i", head[8:12])[0], 0)
+    return 0
+
+
+def read_structure(path, what: str = "structure"):
+    """One structure file (PDB or any format mdtraj reads) as an ``mdtraj.Trajectory``; :class:`InputError`
+    names the file when it is missing or unreadable."""
+    import mdtraj
+    path = Path(os.fspath(path))
+    _require_file(path, f"{what} file")
+    try:
+        return mdtraj.load(str(path))
+    except Exception as err:  # mdtraj raises assorted errors for malformed files
+        raise InputError(f"could not read {what} {path}: {err}") from err
 
 
 @dataclass
@@ -339,6 +422,11 @@ def read_weighted_trajectory(path_dcd, top=None, weights=None) -> WeightedTrajec
             arrays = {key: data[key] for key in data.files}
     except Exception as err:
         raise InputError(f"could not read weights file {npz}: {err}") from err
+    fingerprint = arrays.pop(DCD_FINGERPRINT, None)
+    if fingerprint is not None and str(fingerprint) != _fingerprint(paths.dcd):
+        raise InputError(f"{npz} belongs to another trajectory than {paths.dcd} (the DCD was replaced after the "
+                         "weights were written); write the samples again, or remove the sidecar to read the "
+                         "DCD as unweighted")
     for key in ("log_weights", "reduced_energies"):
         if key not in arrays:
             raise InputError(f"{npz}: field {key!r} is missing (found: {', '.join(arrays) or 'nothing'})")
@@ -346,7 +434,16 @@ def read_weighted_trajectory(path_dcd, top=None, weights=None) -> WeightedTrajec
     energies = _checked_per_frame(arrays.pop("reduced_energies"), traj.n_frames, "reduced_energies",
                                   f"{npz} vs {paths.dcd}")
     arrays.pop("weights", None)  # recomputed from log_weights on demand
+    with np.errstate(over="ignore"):
+        span = np.ptp(log_w)
+    if not np.isfinite(span):
+        raise InputError(f"{npz}: log_weights span from {log_w.min():.3g} to {log_w.max():.3g}, a range float64 "
+                         "cannot hold (the differences overflow); the weights are damaged")
+    for key in ("kT", "temperature"):
+        if key in arrays and not (arrays[key].shape == () and np.isfinite(arrays[key]) and arrays[key] > 0):
+            raise InputError(f"{npz}: field {key!r} must be one positive finite number, got {arrays[key]!r}")
     return WeightedTrajectory(traj, log_w, energies, arrays)
+
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import numbers
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -41,16 +43,19 @@ from .analysis.diagnostics import default_states
 from .coordinates import InternalCoordinateTransform
 from .distributed import gather_in_order, local_shards, rank_of, run_on_main, shard_seed, split_sizes, world_size_of
 from .energy import OpenMMEnergy, linlogcut
+from .energy.platforms import make_platform
 from .flows import Reshape, build_snf
-from .io import atomic_outputs, read_trajectory, read_weighted_trajectory, resample, trajectory_paths, \
-    write_trajectory, write_weighted_trajectory
+from .flows.builder import check_snf_options
+from .io import atomic_outputs, check_outputs_free, read_trajectory, read_weighted_trajectory, resample, \
+    trajectory_paths, write_trajectory, write_weighted_trajectory
 from .md import MDSettings, run_md
 from .systems import SHIPPED_DIR, MolecularSystem, load_system
 from .tempering import TemperingSettings, run_tempering
-from .train import BEST_NAME, Trainer, TrainConfig, load_checkpoint
+from .train import BEST_NAME, Trainer, TrainConfig, check_checkpoint_model, load_checkpoint
 
-__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "Run", "build_run", "choose_annealing", "load_run",
-           "load_run_system", "make_data", "read_run_config", "sample"]
+__all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "validate_config", "resume_config", "Run", "build_run",
+           "choose_annealing", "discard_unfinished", "load_run", "load_run_system", "make_data", "read_run_config",
+           "run_inputs", "sample"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
@@ -68,12 +73,22 @@ DEFAULTS = {
 }
 
 
+SCHEMES = ("mixed", "global", "cartesian")
+DATA_METHODS = ("tempering", "md")
+DEVICES = ("cpu", "cuda", "auto")
+#: options a resumed run may change (applied, said in one line, recorded in config.yaml); others are refused
+RESUMABLE = (("training", "n_iterations"), ("energy", "platform"), ("energy", "threads"), ("device",))
+RUN_FILES = ("config.yaml", "reference.npy", "data.dcd", "data.pdb", "data.weights.npz", "data.weights.csv",
+             "checkpoint.pt", BEST_NAME, "metrics.jsonl")
+
+
 class RunConfigError(ValueError):
     """A configuration file or run folder is missing, malformed or inconsistent."""
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
-    """Deep-merge ``update`` into ``base``; unknown keys are errors except inside ``model`` (checked by build_snf)."""
+    """Deep-merge ``update`` into ``base``; unknown keys are errors except inside ``model`` (checked by
+    :func:`~openmm_snf.flows.builder.check_snf_options` in :func:`validate_config`)."""
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
         if key not in out and not where.endswith("model"):
@@ -109,6 +124,81 @@ def resolve_config(system_source: dict, user_config: Path | None = None, overrid
     return _merge(config, overrides or {}, "command-line options")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check(condition: bool, where: str, wanted: str, value) -> None:
+    if not condition:
+        raise RunConfigError(f"{where} must be {wanted}, got {value!r}")
+
+
+def validate_config(config: dict, mol: MolecularSystem) -> TrainConfig:
+    """Check every section of a resolved configuration against ``mol`` before anything is made or written.
+
+    Returns the :class:`TrainConfig` of the ``training`` section; raises :class:`RunConfigError` naming
+    the section, the key and what it must be.
+    """
+    for section, default in DEFAULTS.items():
+        if isinstance(default, dict) and section != "regularization":
+            _check(isinstance(config.get(section), dict), section, "a mapping of options", config.get(section))
+    _check(config["device"] in DEVICES, "device", f"one of {', '.join(DEVICES)}", config["device"])
+    _device(config["device"])
+    energy = config["energy"]
+    _check(energy["threads"] is None or _is_int(energy["threads"]) and energy["threads"] >= 1, "energy.threads",
+           "a positive integer or null", energy["threads"])
+    _check(energy["platform"] is None or isinstance(energy["platform"], str), "energy.platform",
+           "an OpenMM platform name or null", energy["platform"])
+    try:
+        make_platform(energy["platform"], precision=energy["precision"], threads=energy["threads"])
+    except ValueError as err:
+        raise RunConfigError(f"energy: {err}") from err
+    data = config["data"]
+    _check(data["path"] is None or isinstance(data["path"], str), "data.path", "a DCD file name or null", data["path"])
+    _check(_is_int(data["max_reference_frames"]) and data["max_reference_frames"] >= 1, "data.max_reference_frames",
+           "a positive integer", data["max_reference_frames"])
+    _check(data["method"] in DATA_METHODS, "data.method", f"one of {', '.join(DATA_METHODS)}", data["method"])
+    if data["path"] is None:  # the settings of the method that will make the data
+        _check_data_settings(data["method"], data[data["method"]], mol)
+    scheme = config["coordinates"]["scheme"]
+    _check(scheme in SCHEMES, "coordinates.scheme", f"one of {', '.join(SCHEMES)}", scheme)
+    if scheme != "cartesian" and mol.n_atoms >= 3 and mol.constrained_pairs:
+        raise RunConfigError(f"{mol.name}: the System constrains {len(mol.constrained_pairs)} distance(s), which "
+                             f"the internal coordinates (coordinates.scheme: {scheme}) cannot represent; rebuild the "
+                             "System with constraints=None (PDB sources are built that way)")
+    try:
+        check_snf_options(config["model"], "model")
+        train_cfg = TrainConfig.from_dict(config["training"])
+    except ValueError as err:
+        raise RunConfigError(str(err)) from err
+    regularization = config["regularization"]
+    if regularization:
+        _check(isinstance(regularization, dict) and set(regularization) <= {"high", "max"}, "regularization",
+               "null or a mapping with high and max (kT)", regularization)
+        values = {**DEFAULTS["regularization"], **regularization}
+        _check(all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values.values())
+               and values["high"] < values["max"], "regularization", "finite numbers with high < max", regularization)
+    return train_cfg
+
+
+def _check_data_settings(method: str, values, mol: MolecularSystem) -> None:
+    where = f"data.{method}"
+    _check(isinstance(values, dict), where, "a mapping of settings", values)
+    try:
+        settings = (MDSettings if method == "md" else TemperingSettings)(**values)
+        for name in ("n_frames", "steps_per_frame", "equilibration_steps", "seed"):
+            _check(_is_int(getattr(settings, name)), f"{where}.{name}", "an integer", getattr(settings, name))
+        for name in ("timestep", "friction"):
+            value = getattr(settings, name)
+            _check(isinstance(value, numbers.Real) and math.isfinite(value), f"{where}.{name}", "a finite number",
+                   value)
+        _check(0 <= settings.seed <= 2**31 - 2, f"{where}.seed", "in [0, 2**31 - 2] (OpenMM's seeds are 32-bit)",
+               settings.seed)
+        settings.validate(mol.n_atoms) if method == "md" else settings.validate()
+    except (TypeError, ValueError) as err:
+        raise RunConfigError(f"{where}: {err}") from err
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +216,7 @@ class Run:
     mol: MolecularSystem
     energy: OpenMMEnergy
     snf: torch.nn.Module
+    created: tuple = ()  # (folder made by this call or None, files it may write): what a failed new run removes
 
     @property
     def checkpoint_path(self) -> Path:
@@ -248,26 +339,112 @@ def _assemble(folder: Path, config: dict, mol: MolecularSystem, reference: np.nd
     return Run(Path(folder), config, mol, energy, snf)
 
 
-def build_run(folder, config: dict, *, resume: bool = False, progress: bool = True,
+def build_run(folder, config: dict | None, *, resume: bool = False, progress: bool = True,
               process_group=None) -> tuple[Run, Trainer]:
     """Create (or, with ``resume``, reopen) a run folder and return the run and its trainer.
+
+    The configuration is validated (:func:`validate_config`) before anything is written. If building
+    a new run fails later (MD blows up, the model cannot be built), the files it wrote are removed, so
+    the folder can be used again. With ``resume``, ``config`` is None (the saved one) or the saved one
+    with allowed changes (:func:`resume_config`), which are recorded in config.yaml.
 
     With ``process_group``, rank 0 prepares the folder while the others wait (its errors reach them
     as DistributedError), then every rank reads it (MD data as stored in data.dcd, float32, where a
     single process trains on the frames it just made); the trainer trains data-parallel.
     """
     folder = Path(folder)
-    prepared = run_on_main(lambda: _prepare(folder, config, resume, progress), process_group)
-    if process_group is not None:  # every rank reads the folder, so all train on the same (DCD) data
-        prepared = _prepare(folder, None, True, progress)
-    config, mol, train_cfg, (data, log_weights), reference = prepared
-    run = _assemble(folder, config, mol, reference)
-    regularization = config["regularization"]
-    regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
-    trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
-                      data_log_weights=log_weights, energy_regularizer=regularizer, checkpoint_path=run.checkpoint_path,
-                      metrics_path=run.metrics_path, resume=resume, progress=progress, process_group=process_group)
+    if folder.exists() and not folder.is_dir():
+        raise RunConfigError(f"--out {folder} is a file; a run needs a folder (give a new folder name)")
+    new_folder = not resume and not folder.exists()
+    new_files = [] if resume else [folder / name for name in RUN_FILES if not (folder / name).exists()]
+    try:
+        if resume:
+            run_on_main(lambda: _check_resumable(folder), process_group)
+        prepared = run_on_main(lambda: _prepare(folder, config, resume, progress), process_group)
+        if process_group is not None:  # every rank reads the folder, so all train on the same (DCD) data
+            prepared = _prepare(folder, None, True, progress)
+        config, mol, train_cfg, (data, log_weights), reference = prepared
+        run = _assemble(folder, config, mol, reference)
+        regularization = config["regularization"]
+        regularizer = None if not regularization else (lambda u: linlogcut(u, **regularization))
+        trainer = Trainer(run.snf, train_cfg, data=None if data is None else torch.as_tensor(data),
+                          data_log_weights=log_weights, energy_regularizer=regularizer,
+                          checkpoint_path=run.checkpoint_path, metrics_path=run.metrics_path, resume=resume,
+                          progress=progress, process_group=process_group)
+    except BaseException:
+        if rank_of(process_group) == 0:
+            _remove_new((folder if new_folder else None, new_files))
+        raise
+    if rank_of(process_group) == 0:
+        run.created = (folder if new_folder else None, new_files)
     return run, trainer
+
+
+def discard_unfinished(run: Run) -> None:
+    """After a failure: remove what a new run wrote if it has no checkpoint yet, so that its folder can be
+    used again (a run with a checkpoint is kept: ``--resume`` continues it)."""
+    if run.created and not run.checkpoint_path.exists():
+        _remove_new(run.created)
+
+
+def _remove_new(created: tuple) -> None:
+    """Remove the files (and the folder, if it was made and is empty) that a failed new run created."""
+    folder, files = created
+    for path in files:
+        path.unlink(missing_ok=True)
+    if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def resume_config(folder, system_source: dict, user_config: Path | None = None,
+                  overrides: dict | None = None) -> tuple[dict, list[str]]:
+    """The saved configuration of the run in ``folder`` with what the user gave explicitly applied:
+    the set (not None) values of ``system_source``, the ``user_config`` file, then ``overrides`` (as for
+    :func:`resolve_config`, without defaults). Returns (configuration, lines describing the changes).
+
+    Options in :data:`RESUMABLE` are applied; any other that differs from the saved value raises
+    :class:`RunConfigError` (a resumed run keeps its configuration).
+    """
+    folder = Path(folder)
+    _check_resumable(folder)
+    saved = read_run_config(folder)
+    given = {key: value for key, value in system_source.items() if value is not None}
+    config = _merge(saved, {"system": given}, "system arguments")
+    if user_config is not None:
+        config = _merge(config, _read_yaml(Path(user_config), "--config file"), str(user_config))
+    config = _merge(config, overrides or {}, "command-line options")
+    changes, refused = [], []
+    for key, old, new in _differences(saved, config):
+        if key in RESUMABLE:
+            changes.append(f"{'.'.join(key)}: {old!r} -> {new!r}")
+        else:
+            refused.append(f"{'.'.join(key)} {new!r} (saved: {old!r})")
+    if refused:
+        raise RunConfigError(f"--resume keeps the saved configuration of {folder}, but {'; '.join(refused)} "
+                             "differ; drop these options, or start a new run (another --out)")
+    return config, changes
+
+
+def _differences(old: dict, new: dict, prefix=()):
+    for key in new:
+        a, b = old.get(key), new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            yield from _differences(a, b, prefix + (key,))
+        elif _normalized(a) != _normalized(b):
+            yield prefix + (key,), a, b
+
+
+def _normalized(value):
+    return [_normalized(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _check_resumable(folder: Path) -> None:
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (folder / name).is_file():
+            hint = ("start a new run without --resume" if name == "config.yaml" else
+                    "training stopped before its first checkpoint: delete the folder (or choose another --out) "
+                    "and start again")
+            raise RunConfigError(f"--resume: {folder} holds no {name}; {hint}")
 
 
 def _prepare(folder: Path, config: dict | None, resume: bool, progress: bool = True):
@@ -277,16 +454,23 @@ def _prepare(folder: Path, config: dict | None, resume: bool, progress: bool = T
     if resume:
         if not config_path.is_file():
             raise RunConfigError(f"--resume: {folder} holds no config.yaml; start a new run without --resume")
-        config = _read_yaml(config_path, "run configuration")
+        saved = _read_yaml(config_path, "run configuration")
+        config = saved if config is None else config
     elif config_path.exists():
         raise RunConfigError(f"{folder} already holds a run (config.yaml); use --resume to continue it, "
                              "or another --out folder")
     mol = _load_mol(config)
-    train_cfg = TrainConfig.from_dict(config["training"])
+    train_cfg = validate_config(config, mol)
+    if not resume:  # a folder that cannot be written is found before the data are made
+        folder.mkdir(parents=True, exist_ok=True)
+        check_outputs_free([config_path, reference_path])
     needs_reference = config["coordinates"]["scheme"] != "cartesian" and mol.n_atoms >= 3
     data = (None, None)
     if resume:
         reference = np.load(reference_path)
+        if config != saved:
+            with atomic_outputs([config_path], force=True) as (tmp_config,):
+                tmp_config.write_text(yaml.safe_dump(config, sort_keys=False))
         if train_cfg.weight_forward > 0:
             data = _make_data(mol, _merge(config, {"data": {"path": config["data"]["path"] or
                                                             str(folder / "data.dcd")}}, "run"), folder, progress)
@@ -302,6 +486,17 @@ def _prepare(folder: Path, config: dict | None, resume: bool, progress: bool = T
             with open(tmp_reference, "wb") as handle:
                 np.save(handle, reference)
     return config, mol, train_cfg, data, reference
+
+
+def run_inputs(folder) -> list[Path]:
+    """The files of a run folder and its training data: what no command may overwrite while using the run."""
+    folder = Path(folder)
+    paths = [folder / name for name in RUN_FILES]
+    try:
+        data = read_run_config(folder)["data"]["path"]
+    except (RunConfigError, KeyError, TypeError):
+        return paths
+    return paths + ([] if data is None else trajectory_paths(data).all)
 
 
 def read_run_config(folder) -> dict:
@@ -328,8 +523,8 @@ def load_run(folder, *, device: str | None = None) -> Run:
     mol = _load_mol(config)
     run = _assemble(folder, config, mol, np.load(folder / "reference.npy"))
     best = folder / BEST_NAME
-    state = load_checkpoint(best if best.is_file() else run.checkpoint_path, map_location=_device(config["device"]))
-    run.snf.load_state_dict(state["model"])
+    path = best if best.is_file() else run.checkpoint_path
+    check_checkpoint_model(load_checkpoint(path, map_location=_device(config["device"])), run.snf, path)
     run.snf.eval()
     return run
 

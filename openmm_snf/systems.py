@@ -9,11 +9,14 @@ Sources (all go through :func:`load_system`):
 * an Amber ``.prmtop`` plus ``.inpcrd``.
 
 Bad input raises :class:`SystemLoadError` with a message that names the file, the field and the fix.
-Constraints are reported, not removed: :attr:`MolecularSystem.constrained_pairs` lists them, and the
+Explicit solvent (water residues) and periodic Systems are refused: the package samples single
+molecules in vacuum or implicit solvent. Constraints are reported, not removed:
+:attr:`MolecularSystem.constrained_pairs` lists them, and the
 steps that cannot handle them (the internal-coordinate flows) refuse them with a clear error.
 """
 from __future__ import annotations
 
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +26,25 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 import yaml
+from scipy.spatial import cKDTree
 
 from .units import in_unit
 
 __all__ = ["MolecularSystem", "SystemLoadError", "load_system", "shipped_systems", "SHIPPED_DIR",
            "kT_in_kj_per_mol", "as_mdtraj_topology"]
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "systems"
+
+
+def _shipped_dir() -> Path:
+    """The shipped systems: package data ``openmm_snf/shipped`` of an installed wheel (setup.py maps the
+    repository's ``systems/`` folder there), else ``systems/`` beside the package in a source checkout."""
+    installed = Path(str(importlib.resources.files("openmm_snf") / "shipped"))
+    return installed if installed.is_dir() else Path(__file__).resolve().parent.parent / "systems"
+
+
+SHIPPED_DIR = _shipped_dir()
+MIN_ATOM_DISTANCE_NM = 0.05  # half the shortest bond (C-H, 0.1 nm): closer atoms overlap
+WATER_RESIDUES = {"HOH", "WAT", "SOL", "TIP", "TIP3", "TIP4", "TIP5", "T3P", "T4P", "SPC", "H2O"}
 
 IMPLICIT_MODELS = {"obc1": "implicit/obc1.xml", "obc2": "implicit/obc2.xml", "gbn": "implicit/gbn.xml",
                    "gbn2": "implicit/gbn2.xml", "hct": "implicit/hct.xml"}
@@ -56,6 +71,7 @@ class MolecularSystem:
         temperature: temperature in kelvin.
         cvs: collective variables of interest, e.g. ``{"phi": {"kind": "dihedral", "atoms": [4, 6, 8, 14]}}``.
         description: free text.
+        sources: the files the system was read from (commands refuse to overwrite them).
     """
 
     name: str
@@ -65,6 +81,7 @@ class MolecularSystem:
     temperature: float
     cvs: dict = field(default_factory=dict)
     description: str = ""
+    sources: tuple = ()
 
     @property
     def kT(self) -> float:
@@ -92,7 +109,7 @@ class MolecularSystem:
         temperature = in_unit(temperature, unit.kelvin, "temperature")
         _check_temperature(temperature, "temperature")
         return MolecularSystem(self.name, self.topology, self.system, self.positions, float(temperature),
-                               dict(self.cvs), self.description)
+                               dict(self.cvs), self.description, self.sources)
 
     def write_pdb(self, path, positions=None) -> None:
         """Write the topology with ``positions`` (n_atoms, 3) nm or a Quantity (default: the system's) as a PDB."""
@@ -196,6 +213,7 @@ def _load_folder(folder: Path, temperature) -> MolecularSystem:
     mol = _from_system_xml(folder / meta["system"], folder / meta["structure"],
                            temperature if temperature is not None else meta.get("temperature_kelvin"))
     mol.name = meta.get("name", folder.name)
+    mol.sources = (meta_path,) + mol.sources
     mol.cvs = dict(meta.get("cvs") or {})
     mol.description = " ".join(str(meta.get("description", "")).split())
     return mol
@@ -212,11 +230,13 @@ def _from_system_xml(xml_path: Path, pdb_path: Path, temperature) -> MolecularSy
     if not isinstance(system, openmm.System):
         raise SystemLoadError(f"{xml_path} holds a serialized {type(system).__name__}, not an openmm.System")
     return _finish(xml_path.stem if xml_path.stem != "system" else xml_path.parent.name,
-                   pdb.topology, system, _positions_nm(pdb.positions), temperature, f"{xml_path} + {pdb_path}")
+                   pdb.topology, system, _positions_nm(pdb.positions), temperature, f"{xml_path} + {pdb_path}",
+                   (xml_path, pdb_path))
 
 
 def _from_pdb_and_forcefield(pdb_path: Path, forcefield, implicit, temperature) -> MolecularSystem:
     pdb = _read_pdb(pdb_path)
+    _refuse_solvent(pdb.topology, str(pdb_path))
     files = list(forcefield) if forcefield else ["amber14-all.xml"]
     if implicit is not None:
         files.append(IMPLICIT_MODELS[implicit.lower()])
@@ -234,7 +254,8 @@ def _from_pdb_and_forcefield(pdb_path: Path, forcefield, implicit, temperature) 
                                  rigidWater=False, removeCMMotion=False)
     except Exception as err:
         raise SystemLoadError(f"{pdb_path}: force field {files} could not build a System: {err}") from err
-    return _finish(pdb_path.stem, pdb.topology, system, _positions_nm(pdb.positions), temperature, str(pdb_path))
+    return _finish(pdb_path.stem, pdb.topology, system, _positions_nm(pdb.positions), temperature, str(pdb_path),
+                   (pdb_path,))
 
 
 def _from_prmtop(prmtop_path: Path, inpcrd_path: Path, implicit, temperature) -> MolecularSystem:
@@ -250,10 +271,23 @@ def _from_prmtop(prmtop_path: Path, inpcrd_path: Path, implicit, temperature) ->
     system = prmtop.createSystem(nonbondedMethod=app.NoCutoff, constraints=None, implicitSolvent=solvent,
                                  removeCMMotion=False)
     return _finish(prmtop_path.stem, prmtop.topology, system, _positions_nm(inpcrd.positions), temperature,
-                   f"{prmtop_path} + {inpcrd_path}")
+                   f"{prmtop_path} + {inpcrd_path}", (prmtop_path, inpcrd_path))
 
 
-def _finish(name, topology, system, positions, temperature, origin) -> MolecularSystem:
+def _refuse_solvent(topology, origin: str) -> None:
+    waters = sum(1 for residue in topology.residues() if residue.name.upper() in WATER_RESIDUES)
+    if waters:
+        box = " in a periodic box" if topology.getPeriodicBoxVectors() is not None else ""
+        raise SystemLoadError(f"{origin}: explicit solvent ({waters} water molecules{box}) is not supported: "
+                              "openmm-snf samples single molecules in vacuum or implicit solvent; "
+                              "remove the water and ions and use --implicit (e.g. obc2)")
+
+
+def _finish(name, topology, system, positions, temperature, origin, sources) -> MolecularSystem:
+    _refuse_solvent(topology, origin)
+    if system.usesPeriodicBoundaryConditions():
+        raise SystemLoadError(f"{origin}: the System is periodic (explicit solvent or a crystal); openmm-snf samples "
+                              "single molecules in vacuum or implicit solvent: build the System with NoCutoff")
     n_top, n_sys = topology.getNumAtoms(), system.getNumParticles()
     if n_top != n_sys:
         raise SystemLoadError(f"{origin}: particle count mismatch: the structure has {n_top} atoms, the System "
@@ -262,8 +296,14 @@ def _finish(name, topology, system, positions, temperature, origin) -> Molecular
         raise SystemLoadError(f"{origin}: {positions.shape[0]} positions for {n_sys} particles")
     if not np.all(np.isfinite(positions)):
         raise SystemLoadError(f"{origin}: the structure has non-finite coordinates")
+    close = sorted(cKDTree(positions).query_pairs(MIN_ATOM_DISTANCE_NM))
+    if close:
+        more = f" (and {len(close) - 1} more pairs)" if len(close) > 1 else ""
+        raise SystemLoadError(f"{origin}: atoms {close[0][0]} and {close[0][1]}{more} are closer than "
+                              f"{MIN_ATOM_DISTANCE_NM} nm: overlapping atoms, which no simulation survives; fix the "
+                              "structure's coordinates")
     if temperature is None:
         temperature = 300.0
     _check_temperature(temperature, "temperature")
     return MolecularSystem(name=name, topology=topology, system=system, positions=positions,
-                           temperature=float(temperature))
+                           temperature=float(temperature), sources=tuple(Path(p) for p in sources))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -46,12 +47,16 @@ from .flows.builder import build_snf_from_config
 from .flows.snf import SNF
 from .weights import kish_ess
 
-__all__ = ["TrainConfig", "Trainer", "save_checkpoint", "load_checkpoint", "load_snf", "learning_rate_at",
-           "split_validation", "BEST_NAME"]
+__all__ = ["TrainConfig", "Trainer", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_model",
+           "load_snf", "learning_rate_at", "split_validation", "BEST_NAME"]
 
 CHECKPOINT_FORMAT = "openmm-snf-checkpoint-v1"
 LR_SCHEDULES = ("constant", "cosine", "exponential")
 BEST_NAME = "best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, damaged or belongs to another model; the message names the file."""
 
 
 @dataclass
@@ -101,6 +106,13 @@ class TrainConfig:
     patience: int = 0
 
     def __post_init__(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            kinds = _FIELD_KINDS.get(item.type)
+            if kinds and not (value is None and "None" in item.type or any(check(value) for check in kinds)):
+                raise ValueError(f"training.{item.name} must be {_KIND_NAMES[item.type]}, got {value!r}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"training.seed must be in [0, 2**63), got {self.seed}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.n_iterations < 0 or self.batch_size < 1 or not self.learning_rate > 0:
@@ -113,14 +125,35 @@ class TrainConfig:
             raise ValueError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         if self.validate_every < 1 or self.patience < 0:
             raise ValueError("need validate_every >= 1 and patience >= 0")
+        if self.checkpoint_every < 0 or self.ess_every < 0 or self.weight_decay < 0:
+            raise ValueError("need checkpoint_every >= 0, ess_every >= 0 and weight_decay >= 0")
+        if not self.lr_final_factor > 0 or self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError("need lr_final_factor > 0 and clip_grad_norm > 0 (or null)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"training: expected a mapping of options, got {values!r}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# the annotation of every TrainConfig field -> checks of its values (a typed YAML value or argument)
+_FIELD_KINDS = {"int": (_is_int,), "int | None": (_is_int,), "float": (_is_finite,), "float | None": (_is_finite,),
+                "str": (lambda v: isinstance(v, str),), "bool": (lambda v: isinstance(v, bool),)}
+_KIND_NAMES = {"int": "an integer", "int | None": "an integer or null", "float": "a finite number",
+               "float | None": "a finite number or null", "str": "a string", "bool": "true or false"}
 
 
 def learning_rate_at(config: TrainConfig, iteration: int) -> float:
@@ -181,22 +214,51 @@ def save_checkpoint(path, snf: SNF, **extra) -> None:
                         **extra}, Path(path))
 
 
+_DAMAGED = ("restore it from a copy, or delete it (a deleted best.pt falls back to checkpoint.pt; without "
+            "checkpoint.pt the run must be trained again)")
+
+
 def load_checkpoint(path, map_location=None) -> dict:
-    """Read a checkpoint dict, checking its format."""
+    """Read a checkpoint dict, checking its format; :class:`CheckpointError` names a missing or damaged file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    data = torch.load(path, map_location=map_location, weights_only=False)
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # torch/pickle raise assorted errors for truncated or foreign files
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is damaged ({reason}); {_DAMAGED}") from err
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an openmm-snf checkpoint (expected format {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{path} is not an openmm-snf checkpoint (expected format {CHECKPOINT_FORMAT}); "
+                              f"{_DAMAGED}")
     return data
+
+
+def check_checkpoint_model(state: dict, snf: SNF, path) -> None:
+    """Load ``state["model"]`` into ``snf`` after checking that the checkpoint was made for the same model
+    (its ``snf_config``); raises :class:`CheckpointError` naming ``path`` otherwise."""
+    if snf.config is not None and _plain(state.get("snf_config")) != _plain(snf.config):
+        raise CheckpointError(f"checkpoint {path} belongs to another model than this run's configuration (copied "
+                              f"from another run?); {_DAMAGED}")
+    try:
+        snf.load_state_dict(state["model"])
+    except (KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this run's model ({str(err).splitlines()[0]}); "
+                              f"{_DAMAGED}") from err
+
+
+def _plain(value):
+    """Configs compared as plain data (tuples and lists alike, as after a YAML round trip)."""
+    if isinstance(value, dict):
+        return {key: _plain(v) for key, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def load_snf(path, target_energy, transform=None, map_location=None) -> SNF:
     """Rebuild an SNF from a checkpoint; pass the same target energy and transform as in training."""
     data = load_checkpoint(path, map_location)
     snf = build_snf_from_config(data["snf_config"], target_energy, transform)
-    snf.load_state_dict(data["model"])
+    check_checkpoint_model(data, snf, path)
     return snf.eval()
 
 
@@ -272,6 +334,8 @@ class Trainer:
         self._make_shards(config.n_shards or (len(saved) if saved else world_size_of(process_group)))
         if state is not None:
             self._restore(state, saved)
+        if resume and self.is_main and self.metrics_path is not None:
+            _trim_metrics(self.metrics_path, self.iteration)
         broadcast_module(snf, process_group)
         check_same_on_all_ranks((self.iteration, self.n_shards, config.batch_size, config.seed), process_group,
                                 "(iteration, n_shards, batch_size, seed)")
@@ -287,8 +351,12 @@ class Trainer:
         if len(generator_states) != self.n_shards:
             raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(generator_states)} shard stream(s) but "
                              f"training.n_shards is {self.n_shards}; set it to {len(generator_states)} to resume")
-        self.snf.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        check_checkpoint_model(state, self.snf, self.checkpoint_path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"checkpoint {self.checkpoint_path}: optimizer state does not fit ({err}); "
+                                  f"{_DAMAGED}") from err
         for k, generator in self.generators.items():
             generator.set_state(generator_states[k].to("cpu"))
         self.iteration = int(state["iteration"])
@@ -517,6 +585,30 @@ class Trainer:
                 log.close()
             self.snf.eval()
         return history
+
+
+def _trim_metrics(path: Path, iteration: int) -> None:
+    """Drop the metrics lines after ``iteration`` (written after the checkpoint a run resumes from)."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["iteration"] <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: after the checkpoint anyway
+            continue
+    if len(kept) == len(lines):
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _postfix(metrics: dict) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from openmm_snf.analysis import (EmptyStateError, free_energy_difference, free_energy_profile,
+from openmm_snf.analysis import (AnalysisError, EmptyStateError, free_energy_difference, free_energy_profile,
                                  histogram_kl_divergence, state_free_energy)
 from openmm_snf.analysis.free_energy import bootstrap_indices
 from openmm_snf.systems import load_system
@@ -79,6 +79,12 @@ def test_empty_state_is_an_error():
     x, log_w = weighted_gaussian(100, seed=5)
     with pytest.raises(EmptyStateError, match=r"state 'far' has no samples among 100 frames"):
         free_energy_difference(log_w, x > 50, x < 0, labels=("far", "left"))
+
+
+def test_states_with_the_same_label_are_an_error():
+    in_a = np.arange(20) >= 10
+    with pytest.raises(AnalysisError, match="both states are labelled 'A'"):
+        free_energy_difference(np.zeros(20), in_a, ~in_a, labels=("A", "A"))
 
 
 def test_sparse_state_reports_degenerate_replicates():

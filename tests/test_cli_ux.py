@@ -83,6 +83,7 @@ def _terminal_output(tmp_path, *options) -> str:
     return b"".join(chunks).decode().replace("\r\n", "\n")  # the terminal's own line ends
 
 
+@pytest.mark.slow
 def test_progress_bars_only_on_a_terminal_and_not_with_quiet(tmp_path, capfd, monkeypatch):
     assert "\r" in _terminal_output(tmp_path)  # the control: a bar is drawn on a terminal
     quiet = _terminal_output(tmp_path, "--quiet")

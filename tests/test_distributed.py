@@ -264,6 +264,7 @@ def test_cli_distributed_training_and_sampling_match_one_process(cli_runs):
     assert not list(cli_runs.glob("*.tmp")) and not list((cli_runs / "two").glob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_torchrun_launches_distributed_sampling(cli_runs):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     if torchrun is None:

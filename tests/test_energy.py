@@ -168,6 +168,19 @@ def test_bad_samples_are_flagged_and_do_not_change_the_others(forces_from):
     assert torch.allclose(u[1], u_seq[0], rtol=1e-12) and torch.allclose(f[1], f_seq[0], rtol=1e-9)
 
 
+def test_a_bug_in_the_batched_path_is_raised_not_retried_sample_by_sample(monkeypatch):
+    """Only OpenMM's own failures send a batch to the per-sample loop; an error of the torch or numba
+    terms (a bug) reaches the caller instead of becoming a warning and a slowdown."""
+    mol = load_system("alanine_dipeptide_vacuum")
+    model = OpenMMEnergy(mol, platform="Reference")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the terms")
+    monkeypatch.setattr(model, "_in_batch", broken)
+    with pytest.raises(RuntimeError, match="a bug in the terms"):
+        model.energy_and_forces(perturbed(mol, 64))
+
+
 def test_input_validation_messages():
     mol = load_system("alanine_dipeptide_vacuum")
     model = OpenMMEnergy(mol, platform="Reference", per_sample_energies=False)

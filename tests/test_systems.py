@@ -122,3 +122,15 @@ def test_constraints_and_periodicity_are_reported(tmp_path):
     xml.write_text(openmm.XmlSerializer.serialize(system))
     mol = load_system(xml, pdb=SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb")
     assert len(mol.constrained_pairs) == 12 and not mol.is_periodic
+
+
+def test_periodic_systems_are_refused(tmp_path):
+    """A periodic System (explicit solvent, a crystal) is refused when loaded, not simulated as a droplet."""
+    pdb = app.PDBFile(str(SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb"))
+    topology = pdb.topology
+    topology.setPeriodicBoxVectors(np.eye(3) * 3.0 * unit.nanometer)
+    system = app.ForceField("amber14-all.xml").createSystem(topology, nonbondedMethod=app.PME, constraints=None)
+    xml = tmp_path / "periodic.xml"
+    xml.write_text(openmm.XmlSerializer.serialize(system))
+    with pytest.raises(SystemLoadError, match="the System is periodic"):
+        load_system(xml, pdb=SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb")

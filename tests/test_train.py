@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from openmm_snf.flows import DoubleWellEnergy, build_snf
-from openmm_snf.train import TrainConfig, Trainer, learning_rate_at, load_checkpoint, load_snf
+from openmm_snf.train import CheckpointError, TrainConfig, Trainer, learning_rate_at, load_checkpoint, load_snf
 
 
 def double_well_data(n=2000, seed=0):
@@ -125,7 +125,7 @@ def test_config_validation_and_schedule():
         Trainer(small_snf(), TrainConfig(), progress=False)
     cfg = TrainConfig(n_iterations=11, learning_rate=1.0, lr_schedule="exponential", lr_final_factor=0.01)
     assert learning_rate_at(cfg, 0) == 1.0 and abs(learning_rate_at(cfg, 10) - 0.01) < 1e-12
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(CheckpointError):
         load_checkpoint("/nonexistent/ckpt.pt")
 
 

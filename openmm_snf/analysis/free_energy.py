@@ -186,6 +186,9 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
                          "1-D of equal length")
     if not np.all(np.isfinite(log_w)):
         raise AnalysisError(f"log_weights are not finite at frames {np.flatnonzero(~np.isfinite(log_w))[:5]}")
+    if labels[0] == labels[1]:
+        raise AnalysisError(f"both states are labelled {labels[0]!r}; give them different labels, e.g. "
+                            "\"A: ...\" \"B: ...\"")
     if n_bootstrap < 10 or not 0 < confidence < 1:
         raise AnalysisError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
     verdict = diagnose(log_w, dict(zip(labels, (in_a, in_b))))

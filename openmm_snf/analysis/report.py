@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import read_trajectory, read_weighted_trajectory, trajectory_paths
+from ..io import InputError, read_trajectory, read_weighted_trajectory, trajectory_paths
 from ..weights import normalized_weights
 from . import plots
 from .cvs import compute_cv
@@ -79,21 +79,28 @@ def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bi
     if run_dir is None and (samples is None or out_dir is None):
         raise ValueError("write_report without a run folder needs samples and out_dir")
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "plots"
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not (run_dir / "metrics.jsonl").is_file():
+            raise InputError(f"{run_dir / 'metrics.jsonl'} not found: RUN must be a folder written by "
+                             "'openmm-snf train'")
+        if reference is None and (run_dir / "data.dcd").is_file():
+            reference = run_dir / "data.dcd"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out-dir {out_dir} is a file; give a folder for the plots")
+    # every input is read before the first plot is written
+    weighted = None if samples is None else read_weighted_trajectory(samples)
+    reference, ref_log_w = _read_reference(reference if weighted is not None else None)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     if run_dir is not None:
-        run_dir = Path(run_dir)
         written.append(plots.plot_training_curves(run_dir / "metrics.jsonl", out_dir / "training_curves.png",
                                                   force=force, title=f"Training curves ({run_dir.name})"))
-        if reference is None and (run_dir / "data.dcd").is_file():
-            reference = run_dir / "data.dcd"
-    if samples is None:
+    if weighted is None:
         return written
-    weighted = read_weighted_trajectory(samples)
     log_w = weighted.log_weights
     written.append(plots.plot_log_weights(out_dir / "log_weights.png", log_w, force=force))
     cvs = json.loads(str(weighted.extra["cvs_json"])) if "cvs_json" in weighted.extra else {}
-    reference, ref_log_w = _read_reference(reference)
     ref_label = "training data (MD)" if ref_log_w is None else "training data (reweighted to T)"
     if "overlap_matrix" in weighted.extra:  # umbrella samples
         written.append(plots.plot_overlap_matrix(out_dir / "overlap.png", weighted.extra["overlap_matrix"],

@@ -302,7 +302,7 @@ class OpenMMEnergy(EnergyModel):
         try:
             context.setPositions(x)
             state = context.getState(getEnergy=energies, getForces=True)
-        except Exception as err:  # OpenMM raises plain Exceptions
+        except openmm.OpenMMException as err:
             raise EnergyEvaluationError(f"OpenMM failed on sample {index}: {err}") from err
         read_forces(state, forces)
         return state.getPotentialEnergy()._value if energies else None
@@ -371,7 +371,7 @@ class OpenMMEnergy(EnergyModel):
             try:
                 energy, forces = self._in_batch(x, centered, energies, device)
                 return energy, forces, self._output_flags(energy, forces, flags)
-            except Exception as err:  # OpenMM raises plain Exceptions; find the failing sample on its own
+            except openmm.OpenMMException as err:  # find the failing sample on its own (a bug in ours is raised)
                 warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
                 inside, outside = np.zeros_like(inside), np.arange(batch)
         energy = np.full(batch, np.nan) if energies else None
@@ -387,7 +387,7 @@ class OpenMMEnergy(EnergyModel):
                 e, forces[inside] = self._in_batch(x[inside], centered[inside], energies, device)
                 if energies:
                     energy[inside] = e
-            except Exception as err:  # as above
+            except openmm.OpenMMException as err:  # as above
                 warnings.warn(f"the batched evaluation failed ({err}); evaluating this batch sample by sample")
                 outside = np.flatnonzero(finite)
         for b in outside:

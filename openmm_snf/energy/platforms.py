@@ -141,10 +141,10 @@ def make_platform(name: str | None = None, *, precision: str = "mixed",
 def platform_properties(choice: PlatformChoice, *, precision: str = "mixed",
                         threads: int | None = None) -> tuple[openmm.Platform, dict]:
     """(platform, properties) of a :class:`PlatformChoice` with the precision or thread count set."""
+    if precision not in ("mixed", "double", "single"):  # checked on every platform: a typo is never ignored
+        raise ValueError(f"precision must be mixed, double or single, got {precision!r}")
     properties = dict(choice.properties)
     if choice.name in ("CUDA", "OpenCL"):
-        if precision not in ("mixed", "double", "single"):
-            raise ValueError(f"precision must be mixed, double or single, got {precision!r}")
         properties["Precision"] = precision
     if choice.name == "CPU" and threads is not None:
         if int(threads) < 1:

@@ -48,7 +48,7 @@ class SequentialEnergy(EnergyModel):
             try:
                 self.context.setPositions(pos)
                 state = self.context.getState(getEnergy=energies, getForces=True)
-            except Exception as err:  # OpenMM raises plain Exceptions
+            except openmm.OpenMMException as err:
                 raise EnergyEvaluationError(f"OpenMM failed on sample {b}: {err}") from err
             read_forces(state, forces[b])
             if energies:

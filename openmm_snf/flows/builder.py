@@ -17,16 +17,19 @@ The builder's keyword arguments are stored on ``snf.config`` so checkpoints can 
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from .augment import MarginalizeAuxiliary
-from .couplings import AffineCoupling, SplineCoupling
+from .couplings import ACTIVATIONS, AffineCoupling, SplineCoupling
 from .energies import InterpolatedEnergy, PulledBackEnergy
 from .priors import Prior, as_periodic_mask
 from .snf import SNF
 from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
-__all__ = ["build_snf", "build_snf_from_config", "PAPER_ALANINE_DIPEPTIDE", "PAPER_DOUBLE_WELL"]
+__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "PAPER_ALANINE_DIPEPTIDE", "PAPER_DOUBLE_WELL"]
 
 FLOWS = ("realnvp", "spline")
 STOCHASTIC = ("mc", "mala", "langevin", "underdamped", None)
@@ -38,6 +41,48 @@ PAPER_ALANINE_DIPEPTIDE = dict(n_blocks=5, flow="realnvp", hidden=(128, 128, 128
 #: The paper's double-well SNF (RNVP + MC, 2-D).
 PAPER_DOUBLE_WELL = dict(n_blocks=3, flow="realnvp", hidden=(64, 64, 64), activation="relu",
                          stochastic="mc", n_steps=20, step_size=0.1)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_OPTION_CHECKS = {
+    "n_blocks": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "flow": (lambda v: v in FLOWS, f"one of {', '.join(FLOWS)}"),
+    "hidden": (lambda v: isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(h) and h >= 1 for h in v),
+               "a non-empty list of positive layer widths, e.g. [64, 64]"),
+    "activation": (lambda v: v in ACTIVATIONS, f"one of {', '.join(ACTIVATIONS)}"),
+    "stochastic": (lambda v: v in STOCHASTIC, "one of mc, mala, langevin, underdamped or null"),
+    "lambdas": (lambda v: v is None or isinstance(v, (list, tuple)) and all(_is_number(l) and 0 <= l <= 1 for l in v),
+                "null or a list of numbers in [0, 1], one per block"),
+    "n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "step_size": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "augment": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "n_bins": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "spline_bound": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "friction": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "target_acceptance": (lambda v: v is None or _is_number(v) and 0 < v < 1, "null or a number in (0, 1)"),
+}
+
+
+def check_snf_options(options: dict, where: str = "model") -> None:
+    """Raise ValueError naming the first unknown key or bad value among :func:`build_snf`'s keyword options."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: expected a mapping of build_snf options, got {options!r}")
+    for key, value in options.items():
+        if key not in _OPTION_CHECKS:
+            raise ValueError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(_OPTION_CHECKS))}")
+        valid, wanted = _OPTION_CHECKS[key]
+        if not valid(value):
+            raise ValueError(f"{where}.{key} must be {wanted}, got {value!r}")
+    lambdas, n_blocks = options.get("lambdas"), options.get("n_blocks", 5)
+    if lambdas is not None and len(lambdas) != n_blocks:
+        raise ValueError(f"{where}.lambdas has {len(lambdas)} entries but n_blocks is {n_blocks}")
 
 
 def _masks(dim: int, augment: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,22 +128,16 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
         n_bins, spline_bound: spline resolution and interval [−bound, bound] of ordinary dims.
         friction: underdamped Langevin γ. target_acceptance: MC step-size adaptation in training.
     """
+    options = dict(n_blocks=n_blocks, flow=flow, hidden=hidden, activation=activation, stochastic=stochastic,
+                   lambdas=lambdas, n_steps=n_steps, step_size=step_size, augment=augment, n_bins=n_bins,
+                   spline_bound=spline_bound, friction=friction, target_acceptance=target_acceptance)
+    check_snf_options(options, "build_snf")
     config = dict(dim=dim, periodic_mask=None if periodic_mask is None else
                   [bool(b) for b in as_periodic_mask(periodic_mask, dim)],
-                  n_blocks=n_blocks, flow=flow, hidden=tuple(hidden), activation=activation,
-                  stochastic=stochastic, lambdas=None if lambdas is None else tuple(float(l) for l in lambdas),
-                  n_steps=n_steps, step_size=step_size, augment=augment, n_bins=n_bins,
-                  spline_bound=spline_bound, friction=friction, target_acceptance=target_acceptance)
-    if flow not in FLOWS:
-        raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
-    if stochastic not in STOCHASTIC:
-        raise ValueError(f"stochastic must be one of {STOCHASTIC}, got {stochastic!r}")
-    if n_blocks < 1 or augment < 0:
-        raise ValueError(f"need n_blocks >= 1 and augment >= 0, got {n_blocks}, {augment}")
+                  **options)
+    config.update(hidden=tuple(hidden), lambdas=None if lambdas is None else tuple(float(l) for l in lambdas))
     if lambdas is None:
         lambdas = torch.linspace(0, 1, n_blocks).tolist() if n_blocks > 1 else [1.0]
-    if len(lambdas) != n_blocks:
-        raise ValueError(f"lambdas has {len(lambdas)} entries but n_blocks={n_blocks}")
 
     periodic = torch.cat([as_periodic_mask(periodic_mask, dim), torch.zeros(augment, dtype=torch.bool)])
     prior = Prior(dim + augment, periodic)

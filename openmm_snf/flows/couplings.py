@@ -20,19 +20,19 @@ from .splines import rq_spline
 
 __all__ = ["MLP", "AffineCoupling", "SplineCoupling"]
 
-_ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 class MLP(nn.Sequential):
     """Dense network in -> hidden... -> out with the named activation; last layer zero-initialized."""
 
     def __init__(self, n_in: int, n_out: int, hidden=(64, 64), activation: str = "relu"):
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         sizes = [n_in, *hidden]
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(a, b), _ACTIVATIONS[activation]()]
+            layers += [nn.Linear(a, b), ACTIVATIONS[activation]()]
         last = nn.Linear(sizes[-1], n_out)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)

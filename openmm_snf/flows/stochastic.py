@@ -21,7 +21,7 @@ Periodic dims (bool mask over the last axis of (B, D) inputs) are wrapped into [
 overdamped backward noise uses the minimum-image displacement, i.e. the nearest term of the wrapped
 Gaussian, whose neglected images weigh exp(−π²/(4ε)) relative (< 1e-20 for ε ≤ 0.05).
 
-Step sizes may adapt during training (``target_acceptance``, Metropolis only): after each
+Step sizes may adapt during training (``target_acceptance``; Metropolis and MALA blocks): after each
 forward in training mode the step is multiplied by exp(rate·(acceptance − target)). In eval mode
 (sampling) it is frozen; it is a buffer, so checkpoints keep it.
 """
