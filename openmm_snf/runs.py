@@ -62,6 +62,7 @@ DEFAULTS = {
     "device": "cpu",
     "energy": {"platform": None, "precision": "mixed", "threads": None},
     "data": {"path": None, "max_reference_frames": 2000, "method": "tempering", "balance_states": 0.1,
+             "seed_rare_states": {"n_copies": 32, "n_frames": 500},
              "tempering": asdict(TemperingSettings(n_frames=1500, timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
@@ -268,10 +269,62 @@ def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool 
     if not (isinstance(share, (int, float)) and 0 <= share < 0.5):
         raise RunConfigError(f"data.balance_states must be a share in [0, 0.5) (0: off), got {share!r}")
     if share:
-        states = default_states(mdtraj.Trajectory(frames.astype(np.float32), mol.mdtraj_topology()), mol.cvs)
-        log_weights = _balance_states(np.zeros(len(frames)) if log_weights is None else log_weights, states,
-                                      float(share))
+        log_weights = np.zeros(len(frames)) if log_weights is None else log_weights
+        states = _states(mol, frames)
+        seeding = data["seed_rare_states"]
+        if seeding is not None and not (isinstance(seeding, dict) and set(seeding) == {"n_copies", "n_frames"}
+                                        and all(_is_int(v) and v >= 0 for v in seeding.values())):
+            raise RunConfigError(f"data.seed_rare_states must be null or {{n_copies: N, n_frames: M}} with integers "
+                                 f">= 0, got {seeding!r}")
+        if seeding and seeding["n_copies"] and seeding["n_frames"]:
+            frames, log_weights, states = _seed_rare_states(mol, config, frames, log_weights, states, share,
+                                                            progress)
+        log_weights = _balance_states(log_weights, states, float(share))
     return frames, log_weights
+
+
+def _states(mol: MolecularSystem, frames: np.ndarray) -> dict:
+    return default_states(mdtraj.Trajectory(frames.astype(np.float32), mol.mdtraj_topology()), mol.cvs)
+
+
+def _seed_rare_states(mol, config, frames, log_weights, states, share, progress):
+    """Frames of plain Langevin MD at T started inside each rare state, replacing that state's frames.
+
+    A state below ``share`` of the weight (phi > 0 of a peptide at 300 K) is seen in tempering data
+    mostly through hot frames whose weights for T are tiny: a few frames carry it, and a flow fitted to
+    them fits those frames. Copies started from the state's highest-weight frames and run at T give
+    thousands of frames with the right local structure; they carry the state's estimated weight, split
+    equally over those still in the state (a basin this rare at T is metastable: few leave it).
+    Returns (frames, log weights, states) with the new frames appended and the state's old frames at
+    weight zero. The importance weights of samples never see these weights.
+    """
+    from scipy.special import logsumexp
+    settings = {**config["data"]["tempering"], **config["data"]["seed_rare_states"], "n_temperatures": 1,
+                "equilibration_steps": 0}
+    n_copies = settings.pop("n_copies")
+    energy = None
+    for label in list(states):
+        mask = states[label]
+        p = float(np.exp(logsumexp(log_weights[mask]) - logsumexp(log_weights))) if mask.any() else 0.0
+        if not mask.any() or p >= share:
+            continue
+        inside = np.flatnonzero(mask)
+        seeds = frames[inside[np.argsort(log_weights[inside])[::-1][:n_copies]]]
+        energy = energy or OpenMMEnergy(mol, platform=config["energy"]["platform"],
+                                        threads=config["energy"]["threads"])
+        new = run_tempering(mol, TemperingSettings(**{**settings, "n_ladders": n_copies}), energy=energy,
+                            starts=seeds, progress=progress).frames()
+        new_states = _states(mol, new)
+        kept = new[new_states[label]]
+        if len(kept) == 0:
+            continue
+        print(f"training data: state {label} ({100 * p:.2g}% of the weight) represented by {len(kept)} frames of MD "
+              f"at {mol.temperature:g} K started in it")
+        new_log_w = np.full(len(kept), logsumexp(log_weights[mask]) - np.log(len(kept)))
+        log_weights = np.concatenate([np.where(mask, -np.inf, log_weights), new_log_w])
+        frames = np.concatenate([frames, kept])
+        states = {name: np.concatenate([m, new_states[name][new_states[label]]]) for name, m in states.items()}
+    return frames, log_weights, states
 
 
 def _balance_states(log_weights: np.ndarray, states: dict, share: float) -> np.ndarray:

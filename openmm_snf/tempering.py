@@ -187,7 +187,7 @@ def _masses(mol: MolecularSystem, hydrogen_mass: float | None) -> np.ndarray:
 class _Ladders:
     """The state of all copies: positions, velocities, each copy's rung; one LangevinMiddle step at a time."""
 
-    def __init__(self, mol, energy, settings, temperatures, rng):
+    def __init__(self, mol, energy, settings, temperatures, rng, starts=None):
         self.energy, self.rng = energy, rng
         self.n_ladders, self.n_temps = settings.n_ladders, len(temperatures)
         n_copies = self.n_ladders * self.n_temps
@@ -195,7 +195,13 @@ class _Ladders:
         self.kT0 = kT_in_kj_per_mol(temperatures[0])
         self.temperatures = temperatures
         self.rung = np.tile(np.arange(self.n_temps), self.n_ladders)  # copy -> rung (copies of ladder l: l*K ...)
-        self.x = np.repeat(_minimized(mol)[None], n_copies, axis=0)
+        if starts is None:
+            self.x = np.repeat(_minimized(mol)[None], n_copies, axis=0)
+        else:
+            starts = np.asarray(starts, dtype=np.float64)
+            if starts.ndim != 3 or starts.shape[1:] != (mol.n_atoms, 3) or not np.all(np.isfinite(starts)):
+                raise ValueError(f"tempering starts must be finite ({mol.n_atoms}, 3) structures, got {starts.shape}")
+            self.x = starts[np.arange(n_copies) % len(starts)].copy()
         self.v = self._thermal_velocities(np.arange(n_copies))
         self.dt = settings.timestep / 1000.0  # ps
         self.friction_factor = math.exp(-settings.friction * self.dt)
@@ -255,11 +261,14 @@ class _Ladders:
 
 
 def run_tempering(mol: MolecularSystem, settings: TemperingSettings | None = None, *,
-                  energy: OpenMMEnergy | None = None, progress: bool = True) -> TemperingResult:
+                  energy: OpenMMEnergy | None = None, starts: np.ndarray | None = None,
+                  progress: bool = True) -> TemperingResult:
     """Run parallel tempering of ``mol`` at its temperature and return the frames of every rung.
 
     energy: the batched energy at mol's temperature (default: a new :class:`OpenMMEnergy` on the
-    compiled CPU route). Raises FloatingPointError if the integration blows up.
+    compiled CPU route). starts: (S, n_atoms, 3) nm start structures, copy c starting from
+    ``starts[c % S]`` (default: the system's positions, energy-minimized). Raises FloatingPointError
+    if the integration blows up.
     """
     settings = settings or TemperingSettings()
     settings.validate()
@@ -268,7 +277,7 @@ def run_tempering(mol: MolecularSystem, settings: TemperingSettings | None = Non
     energy = energy or OpenMMEnergy(mol)
     if abs(energy.temperature - t0) > 1e-9:
         raise ValueError(f"the energy's temperature {energy.temperature} K differs from the system's {t0} K")
-    state = _Ladders(mol, energy, settings, temperatures, np.random.default_rng(settings.seed))
+    state = _Ladders(mol, energy, settings, temperatures, np.random.default_rng(settings.seed), starts)
     n_ladders, n_temps, n_frames = settings.n_ladders, len(temperatures), settings.n_frames
     xyz = np.empty((n_ladders, n_temps, n_frames, mol.n_atoms, 3))
     u0 = np.empty((n_ladders, n_temps, n_frames))

@@ -71,3 +71,27 @@ def test_settings_are_validated():
                 {"equilibration_steps": -5}, {"n_ladders": 2.5}):
         with pytest.raises(ValueError, match="tempering"):
             TemperingSettings(**bad).validate()
+
+
+def test_rare_states_are_seeded_with_md_at_the_target_temperature():
+    """A state below the balance share is represented by MD at T started in it: its old frames drop to weight
+    zero, the new frames all lie in it and carry its weight, the other states are untouched."""
+    from scipy.special import logsumexp
+    from openmm_snf.runs import _seed_rare_states, _states, resolve_config
+    mol = load_system("double_well")
+    config = resolve_config({"source": "double_well"},
+                            overrides={"data": {"seed_rare_states": {"n_copies": 4, "n_frames": 50}}})
+    result = run_tempering(mol, TemperingSettings(**{**config["data"]["tempering"], "n_frames": 100,
+                                                     "equilibration_steps": 4000}), progress=False)
+    frames = result.frames()
+    states = _states(mol, frames)
+    log_w = np.where(states["x<0"], np.log(0.01), 0.0)  # the left well made rare
+    left_weight = logsumexp(log_w[states["x<0"]])
+    assert states["x<0"].any() and np.exp(left_weight - logsumexp(log_w)) < 0.1
+    new_frames, new_log_w, new_states = _seed_rare_states(mol, config, frames, log_w, states, 0.1, False)
+    n_old = len(frames)
+    assert len(new_frames) > n_old and np.all(new_frames[n_old:, 0, 0] < 0)  # MD at 300 K stays in the left well
+    assert np.all(np.isneginf(new_log_w[:n_old][states["x<0"]]))
+    np.testing.assert_allclose(logsumexp(new_log_w[n_old:]), left_weight)
+    np.testing.assert_array_equal(new_log_w[:n_old][states["x>0"]], log_w[states["x>0"]])
+    assert np.all(new_states["x<0"][n_old:]) and not np.any(new_states["x>0"][n_old:])
