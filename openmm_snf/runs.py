@@ -62,7 +62,7 @@ DEFAULTS = {
     "device": "cpu",
     "energy": {"platform": None, "precision": "mixed", "threads": None},
     "data": {"path": None, "max_reference_frames": 2000, "method": "tempering", "balance_states": 0.1,
-             "seed_rare_states": {"n_copies": 32, "n_frames": 500},
+             "seed_rare_states": {"n_copies": 64, "n_frames": 1500},
              "tempering": asdict(TemperingSettings(n_frames=1500, timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
