@@ -159,6 +159,12 @@ def validate_config(config: dict, mol: MolecularSystem) -> TrainConfig:
     _check(_is_int(data["max_reference_frames"]) and data["max_reference_frames"] >= 1, "data.max_reference_frames",
            "a positive integer", data["max_reference_frames"])
     _check(data["method"] in DATA_METHODS, "data.method", f"one of {', '.join(DATA_METHODS)}", data["method"])
+    _check(isinstance(data["balance_states"], numbers.Real) and 0 <= data["balance_states"] < 0.5,
+           "data.balance_states", "a share in [0, 0.5) (0: off)", data["balance_states"])
+    seeding = data["seed_rare_states"]
+    _check(seeding is None or isinstance(seeding, dict) and set(seeding) == {"n_copies", "n_frames"}
+           and all(_is_int(v) and v >= 0 for v in seeding.values()), "data.seed_rare_states",
+           "null or {n_copies: N, n_frames: M} with integers >= 0", seeding)
     if data["path"] is None:  # the settings of the method that will make the data
         _check_data_settings(data["method"], data[data["method"]], mol)
     scheme = config["coordinates"]["scheme"]
@@ -265,17 +271,10 @@ def _make_data(mol: MolecularSystem, config: dict, folder: Path, progress: bool 
         if traj.n_atoms != mol.n_atoms:
             raise RunConfigError(f"data {data['path']}: {traj.n_atoms} atoms, but the system has {mol.n_atoms}")
         frames = traj.xyz.astype(np.float64)
-    share = data["balance_states"]
-    if not (isinstance(share, (int, float)) and 0 <= share < 0.5):
-        raise RunConfigError(f"data.balance_states must be a share in [0, 0.5) (0: off), got {share!r}")
+    share, seeding = data["balance_states"], data["seed_rare_states"]
     if share:
         log_weights = np.zeros(len(frames)) if log_weights is None else log_weights
         states = _states(mol, frames)
-        seeding = data["seed_rare_states"]
-        if seeding is not None and not (isinstance(seeding, dict) and set(seeding) == {"n_copies", "n_frames"}
-                                        and all(_is_int(v) and v >= 0 for v in seeding.values())):
-            raise RunConfigError(f"data.seed_rare_states must be null or {{n_copies: N, n_frames: M}} with integers "
-                                 f">= 0, got {seeding!r}")
         if seeding and seeding["n_copies"] and seeding["n_frames"]:
             frames, log_weights, states = _seed_rare_states(mol, config, frames, log_weights, states, share,
                                                             progress)
@@ -305,7 +304,7 @@ def _seed_rare_states(mol, config, frames, log_weights, states, share, progress)
     energy = None
     for label in list(states):
         mask = states[label]
-        p = float(np.exp(logsumexp(log_weights[mask]) - logsumexp(log_weights))) if mask.any() else 0.0
+        p = _state_share(log_weights, mask)
         if not mask.any() or p >= share:
             continue
         inside = np.flatnonzero(mask)
@@ -327,6 +326,12 @@ def _seed_rare_states(mol, config, frames, log_weights, states, share, progress)
     return frames, log_weights, states
 
 
+def _state_share(log_weights: np.ndarray, mask: np.ndarray) -> float:
+    """The share of the total weight the frames in ``mask`` hold (0 for an empty state)."""
+    from scipy.special import logsumexp
+    return float(np.exp(logsumexp(log_weights[mask]) - logsumexp(log_weights))) if mask.any() else 0.0
+
+
 def _balance_states(log_weights: np.ndarray, states: dict, share: float) -> np.ndarray:
     """Training log weights in which every state holding frames has at least ``share`` of the total weight.
 
@@ -334,12 +339,11 @@ def _balance_states(log_weights: np.ndarray, states: dict, share: float) -> np.n
     weight) often enough that each gets many samples; the importance weights of the samples are
     computed from the flow's own density, so they stay exact and undo the balancing.
     """
-    from scipy.special import logsumexp
     log_w = np.array(log_weights, dtype=np.float64)
     for mask in states.values():
         if not mask.any() or mask.all():
             continue
-        p = float(np.exp(logsumexp(log_w[mask]) - logsumexp(log_w)))
+        p = _state_share(log_w, mask)
         if p < share:
             log_w[mask] += np.log(share * (1 - p) / (p * (1 - share)))
     return log_w
