@@ -9,6 +9,7 @@ from openmm_snf.flows import (ActNorm, AffineCoupling, GaussianEnergy, Interpola
                               MetropolisBlock, OverdampedLangevinBlock, Permute, Prior, SNF, SplineCoupling,
                               UnderdampedLangevinBlock, rq_spline, wrap_angle)
 from openmm_snf.flows.anneal import annealed
+from openmm_snf.flows.builder import build_snf, build_snf_from_config
 from openmm_snf.weights import kish_ess, log_mean_exp
 
 DIM = 4
@@ -303,3 +304,35 @@ def test_langevin_forces_enter_the_gradient_only_when_asked(differentiable):
     jacobian = torch.stack([torch.autograd.grad(out[0, k], y, retain_graph=True)[0][0] for k in range(2)])
     expected = torch.eye(2, dtype=torch.float64) - (eps * precision if differentiable else 0.0)
     torch.testing.assert_close(jacobian, expected)
+
+
+def _coupling_masks(snf):
+    return [block.ordinary_idx.tolist() + block.periodic_idx.tolist() for block in snf.blocks
+            if isinstance(block, AffineCoupling)]
+
+
+def test_alternating_masks_let_torsions_condition_on_torsions():
+    dim, periodic = 12, [False] * 6 + [True] * 6          # an IC layout: bonds/angles, then torsions
+    snf = build_snf(dim, periodic, GaussianEnergy(torch.zeros(dim), torch.eye(dim)), n_blocks=3,
+                    stochastic=None)
+    masks = _coupling_masks(snf)
+    assert len(masks) == 6
+    for pair in range(3):
+        first, second = sorted(masks[2 * pair]), sorted(masks[2 * pair + 1])
+        assert sorted(first + second) == list(range(dim))           # each pair transforms every dim once
+        for part in (first, second):                               # torsions on both sides, 3 and 3
+            assert sum(periodic[i] for i in part) == 3
+    assert sorted(masks[0]) != sorted(masks[2])                     # consecutive pairs split differently
+    halves = build_snf(dim, periodic, GaussianEnergy(torch.zeros(dim), torch.eye(dim)), n_blocks=3,
+                       stochastic=None, masks="halves")
+    assert all(sorted(m) in (list(range(6)), list(range(6, 12))) for m in _coupling_masks(halves))
+
+
+def test_models_saved_before_the_masks_option_rebuild_with_halves():
+    dim = 8
+    energy = GaussianEnergy(torch.zeros(dim), torch.eye(dim))
+    old = build_snf(dim, [False] * 4 + [True] * 4, energy, n_blocks=2, stochastic=None, masks="halves")
+    config = {k: v for k, v in old.config.items() if k != "masks"}
+    rebuilt = build_snf_from_config(config, energy)
+    rebuilt.load_state_dict(old.state_dict())
+    assert _coupling_masks(rebuilt) == _coupling_masks(old)

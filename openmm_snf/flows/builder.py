@@ -5,8 +5,11 @@ Layout for ``n_blocks`` = K (the paper's ``boltzmann_generator_RNVP_MC``):
     prior -> [coupling(A), coupling(B), stochastic(λ_1)] × K -> [MarginalizeAuxiliary] -> [transform]
 
 * Couplings: ``flow="realnvp"`` (affine) or ``"spline"`` (rational-quadratic) on ordinary dims;
-  both use circular splines + rotations on periodic dims. Masks A/B are the two halves of the latent
-  vector, or (with ``augment`` > 0) the auxiliary momenta v and the configuration q.
+  both use circular splines + rotations on periodic dims. Masks A/B of pair k (``masks``):
+  ``"alternating"`` splits the periodic dims and the ordinary dims each into two halves, by even/odd
+  rank for even k and first/second half for odd k, so that torsions condition on torsions;
+  ``"halves"`` (the paper's) takes the two halves of the latent vector, which in internal coordinates
+  puts all torsions on one side. With ``augment`` > 0: the auxiliary momenta v and the configuration q.
 * Stochastic blocks (``"mc"``, ``"langevin"`` (overdamped), ``"underdamped"`` or None) sample
   u_λ = (1 − λ) u_prior + λ [u_target(T(y)) − log|det J_T(y)| + ½|v|²] in the latent space, where T
   is the fixed ``transform`` (e.g. internal -> Cartesian coordinates). Default λ schedule:
@@ -33,6 +36,7 @@ __all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "PAPER_ALA
 
 FLOWS = ("realnvp", "spline")
 STOCHASTIC = ("mc", "mala", "langevin", "underdamped", None)
+MASKS = ("alternating", "halves")
 
 #: The paper's alanine dipeptide model (augment = 3 × 22 atoms; use with the IC transform).
 PAPER_ALANINE_DIPEPTIDE = dict(n_blocks=5, flow="realnvp", hidden=(128, 128, 128), activation="relu",
@@ -63,6 +67,7 @@ _OPTION_CHECKS = {
     "n_steps": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
     "step_size": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
     "augment": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "masks": (lambda v: v in MASKS, f"one of {', '.join(MASKS)}"),
     "n_bins": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "spline_bound": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
     "friction": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
@@ -85,13 +90,20 @@ def check_snf_options(options: dict, where: str = "model") -> None:
         raise ValueError(f"{where}.lambdas has {len(lambdas)} entries but n_blocks is {n_blocks}")
 
 
-def _masks(dim: int, augment: int) -> tuple[torch.Tensor, torch.Tensor]:
-    total = dim + augment
-    first = torch.zeros(total, dtype=torch.bool)
+def _masks(periodic: torch.Tensor, augment: int, scheme: str, pair: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformed masks (A, ~A) of coupling pair ``pair`` over the D + augment latent dims."""
+    dim = periodic.numel()
+    first = torch.zeros(dim + augment, dtype=torch.bool)
     if augment:
         first[dim:] = True          # v | q first, then q | v
-    else:
+    elif scheme == "halves" or dim < 4:
         first[: (dim + 1) // 2] = True
+    else:
+        for group in (torch.nonzero(periodic).flatten(), torch.nonzero(~periodic).flatten()):
+            rank = torch.arange(group.numel())
+            first[group] = rank % 2 == 0 if pair % 2 == 0 else rank < (group.numel() + 1) // 2
+        if first.all() or not first.any():          # e.g. a single dim in each group
+            first = torch.arange(dim) % 2 == 0
     return first, ~first
 
 
@@ -109,8 +121,8 @@ def _stochastic_block(kind, energy, periodic, n_steps, step_size, friction, targ
 def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_blocks: int = 5,
               flow: str = "realnvp", hidden=(64, 64, 64), activation: str = "relu",
               stochastic: str | None = "mc", lambdas=None, n_steps: int = 20, step_size: float = 0.1,
-              augment: int = 0, n_bins: int = 8, spline_bound: float = 5.0, friction: float = 1.0,
-              target_acceptance: float | None = None) -> SNF:
+              augment: int = 0, masks: str = "alternating", n_bins: int = 8, spline_bound: float = 5.0,
+              friction: float = 1.0, target_acceptance: float | None = None) -> SNF:
     """Build an SNF.
 
     Args:
@@ -125,11 +137,12 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
         lambdas: K values in [0, 1]; default linspace(0, 1, K) (just [1] for K = 1).
         n_steps, step_size: per stochastic block (MC proposal width, MALA/Langevin ε or Δt).
         augment: number A of Gaussian auxiliary momenta (0: none).
+        masks: "alternating" (default) or "halves" (the paper's); see the module docstring.
         n_bins, spline_bound: spline resolution and interval [−bound, bound] of ordinary dims.
         friction: underdamped Langevin γ. target_acceptance: MC step-size adaptation in training.
     """
     options = dict(n_blocks=n_blocks, flow=flow, hidden=hidden, activation=activation, stochastic=stochastic,
-                   lambdas=lambdas, n_steps=n_steps, step_size=step_size, augment=augment, n_bins=n_bins,
+                   lambdas=lambdas, n_steps=n_steps, step_size=step_size, augment=augment, masks=masks, n_bins=n_bins,
                    spline_bound=spline_bound, friction=friction, target_acceptance=target_acceptance)
     check_snf_options(options, "build_snf")
     config = dict(dim=dim, periodic_mask=None if periodic_mask is None else
@@ -145,8 +158,8 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
     latent_target = PulledBackEnergy(tail, target_energy)
 
     blocks = []
-    for lam in lambdas:
-        for mask in _masks(dim, augment):
+    for pair, lam in enumerate(lambdas):
+        for mask in _masks(periodic[:dim], augment, masks, pair):
             if flow == "realnvp":
                 blocks.append(AffineCoupling(mask, periodic, hidden, activation))
             else:
@@ -164,6 +177,7 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
 def build_snf_from_config(config: dict, target_energy, transform=None) -> SNF:
     """Rebuild an SNF from ``snf.config`` (a dict of :func:`build_snf` arguments)."""
     config = dict(config)
+    config.setdefault("masks", "halves")        # models saved before the option existed
     try:
         dim = config.pop("dim")
         periodic_mask = config.pop("periodic_mask", None)
