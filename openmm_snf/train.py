@@ -6,9 +6,9 @@ where log w_reg uses ``energy_regularizer(u_X)`` (e.g. a log cut of high energie
 raw target energy; reported ESS and acceptance rates always use raw energies.
 
 Reliability: a step whose loss or gradient norm is not finite is skipped (never applied) and
-counted; checkpoints are written to a temporary file and renamed, and hold everything needed to
-resume bit-for-bit on the same device (model, optimizer, iteration, RNG state, skip count).
-Metrics go to a JSON-lines file, one object per iteration.
+counted; checkpoints (:mod:`openmm_snf.training.checkpoints`) are written to a temporary file and
+renamed, and hold everything needed to resume bit-for-bit on the same device. Metrics go to a
+JSON-lines file, one object per iteration (:mod:`openmm_snf.training.metrics`).
 
 Validation (``validation_fraction`` > 0): the last fraction of the data frames (a contiguous block, so
 that frames correlated in time with it mostly stay out of training too) is held out and never trained
@@ -18,21 +18,16 @@ on. Every ``validate_every`` iterations the forward-KL loss on it (mean −log q
 and ``patience`` validations without improvement stop training. Validation runs in single-process
 training only (a process group with validation_fraction > 0 is an error).
 
-Data parallelism (see :mod:`openmm_snf.distributed`): the global batch is cut into ``n_shards``
-shards, each drawn with its own generator stream; with a process group the shards are spread over the
-ranks, gradients and metrics are summed in one all-reduce, and only rank 0 writes checkpoints and
-metrics. A run is defined by (seed, batch_size, n_shards): training on W ranks equals single-process
-training with ``n_shards = W`` up to floating-point reduction order. Buffers that a training pass
-changes (adaptive Metropolis step sizes) restart from the iteration's values in every shard and
-become the shards' mean weighted by their share of the batch.
+Data parallelism (:mod:`openmm_snf.training.shards`, :mod:`openmm_snf.distributed`): the global batch
+is cut into ``n_shards`` shards, each drawn with its own generator stream; with a process group the
+shards are spread over the ranks, gradients and statistics are summed in one all-reduce, and only
+rank 0 writes checkpoints and metrics. A run is defined by (seed, batch_size, n_shards): training on
+W ranks equals single-process training with ``n_shards = W`` up to floating-point reduction order.
 """
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,22 +36,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .distributed import (DistributedError, broadcast_module, check_same_on_all_ranks, gather_in_order,
-                          local_shards, rank_of, shard_seed, split_sizes, sum_gradients, world_size_of)
-from .flows.builder import build_snf_from_config
+from .distributed import broadcast_module, check_same_on_all_ranks, rank_of, world_size_of
 from .flows.snf import SNF
+from .training.checkpoints import (BEST_NAME, CheckpointError, Progress, check_checkpoint_model, load_checkpoint,
+                                   load_snf, restore_training_checkpoint, save_checkpoint, save_training_checkpoint,
+                                   saved_generator_states)
+from .training.metrics import MetricsLog, progress_postfix
+from .training.shards import Shards
 from .weights import kish_ess
 
+# the checkpoint names are defined in training.checkpoints and exported here too, where callers import them
 __all__ = ["TrainConfig", "Trainer", "CheckpointError", "save_checkpoint", "load_checkpoint", "check_checkpoint_model",
            "load_snf", "learning_rate_at", "split_validation", "BEST_NAME"]
 
-CHECKPOINT_FORMAT = "openmm-snf-checkpoint-v1"
 LR_SCHEDULES = ("constant", "cosine", "exponential")
-BEST_NAME = "best.pt"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, damaged or belongs to another model; the message names the file."""
 
 
 @dataclass
@@ -191,77 +184,6 @@ def _frame_probabilities(log_weights, n_frames: int, device) -> torch.Tensor:
     return torch.softmax(lw, dim=0)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_checkpoint(path, snf: SNF, **extra) -> None:
-    """Atomically write the model (config + state) and any ``extra`` entries to ``path``."""
-    if snf.config is None:
-        raise ValueError("this SNF was not made by build_snf, so a checkpoint could not rebuild it")
-    _atomic_torch_save({"format": CHECKPOINT_FORMAT, "snf_config": snf.config, "model": snf.state_dict(),
-                        **extra}, Path(path))
-
-
-_DAMAGED = ("restore it from a copy, or delete it (a deleted best.pt falls back to checkpoint.pt; without "
-            "checkpoint.pt the run must be trained again)")
-
-
-def load_checkpoint(path, map_location=None) -> dict:
-    """Read a checkpoint dict, checking its format; :class:`CheckpointError` names a missing or damaged file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        data = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # torch/pickle raise assorted errors for truncated or foreign files
-        reason = (str(err).splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is damaged ({reason}); {_DAMAGED}") from err
-    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an openmm-snf checkpoint (expected format {CHECKPOINT_FORMAT}); "
-                              f"{_DAMAGED}")
-    return data
-
-
-def check_checkpoint_model(state: dict, snf: SNF, path) -> None:
-    """Load ``state["model"]`` into ``snf`` after checking that the checkpoint was made for the same model
-    (its ``snf_config``); raises :class:`CheckpointError` naming ``path`` otherwise."""
-    if snf.config is not None and _plain(state.get("snf_config")) != _plain(snf.config):
-        raise CheckpointError(f"checkpoint {path} belongs to another model than this run's configuration (copied "
-                              f"from another run?); {_DAMAGED}")
-    try:
-        snf.load_state_dict(state["model"])
-    except (KeyError, RuntimeError) as err:
-        raise CheckpointError(f"checkpoint {path} does not fit this run's model ({str(err).splitlines()[0]}); "
-                              f"{_DAMAGED}") from err
-
-
-def _plain(value):
-    """Configs compared as plain data (tuples and lists alike, as after a YAML round trip)."""
-    if isinstance(value, dict):
-        return {key: _plain(v) for key, v in value.items()}
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
-
-
-def load_snf(path, target_energy, transform=None, map_location=None) -> SNF:
-    """Rebuild an SNF from a checkpoint; pass the same target energy and transform as in training."""
-    data = load_checkpoint(path, map_location)
-    snf = build_snf_from_config(data["snf_config"], target_energy, transform)
-    check_checkpoint_model(data, snf, path)
-    return snf.eval()
-
-
 class Trainer:
     """Adam training of an SNF with mixed forward/reverse KL, checkpoints and a metrics log.
 
@@ -316,54 +238,36 @@ class Trainer:
         self.energy_regularizer = energy_regularizer
         self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
         self.best_path = None if self.checkpoint_path is None else self.checkpoint_path.with_name(BEST_NAME)
-        self.metrics_path = None if metrics_path is None else Path(metrics_path)
         self.progress = progress
         self.optimizer = torch.optim.Adam(snf.parameters(), lr=config.learning_rate,
                                           weight_decay=config.weight_decay)
         self.group = process_group
         self.is_main = rank_of(process_group) == 0
-        self.iteration = 0
-        self.n_skipped = 0
-        self.best_val_loss, self.best_iteration, self.n_stale = math.inf, 0, 0
-        state = None
+        self.metrics = MetricsLog(metrics_path if self.is_main else None)
+        self.state = Progress()
+        checkpoint = None
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            state = load_checkpoint(self.checkpoint_path, map_location=self.device)
-        saved = None
-        if state is not None:
-            saved = state["generator_states"] if "generator_states" in state else [state["generator_state"]]
-        self._make_shards(config.n_shards or (len(saved) if saved else world_size_of(process_group)))
-        if state is not None:
-            self._restore(state, saved)
-        if resume and self.is_main and self.metrics_path is not None:
-            _trim_metrics(self.metrics_path, self.iteration)
+            checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
+        n_shards = config.n_shards or (len(saved_generator_states(checkpoint)) if checkpoint is not None
+                                       else world_size_of(process_group))
+        self.shards = Shards(config.batch_size, n_shards, config.seed, process_group, self.device)
+        if checkpoint is not None:
+            self.state, generator_states = restore_training_checkpoint(checkpoint, self.checkpoint_path, snf,
+                                                                       self.optimizer, n_shards)
+            self.shards.set_generator_states(generator_states)
+        if resume:
+            self.metrics.trim(self.iteration)
         broadcast_module(snf, process_group)
         check_same_on_all_ranks((self.iteration, self.n_shards, config.batch_size, config.seed), process_group,
                                 "(iteration, n_shards, batch_size, seed)")
 
-    def _make_shards(self, n_shards: int) -> None:
-        """Shard sizes of the batch and a generator for each shard of this rank."""
-        self.n_shards = n_shards
-        self.shard_sizes = split_sizes(self.config.batch_size, n_shards)
-        self.generators = {k: torch.Generator(device=self.device).manual_seed(shard_seed(self.config.seed, k, n_shards))
-                           for k in local_shards(n_shards, self.group)}
-
-    def _restore(self, state: dict, generator_states: list) -> None:
-        if len(generator_states) != self.n_shards:
-            raise ValueError(f"checkpoint {self.checkpoint_path} holds {len(generator_states)} shard stream(s) but "
-                             f"training.n_shards is {self.n_shards}; set it to {len(generator_states)} to resume")
-        check_checkpoint_model(state, self.snf, self.checkpoint_path)
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError) as err:
-            raise CheckpointError(f"checkpoint {self.checkpoint_path}: optimizer state does not fit ({err}); "
-                                  f"{_DAMAGED}") from err
-        for k, generator in self.generators.items():
-            generator.set_state(generator_states[k].to("cpu"))
-        self.iteration = int(state["iteration"])
-        self.n_skipped = int(state["n_skipped"])
-        self.best_val_loss = float(state.get("best_val_loss", math.inf))
-        self.best_iteration = int(state.get("best_iteration", 0))
-        self.n_stale = int(state.get("n_stale", 0))
+    # where the run stands (:class:`~openmm_snf.training.checkpoints.Progress`), read by callers and tests
+    iteration = property(lambda self: self.state.iteration)
+    n_skipped = property(lambda self: self.state.n_skipped)
+    best_val_loss = property(lambda self: self.state.best_val_loss)
+    best_iteration = property(lambda self: self.state.best_iteration)
+    n_stale = property(lambda self: self.state.n_stale)
+    n_shards = property(lambda self: self.shards.n_shards)
 
     def save(self, path=None) -> Path | None:
         """Write a resumable checkpoint (atomically) and return its path.
@@ -374,15 +278,10 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None:
             raise ValueError("no checkpoint path given")
-        parts = gather_in_order({k: g.get_state() for k, g in self.generators.items()}, self.group)
+        generator_states = self.shards.generator_states()
         if not self.is_main:
             return None
-        states = {k: state for part in parts for k, state in part.items()}
-        streams = ({"generator_state": states[0]} if self.n_shards == 1 else
-                   {"generator_states": [states[k] for k in range(self.n_shards)]})
-        save_checkpoint(path, self.snf, optimizer=self.optimizer.state_dict(), iteration=self.iteration,
-                        n_skipped=self.n_skipped, train_config=asdict(self.config), best_val_loss=self.best_val_loss,
-                        best_iteration=self.best_iteration, n_stale=self.n_stale, **streams)
+        save_training_checkpoint(path, self.snf, self.optimizer, self.state, asdict(self.config), generator_states)
         return path
 
     def validate(self) -> float:
@@ -404,19 +303,15 @@ class Trainer:
         return float(total) / len(self.val_data)
 
     def _record_validation(self, val_loss: float) -> None:
-        """Track the best validation (writing ``best.pt`` with keep_best) and the validations since."""
-        if not val_loss < self.best_val_loss:  # NaN never improves
-            self.n_stale += 1
-            return
-        self.best_val_loss, self.best_iteration, self.n_stale = val_loss, self.iteration, 0
-        if self.config.keep_best and self.best_path is not None:
+        """Track the best validation, writing ``best.pt`` with keep_best."""
+        if self.state.record_validation(val_loss) and self.config.keep_best and self.best_path is not None:
             save_checkpoint(self.best_path, self.snf, iteration=self.iteration, val_loss=val_loss,
                             train_config=asdict(self.config))
 
     @property
     def stopped_early(self) -> bool:
         """Whether ``patience`` validations in a row brought no improvement (training stops)."""
-        return bool(self.config.patience) and self.n_stale >= self.config.patience
+        return self.state.stopped_early(self.config.patience)
 
     def _samples_now(self) -> bool:
         """Whether this iteration draws weighted samples (reverse KL, or an ESS/acceptance check)."""
@@ -444,99 +339,16 @@ class Trainer:
             self.snf.train()
         return loss, forward, reverse, sample
 
-    def _float_buffers(self) -> list:
-        """The model's floating-point buffers: state a training pass may change (adaptive MC step sizes)."""
-        return [b for b in self.snf.buffers() if b.is_floating_point()]
-
-    def _stats_size(self, keys: list) -> tuple[int, int]:
-        """(length of the statistics before the buffer part, length of the buffer part) of this iteration."""
-        sampled = self.config.batch_size + len(keys) if self._samples_now() else 0
-        return 5 + sampled, sum(b.numel() for b in self._float_buffers())
-
-    def _accumulate(self, keys: list) -> torch.Tensor:
-        """Backpropagate this process's shards, weighted by their share of the batch, and return its
-        statistics: [loss, forward, reverse, non-finite shards, 0, log weights (B) if sampled,
-        acceptance per key if sampled, float buffers]; shards of other ranks leave zeros (summed over
-        ranks later). Every shard starts from the iteration's buffers; the new buffers are the mean of
-        the shards' results weighted by their share (a single shard keeps its own exactly)."""
-        batch, (head, _) = self.config.batch_size, self._stats_size(keys)
-        buffers = self._float_buffers()
-        start = [b.clone() for b in buffers]
-        stats = torch.zeros(sum(self._stats_size(keys)), dtype=torch.float64, device=self.device)
-        offsets = [sum(self.shard_sizes[:k]) for k in range(self.n_shards)]
-        for k, generator in self.generators.items():
-            share = self.shard_sizes[k] / batch
-            for buffer, value in zip(buffers, start):
-                buffer.copy_(value)
-            loss, forward, reverse, sample = self._shard_loss(self.shard_sizes[k], generator)
-            stats[:3] += share * torch.stack([loss.detach(), torch.as_tensor(forward).detach().to(stats),
-                                              torch.as_tensor(reverse).detach().to(stats)])
-            if torch.isfinite(loss):
-                (share * loss).backward()
-            else:
-                stats[3] += 1
-            if sample is not None:
-                stats[5 + offsets[k]:5 + offsets[k] + self.shard_sizes[k]] = sample.log_weights
-                stats[5 + batch:head] += share * torch.tensor([sample.acceptance[key] for key in keys],
-                                                              dtype=torch.float64, device=self.device)
-            if buffers:
-                stats[head:] += share * torch.cat([b.detach().reshape(-1).to(stats) for b in buffers])
-        return stats
-
-    def _set_buffers(self, values: torch.Tensor) -> None:
-        offset = 0
-        for buffer in self._float_buffers():
-            buffer.copy_(values[offset:offset + buffer.numel()].view(buffer.shape))
-            offset += buffer.numel()
-
-    def _metrics(self, stats: torch.Tensor, keys: list) -> dict:
-        cfg, info = self.config, {}
-        if cfg.weight_forward > 0:
-            info["loss_forward"] = float(stats[1])
-        if cfg.weight_reverse > 0:
-            info["loss_reverse"] = float(stats[2])
-        if len(stats) > 5:
-            info.update(ess_fraction=kish_ess(stats[5:5 + cfg.batch_size]) / cfg.batch_size,
-                        acceptance={key: float(value) for key, value in zip(keys, stats[5 + cfg.batch_size:])})
-        return info
-
-    def _gradients_and_stats(self) -> tuple[torch.Tensor, list]:
-        """Gradients of all shards in ``p.grad`` and the summed statistics (see :meth:`_accumulate`).
-
-        Distributed: one all-reduce sums both over the ranks; an exception on any rank is raised on
-        every rank before the step is applied (the failing rank re-raises its own).
-        """
-        keys = list(self.snf.acceptance_rates())
-        head, _ = self._stats_size(keys)
-        if self.group is None:
-            stats = self._accumulate(keys)
-        else:
-            error = None
-            try:
-                stats = self._accumulate(keys)
-            except Exception as err:  # reported to the other ranks, then re-raised below
-                error = err
-                stats = torch.zeros(sum(self._stats_size(keys)), dtype=torch.float64, device=self.device)
-                stats[4] = 1
-            stats = sum_gradients(list(self.snf.parameters()), stats, self.group)
-            if stats[4] > 0:
-                if error is not None:
-                    raise error
-                raise DistributedError(f"{int(stats[4])} other rank(s) failed in iteration {self.iteration + 1}; "
-                                       "stopping before the step (the last checkpoint is intact)")
-        self._set_buffers(stats[head:])
-        return stats[:head], keys
-
     def step(self) -> dict:
         """One optimizer iteration; returns its metrics (skipped steps are counted, not applied)."""
         lr = learning_rate_at(self.config, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        stats, keys = self._gradients_and_stats()
-        loss, info = stats[0], self._metrics(stats, keys)
+        keys = list(self.snf.acceptance_rates())
+        stats = self.shards.accumulate(self.snf, self._shard_loss, keys, self._samples_now(), self.iteration)
         grad_norm = float("nan")
-        finite = bool(stats[3] == 0)
+        finite = stats.scalar("n_nonfinite") == 0
         if finite:
             params = [p for p in self.snf.parameters() if p.grad is not None]
             max_norm = self.config.clip_grad_norm or float("inf")
@@ -545,11 +357,23 @@ class Trainer:
         if finite:
             self.optimizer.step()
         else:
-            self.n_skipped += 1
+            self.state.n_skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.iteration += 1
-        return {"iteration": self.iteration, "loss": float(loss.detach()), "lr": lr, "grad_norm": grad_norm,
-                "skipped": not finite, "n_skipped": self.n_skipped, **info}
+        self.state.iteration += 1
+        return {"iteration": self.iteration, "loss": stats.scalar("loss"), "lr": lr, "grad_norm": grad_norm,
+                "skipped": not finite, "n_skipped": self.n_skipped, **self._sample_metrics(stats, keys)}
+
+    def _sample_metrics(self, stats, keys: list) -> dict:
+        """The loss terms in use and, when the iteration sampled, its ESS fraction and acceptance rates."""
+        cfg, info = self.config, {}
+        if cfg.weight_forward > 0:
+            info["loss_forward"] = stats.scalar("forward")
+        if cfg.weight_reverse > 0:
+            info["loss_reverse"] = stats.scalar("reverse")
+        if "log_weights" in stats:
+            info.update(ess_fraction=kish_ess(stats["log_weights"]) / cfg.batch_size,
+                        acceptance={key: float(value) for key, value in zip(keys, stats["acceptance"])})
+        return info
 
     def train(self, n_iterations: int | None = None) -> list[dict]:
         """Run until ``n_iterations`` (default config.n_iterations) total iterations, or until
@@ -557,69 +381,25 @@ class Trainer:
         target = self.config.n_iterations if n_iterations is None else n_iterations
         history = []
         self.snf.train()
-        bar = tqdm(total=target, initial=self.iteration, disable=None if self.progress and self.is_main else True,
-                   desc="training")
-        log = open(self.metrics_path, "a", encoding="utf-8") if self.metrics_path and self.is_main else None
         try:
-            start = time.perf_counter()
-            while self.iteration < target and not self.stopped_early:
-                metrics = self.step()
-                if self.val_data is not None and self.iteration % self.config.validate_every == 0:
-                    metrics["val_loss"] = self.validate()
-                    self._record_validation(metrics["val_loss"])
-                metrics["elapsed_s"] = time.perf_counter() - start
-                history.append(metrics)
-                if log is not None:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                bar.update(1)
-                bar.set_postfix(_postfix(metrics))
-                every = self.config.checkpoint_every
-                if self.checkpoint_path is not None and every and self.iteration % every == 0:
+            with tqdm(total=target, initial=self.iteration, disable=None if self.progress and self.is_main else True,
+                      desc="training") as bar, self.metrics as log:
+                start = time.perf_counter()
+                while self.iteration < target and not self.stopped_early:
+                    metrics = self.step()
+                    if self.val_data is not None and self.iteration % self.config.validate_every == 0:
+                        metrics["val_loss"] = self.validate()
+                        self._record_validation(metrics["val_loss"])
+                    metrics["elapsed_s"] = time.perf_counter() - start
+                    history.append(metrics)
+                    log.write(metrics)
+                    bar.update(1)
+                    bar.set_postfix(progress_postfix(metrics))
+                    every = self.config.checkpoint_every
+                    if self.checkpoint_path is not None and every and self.iteration % every == 0:
+                        self.save()
+                if self.checkpoint_path is not None:
                     self.save()
-            if self.checkpoint_path is not None:
-                self.save()
         finally:
-            bar.close()
-            if log is not None:
-                log.close()
             self.snf.eval()
         return history
-
-
-def _trim_metrics(path: Path, iteration: int) -> None:
-    """Drop the metrics lines after ``iteration`` (written after the checkpoint a run resumes from)."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["iteration"] <= iteration:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):  # a line cut short by a kill: after the checkpoint anyway
-            continue
-    if len(kept) == len(lines):
-        return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _postfix(metrics: dict) -> dict:
-    postfix = {"loss": f"{metrics['loss']:.3f}"}
-    acceptance = metrics.get("acceptance")
-    if acceptance:
-        postfix["acc"] = f"{sum(acceptance.values()) / len(acceptance):.2f}"
-    if "ess_fraction" in metrics:
-        postfix["ess"] = f"{metrics['ess_fraction']:.2f}"
-    if "val_loss" in metrics:
-        postfix["val"] = f"{metrics['val_loss']:.3f}"
-    if metrics["n_skipped"]:
-        postfix["skipped"] = metrics["n_skipped"]
-    return postfix

@@ -93,7 +93,7 @@ def test_training_curves_leave_out_bookkeeping_and_group_panels():
     from openmm_snf.analysis.plots import BOOKKEEPING, _numeric_series, _training_panels
     records = [{"iteration": i, "loss": 1.0 / (i + 1), "loss_forward": 1.0, "lr": 1e-3, "grad_norm": 2.0,
                 "skipped": False, "n_skipped": 0, "elapsed_s": 0.1 * i, "ess_fraction": 0.2,
-                "acceptance": {"block1": 0.5, "block3": 0.4}} for i in range(5)]
+                "acceptance": {"mc1": 0.5, "mc2": 0.4}} for i in range(5)]
     records[-1]["val_loss"] = 0.9
     _, series = _numeric_series(records)
     assert not set(series) & set(BOOKKEEPING)
@@ -101,7 +101,7 @@ def test_training_curves_leave_out_bookkeeping_and_group_panels():
     assert list(panels) == ["loss", "Kish ESS of a monitoring batch", "Metropolis acceptance"]
     assert set(panels["loss"][1]) == {"loss", "loss_forward", "val_loss"} and "nats" in panels["loss"][0]
     np.testing.assert_allclose(panels["Kish ESS of a monitoring batch"][1]["ess"][1], 20.0)  # in percent
-    assert set(panels["Metropolis acceptance"][1]) == {"block1", "block3"}
+    assert set(panels["Metropolis acceptance"][1]) == {"mc1", "mc2"}
 
 
 def test_log_weight_histogram_is_clipped_to_the_top_nats(tmp_path, monkeypatch):

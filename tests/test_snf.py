@@ -126,9 +126,17 @@ def test_sampling_is_reproducible_with_a_generator_and_reports_acceptance():
     torch.testing.assert_close(a.x, b.x)
     torch.testing.assert_close(a.log_weights, b.log_weights)
     assert a.log_weights.dtype == torch.float64 and a.target_energy.shape == (50,)
-    assert set(a.acceptance) == {"block2", "block5"} and all(0 < r <= 1 for r in a.acceptance.values())
+    assert set(a.acceptance) == {"mc1", "mc2"} and all(0 < r <= 1 for r in a.acceptance.values())
     assert 1 <= a.ess <= 50
 
+
+
+def test_acceptance_rates_are_named_by_block_kind_and_ordinal_not_position():
+    energy = GaussianEnergy(torch.zeros(2), torch.eye(2))
+    blocks = [MetropolisBlock(energy, n_steps=2), AffineCoupling(torch.tensor([True, False]), None, (8,)),
+              OverdampedLangevinBlock(energy, n_steps=2), MetropolisBlock(energy, n_steps=2)]
+    snf = SNF(Prior(2), blocks, energy)
+    assert list(snf.sample(4).acceptance) == ["mc1", "langevin1", "mc2"]
 
 @pytest.mark.parametrize("flow", ["realnvp", "spline"])
 @pytest.mark.parametrize("stochastic", ["mc", "mala", "langevin", "underdamped", None])

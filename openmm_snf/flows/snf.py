@@ -76,9 +76,14 @@ class SNF(nn.Module):
         self.config: dict | None = None  # set by the builder so checkpoints can rebuild the model
 
     def acceptance_rates(self) -> dict:
-        """{'block<i>': last acceptance} for blocks that report one."""
-        return {f"block{i}": block.last_acceptance for i, block in enumerate(self.blocks)
-                if hasattr(block, "last_acceptance")}
+        """{'<kind><k>': last acceptance} for the blocks that report one, named by their kind and k = 1, 2, ...
+        counting blocks of that kind in sampling order (e.g. 'mc1', 'mc2'), not by position among all blocks."""
+        rates, counts = {}, {}
+        for block in self.blocks:
+            if hasattr(block, "last_acceptance"):
+                counts[block.kind] = counts.get(block.kind, 0) + 1
+                rates[f"{block.kind}{counts[block.kind]}"] = block.last_acceptance
+        return rates
 
     def push(self, z: torch.Tensor, *, generator: torch.Generator | None = None):
         """Push latent z (n, D) through all blocks; return (x, Σ dlogp float64 (n,))."""

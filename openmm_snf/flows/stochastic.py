@@ -44,6 +44,7 @@ def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
 
 class _StochasticBlock(Block):
     stochastic = True
+    kind: str  # the builder's name of the kernel; names the block's acceptance rate (``SNF.acceptance_rates``)
 
     def __init__(self, energy, n_steps: int, step_size: float, periodic_mask=None):
         super().__init__()
@@ -91,6 +92,8 @@ class MetropolisBlock(_StochasticBlock):
         target_acceptance: if set, adapt the step size toward it while training.
         adapt_rate: rate of that adaptation.
     """
+
+    kind = "mc"
 
     def __init__(self, energy, n_steps: int = 20, step_size: float = 0.1, periodic_mask=None,
                  target_acceptance: float | None = None, adapt_rate: float = 0.1):
@@ -156,6 +159,8 @@ class MALABlock(MetropolisBlock):
     Args: as :class:`MetropolisBlock`, with ``step_size`` the Langevin step ε.
     """
 
+    kind = "mala"
+
     def _start(self, y):
         """u(y) and ∇u(y); one energy graph when sampling, a second (differentiable) u while training."""
         if torch.is_grad_enabled() and y.requires_grad:
@@ -184,6 +189,8 @@ class OverdampedLangevinBlock(_StochasticBlock):
             energy; the OpenMM bridge has none, so leave it False there). The weights are exact
             either way; only the training gradient is affected.
     """
+
+    kind = "langevin"
 
     def __init__(self, energy, n_steps: int = 10, step_size: float = 0.01, periodic_mask=None,
                  differentiable_forces: bool = False):
@@ -215,6 +222,8 @@ class UnderdampedLangevinBlock(_StochasticBlock):
         friction: γ (inverse time units); O-step v ← e^{−γΔt} v + √(1 − e^{−2γΔt}) ξ.
         periodic_mask, differentiable_forces: as for :class:`OverdampedLangevinBlock`.
     """
+
+    kind = "underdamped"
 
     def __init__(self, energy, n_steps: int = 10, step_size: float = 0.1, friction: float = 1.0,
                  periodic_mask=None, differentiable_forces: bool = False):
