@@ -10,7 +10,6 @@ Every function takes what the matching command takes; quantities may carry ``ope
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -18,10 +17,9 @@ import mdtraj
 import openmm.unit as unit
 
 from .analysis import FreeEnergyResult, state_free_energy
-from .flows.anneal import annealed
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
-from .runs import Run, build_run, choose_annealing, load_run, resolve_config
+from .runs import Run, build_run, load_run, resolve_config, with_annealing
 from .runs import sample as _sample_run
 from .systems import load_system
 from .units import in_unit
@@ -84,11 +82,8 @@ def sample(run, n: int, *, seed: int = 0, anneal: int | str = "auto", anneal_ker
         (normalized), ``.reduced_energies`` (u = U/kT), ``.ess``.
     """
     run = run if isinstance(run, Run) else load_run(run)
-    if anneal == "auto":
-        anneal, _ = choose_annealing(run, seed=seed)
-    if anneal:
-        run = dataclasses.replace(run, snf=annealed(run.snf, anneal, n_steps=anneal_steps, step_size=anneal_step_size,
-                                                     kernel=anneal_kernel))
+    run, _, _ = with_annealing(run, anneal, kernel=anneal_kernel, n_steps=anneal_steps, step_size=anneal_step_size,
+                               seed=seed)
     result = _sample_run(run, n, seed=seed, batch_size=batch_size, progress=progress)
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     if out is not None:

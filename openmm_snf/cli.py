@@ -10,7 +10,6 @@ SIGTERM (``timeout``, batch schedulers) is handled like Ctrl-C: unfinished outpu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import shlex
@@ -234,42 +233,25 @@ def _add_umbrella(sub) -> None:
 
 
 def _run_umbrella(args) -> int:
-    import mdtraj
     import numpy as np
-    import torch
-    from .analysis import compute_cv
-    from .analysis.cvs import resolve_dihedral
-    from .analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_mbar
-    from .energy import OpenMMEnergy
+    from .analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_dihedral, umbrella_sampling
     from .io import check_not_inputs, check_outputs_free, trajectory_paths, write_weighted_trajectory
-    from .md import UmbrellaBias, run_md
     from .summary import write_summary
     paths = trajectory_paths(args.out)
     mol = _load(args)
-    atoms = resolve_dihedral(mol.mdtraj_topology(), args.cv, mol.cvs)
-    if len(set(atoms)) != 4:
-        raise ValueError(f"--cv {args.cv!r}: a dihedral needs four different atoms, got {list(atoms)}")
-    cvs = {**mol.cvs, args.cv: {"kind": "dihedral", "atoms": atoms}}  # free-energy/report resolve it the same way
+    atoms, _ = umbrella_dihedral(mol, args.cv)
     summary_path = _summary_path(paths.dcd)
     check_not_inputs(paths.all, mol.sources)
     check_outputs_free(paths.all + [summary_path], args.force)
-    centers = np.linspace(-np.pi, np.pi, args.windows, endpoint=False)
-    bias = UmbrellaBias("dihedral", tuple(atoms), tuple(centers), args.k)
-    xyz = run_md(mol, _md_settings(args, args.windows), platform=args.platform, threads=args.threads, bias=bias,
-                 progress=not args.quiet).reshape(-1, mol.n_atoms, 3)
-    cv = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), args.cv, cvs=cvs)
-    analysis = umbrella_mbar(cv.reshape(args.windows, -1), bias)
+    umbrella = umbrella_sampling(mol, args.cv, _md_settings(args, args.windows), force_constant=args.k,
+                                 platform=args.platform, threads=args.threads, progress=not args.quiet)
+    analysis = umbrella.analysis
     overlap = analysis.neighbour_overlap()
-    extra = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(cvs),
-             "window": np.repeat(np.arange(args.windows), args.frames), "window_centers": centers,
-             "u_kn": bias.reduced_energies(cv), "N_k": np.full(args.windows, args.frames),
-             "f_k": analysis.f_windows, "overlap_matrix": analysis.overlap_matrix()}
-    energies, _ = OpenMMEnergy(mol, platform=args.platform, threads=args.threads).energy_and_forces(
-        torch.as_tensor(xyz))
-    write_weighted_trajectory(paths.dcd, mol, xyz, analysis.log_weights, energies.numpy(), force=args.force,
-                              extra=extra, frame_time=(args.timestep, args.steps_per_frame))
+    write_weighted_trajectory(paths.dcd, mol, umbrella.xyz, analysis.log_weights, umbrella.reduced_energies,
+                              force=args.force, extra=umbrella.sidecar(mol),
+                              frame_time=(args.timestep, args.steps_per_frame))
     inefficiency = np.asarray(analysis.statistical_inefficiency)
-    print(f"wrote {len(xyz)} frames ({args.windows} windows x {args.frames}) with MBAR weights to {paths.dcd} "
+    print(f"wrote {len(umbrella.xyz)} frames ({args.windows} windows x {args.frames}) with MBAR weights to {paths.dcd} "
           f"(+ u_kn, N_k for pymbar in {paths.npz.name}); statistical inefficiency {inefficiency.min():.1f}-"
           f"{inefficiency.max():.1f} frames; smallest overlap of neighbouring windows {overlap.min():.2g}")
     if overlap.min() < MIN_NEIGHBOUR_OVERLAP:
@@ -277,7 +259,7 @@ def _run_umbrella(args) -> int:
         print(f"warning: MBAR overlap between windows {worst} and {(worst + 1) % args.windows} is "
               f"{overlap.min():.2g} (< {MIN_NEIGHBOUR_OVERLAP}): the free energies across that gap are unreliable; "
               "use more --windows or a smaller --k", file=sys.stderr)
-    result = analysis.delta_f(cv > 0, cv < 0, labels=(f"{args.cv}>0", f"{args.cv}<0"))
+    result = umbrella.delta_f()
     print(result.summary())
     write_summary(summary_path, {
         "command": "umbrella", "version": __version__, "system": mol.name, "out": paths.dcd, "cv": args.cv,
@@ -442,11 +424,9 @@ def _run_sample(args) -> int:
     import numpy as np
     from .io import check_not_inputs, check_outputs_free, read_weighted_trajectory, trajectory_paths, \
         write_resampled_trajectory, write_weighted_trajectory
-    from .distributed import run_on_main
-    from .flows.anneal import annealed
     from .analysis import default_states, diagnose
-    from .distributed import rank_of
-    from .runs import choose_annealing, load_run, run_inputs, sample
+    from .distributed import rank_of, run_on_main
+    from .runs import load_run, run_inputs, sample, with_annealing
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     outputs = paths.all + [_summary_path(paths.dcd)] + (resampled.all if args.resample else [])
@@ -457,13 +437,10 @@ def _run_sample(args) -> int:
 
     run_on_main(check_outputs, args.process_group)
     run = load_run(args.run_dir, device=args.device)
-    if args.anneal == "auto":
-        args.anneal, reason = choose_annealing(run, seed=args.seed)
-        if rank_of(args.process_group) == 0:
-            print(f"--anneal auto: {reason}")
-    if args.anneal:
-        run = dataclasses.replace(run, snf=annealed(run.snf, args.anneal, n_steps=args.anneal_steps,
-                                                     step_size=args.anneal_step_size, kernel=args.anneal_kernel))
+    run, args.anneal, reason = with_annealing(run, args.anneal, kernel=args.anneal_kernel, n_steps=args.anneal_steps,
+                                              step_size=args.anneal_step_size, seed=args.seed)
+    if reason is not None and rank_of(args.process_group) == 0:
+        print(f"--anneal auto: {reason}")
     result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
                     progress=not args.quiet, process_group=args.process_group)
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them
@@ -664,14 +641,14 @@ def _add_demo(sub) -> None:
     p.set_defaults(run=_run_demo)
 
 
-def _demo_states(system: str) -> list[str]:
-    """The rare state first, so that dF = F_A - F_B > 0 (the sign convention of README)."""
-    return ["A: x < 0", "B: x > 0"] if system == "double_well" else ["A: phi > 0", "B: phi < 0"]
-
-
 def _run_demo(args) -> int:
     from pathlib import Path
     from .runs import read_run_config
+    from .systems import load_system
+    states = load_system(args.system).states
+    if not states:
+        raise ValueError(f"system {args.system!r} names no states ('states' in its metadata.yaml): the demo's free "
+                         "energy needs two; run the commands one by one with free-energy --states")
     out = Path(args.out)
     run_dir, samples = out / "run", out / "samples.dcd"
     train = ["train", args.system, "--out", str(run_dir)] + (["--iterations", str(args.iterations)]
@@ -685,10 +662,10 @@ def _run_demo(args) -> int:
     sample = ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"]
     if args.anneal and config["model"].get("stochastic") is None:  # a flow: anneal its samples (exact weights)
         sample += ["--anneal", str(args.anneal)]
-    steps = [sample, ["free-energy", str(samples), "--states", *_demo_states(args.system)]]
-    if args.system != "double_well":  # its MD data sit in both wells by design: not an equilibrium reference
+    steps = [sample, ["free-energy", str(samples), "--states", *states]]
+    if config["data"]["method"] == "md":  # plain MD at T is an equilibrium reference (tempering data are reweighted)
         # bootstrap blocks of one replica's frames: consecutive MD frames are correlated
-        steps.append(["free-energy", str(run_dir / "data.dcd"), "--states", *_demo_states(args.system),
+        steps.append(["free-energy", str(run_dir / "data.dcd"), "--states", *states,
                       "--block-length", str(config["data"]["md"]["n_frames"])])
     steps.append(["report", str(run_dir), "--samples", str(samples), "--force"])
     for argv in steps:

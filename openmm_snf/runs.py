@@ -31,7 +31,7 @@ import copy
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mdtraj
@@ -45,6 +45,7 @@ from .distributed import gather_in_order, local_shards, rank_of, run_on_main, sh
 from .energy import OpenMMEnergy, linlogcut
 from .energy.platforms import make_platform
 from .flows import Reshape, build_snf
+from .flows.anneal import annealed
 from .flows.builder import check_snf_options
 from .io import atomic_outputs, check_outputs_free, read_trajectory, read_weighted_trajectory, resample, \
     trajectory_paths, write_trajectory, write_weighted_trajectory
@@ -55,7 +56,7 @@ from .train import BEST_NAME, Trainer, TrainConfig, check_checkpoint_model, load
 
 __all__ = ["DEFAULTS", "RunConfigError", "resolve_config", "validate_config", "resume_config", "Run", "build_run",
            "choose_annealing", "discard_unfinished", "load_run", "load_run_system", "make_data", "read_run_config",
-           "run_inputs", "sample"]
+           "run_inputs", "sample", "with_annealing"]
 
 DEFAULTS = {
     "system": {"source": None, "pdb": None, "forcefield": None, "implicit": None, "temperature": None},
@@ -640,6 +641,18 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
         return 0, f"{summary}: sampling the flow alone"
     return AUTO_ANNEAL_STAGES, f"{summary}: annealing with {AUTO_ANNEAL_STAGES} stages (--anneal 0 to skip)"
 
+
+
+def with_annealing(run: Run, stages: int | str, *, kernel: str = "mc", n_steps: int = 2, step_size: float = 0.2,
+                   seed: int = 0) -> tuple[Run, int, str | None]:
+    """``run`` with its flow refined by ``stages`` annealing stages (:func:`~openmm_snf.flows.anneal.annealed`;
+    weights stay exact), the stages used, and with ``"auto"`` the reason of :func:`choose_annealing`."""
+    reason = None
+    if stages == "auto":
+        stages, reason = choose_annealing(run, seed=seed)
+    if stages:
+        run = replace(run, snf=annealed(run.snf, stages, n_steps=n_steps, step_size=step_size, kernel=kernel))
+    return run, stages, reason
 
 def _sample_shard(run: Run, n: int, seed: int, batch_size: int, bar) -> list[tuple]:
     """Batches (xyz, log_weights, reduced energies, acceptance dict) of ``n`` samples from one generator."""

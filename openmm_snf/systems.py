@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,8 @@ class MolecularSystem:
         positions: (n_atoms, 3) float64 array in nm.
         temperature: temperature in kelvin.
         cvs: collective variables of interest, e.g. ``{"phi": {"kind": "dihedral", "atoms": [4, 6, 8, 14]}}``.
+        states: two states whose free-energy difference characterizes the system, the rare one first, e.g.
+            ``["A: phi > 0", "B: phi < 0"]`` (``openmm-snf demo`` reports it); empty if the source names none.
         description: free text.
         sources: the files the system was read from (commands refuse to overwrite them).
     """
@@ -82,6 +84,7 @@ class MolecularSystem:
     cvs: dict = field(default_factory=dict)
     description: str = ""
     sources: tuple = ()
+    states: list = field(default_factory=list)
 
     @property
     def kT(self) -> float:
@@ -108,8 +111,7 @@ class MolecularSystem:
         """The same system at another temperature (kelvin or a Quantity; the System's forces are unchanged)."""
         temperature = in_unit(temperature, unit.kelvin, "temperature")
         _check_temperature(temperature, "temperature")
-        return MolecularSystem(self.name, self.topology, self.system, self.positions, float(temperature),
-                               dict(self.cvs), self.description, self.sources)
+        return replace(self, temperature=float(temperature), cvs=dict(self.cvs), states=list(self.states))
 
     def write_pdb(self, path, positions=None) -> None:
         """Write the topology with ``positions`` (n_atoms, 3) nm or a Quantity (default: the system's) as a PDB."""
@@ -215,6 +217,10 @@ def _load_folder(folder: Path, temperature) -> MolecularSystem:
     mol.name = meta.get("name", folder.name)
     mol.sources = (meta_path,) + mol.sources
     mol.cvs = dict(meta.get("cvs") or {})
+    mol.states = meta.get("states") or []
+    if not (isinstance(mol.states, list) and len(mol.states) in (0, 2) and all(isinstance(t, str) for t in mol.states)):
+        raise SystemLoadError(f"{meta_path}: 'states' must be a list of two states such as \"A: phi > 0\", got "
+                              f"{mol.states!r}")
     mol.description = " ".join(str(meta.get("description", "")).split())
     return mol
 

@@ -134,3 +134,23 @@ def test_periodic_systems_are_refused(tmp_path):
     xml.write_text(openmm.XmlSerializer.serialize(system))
     with pytest.raises(SystemLoadError, match="the System is periodic"):
         load_system(xml, pdb=SHIPPED_DIR / "alanine_dipeptide_vacuum" / "structure.pdb")
+
+
+def test_shipped_systems_name_two_states_over_their_own_cvs():
+    from openmm_snf.analysis import parse_state
+    for name in shipped_systems():
+        mol = load_system(name)
+        states = [parse_state(text) for text in mol.states]
+        assert [state.label for state in states] == ["A", "B"], name
+        assert all(set(state.cv_names) <= set(mol.cvs) for state in states), name
+        assert mol.with_temperature(500.0).states == mol.states
+
+
+def test_states_of_a_system_folder_must_be_two_strings(tmp_path):
+    import shutil
+    folder = tmp_path / "dw"
+    shutil.copytree(SHIPPED_DIR / "double_well", folder)
+    meta = folder / "metadata.yaml"
+    meta.write_text(meta.read_text().replace('states: ["A: x < 0", "B: x > 0"]', 'states: "A: x < 0"'))
+    with pytest.raises(SystemLoadError, match="'states' must be a list of two states"):
+        load_system(folder)

@@ -1,5 +1,8 @@
 """Umbrella sampling analysed with MBAR (pymbar 4): unbiased free energies and per-frame weights.
 
+:func:`umbrella_sampling` runs it along a dihedral (MD of all windows in one Context, then MBAR);
+:func:`umbrella_mbar` analyses windows sampled by any means.
+
 Window k (replica k of :func:`openmm_snf.md.run_md` with an :class:`~openmm_snf.md.UmbrellaBias`)
 samples p_k(x) ∝ exp(−u(x) − b_k(cv(x))), all at one temperature, so the unbiased energy u cancels
 and MBAR needs only the reduced bias energies b_k of every frame under every window. Then
@@ -18,16 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import io as _io
+import json
 import math
 from dataclasses import dataclass
 
+import mdtraj
 import numpy as np
+import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 
-from .errors import AnalysisError, EmptyStateError
+from ..energy import OpenMMEnergy
+from ..md import MDSettings, UmbrellaBias, run_md
+from ..systems import MolecularSystem
+from .cvs import compute_cv, resolve_dihedral
+from .errors import AnalysisError, CVError, EmptyStateError
 
-__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "umbrella_dihedral", "umbrella_sampling",
+           "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 
@@ -162,3 +173,73 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
                             log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
                             periodic=bias.kind == "dihedral")
+
+
+def umbrella_dihedral(mol: MolecularSystem, cv: str) -> tuple[list[int], dict]:
+    """The 4 atoms of the dihedral ``cv`` (as :func:`~openmm_snf.analysis.cvs.resolve_dihedral`) and the
+    system's CV definitions with ``cv`` added, so that later analyses resolve it the same way.
+
+    Raises:
+        CVError: unknown name, not a dihedral, or not four different atoms.
+    """
+    atoms = resolve_dihedral(mol.mdtraj_topology(), cv, mol.cvs)
+    if len(set(atoms)) != 4:
+        raise CVError(f"--cv {cv!r}: a dihedral needs four different atoms, got {list(atoms)}")
+    return atoms, {**mol.cvs, cv: {"kind": "dihedral", "atoms": atoms}}
+
+
+@dataclass(frozen=True)
+class UmbrellaSampling:
+    """Umbrella sampling along a dihedral and its MBAR solution.
+
+    Attributes:
+        cv_name: the biased dihedral's name; cvs: CV definitions including it.
+        bias: the windows (K centres evenly on [−π, π), force constant in kT/rad²).
+        xyz: (K · n_frames, n_atoms, 3) nm, window-major; cv: (K · n_frames,) radians.
+        reduced_energies: (K · n_frames,) unbiased u = U/kT of every frame.
+        analysis: the :class:`UmbrellaAnalysis` (``.log_weights`` unbiased, per frame).
+    """
+
+    cv_name: str
+    cvs: dict
+    bias: UmbrellaBias
+    xyz: np.ndarray
+    cv: np.ndarray
+    reduced_energies: np.ndarray
+    analysis: UmbrellaAnalysis
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.bias.centers)
+
+    def sidecar(self, mol: MolecularSystem) -> dict:
+        """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window, and u_kn, N_k, f_k
+        and the overlap matrix for pymbar."""
+        n_frames = len(self.cv) // self.n_windows
+        return {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(self.cvs),
+                "window": np.repeat(np.arange(self.n_windows), n_frames),
+                "window_centers": np.asarray(self.bias.centers), "u_kn": self.bias.reduced_energies(self.cv),
+                "N_k": np.full(self.n_windows, n_frames), "f_k": self.analysis.f_windows,
+                "overlap_matrix": self.analysis.overlap_matrix()}
+
+    def delta_f(self) -> UmbrellaFreeEnergy:
+        """F(cv > 0) − F(cv < 0) in kT (the rare state first for alanine's phi, as the README's sign convention)."""
+        return self.analysis.delta_f(self.cv > 0, self.cv < 0, labels=(f"{self.cv_name}>0", f"{self.cv_name}<0"))
+
+
+def umbrella_sampling(mol: MolecularSystem, cv: str, settings: MDSettings, *, force_constant: float,
+                      platform: str | None = None, threads: int | None = None,
+                      progress: bool = True) -> UmbrellaSampling:
+    """Umbrella sampling along the dihedral ``cv``: ``settings.n_replicas`` harmonic windows centred evenly
+    on [−π, π) with ``force_constant`` (kT/rad²), one replica each in one OpenMM Context
+    (:func:`~openmm_snf.md.run_md`), solved with :func:`umbrella_mbar`; every frame's unbiased energy
+    comes from :class:`~openmm_snf.energy.OpenMMEnergy` on ``platform``."""
+    atoms, cvs = umbrella_dihedral(mol, cv)
+    centers = np.linspace(-np.pi, np.pi, settings.n_replicas, endpoint=False)
+    bias = UmbrellaBias("dihedral", tuple(atoms), tuple(centers), force_constant)
+    xyz = run_md(mol, settings, platform=platform, threads=threads, bias=bias,
+                 progress=progress).reshape(-1, mol.n_atoms, 3)
+    values = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), cv, cvs=cvs)
+    analysis = umbrella_mbar(values.reshape(settings.n_replicas, -1), bias)
+    energies, _ = OpenMMEnergy(mol, platform=platform, threads=threads).energy_and_forces(torch.as_tensor(xyz))
+    return UmbrellaSampling(cv, cvs, bias, xyz, values, energies.numpy(), analysis)
