@@ -59,9 +59,10 @@ from . import platforms
 from .platforms import choose_platform, platform_properties
 from .replicate import build_replicated_system, check_supported, default_spacing, max_copy_radius
 from .kernels import CompiledTerms
+from .openmm_access import md_value, read_forces
 from .terms import build_energy_terms, evaluate_term, subsystem, to_components
 
-__all__ = ["OpenMMEnergy", "read_forces", "reported_precision"]
+__all__ = ["OpenMMEnergy", "reported_precision"]
 
 _MAX_PAIR_ELEMENTS = 1 << 24  # bound on (batch x atom pairs) tensors of the energy terms
 _TORCH_CHUNK = 512  # samples per pass of the torch terms: larger passes leave the CPU caches
@@ -89,18 +90,6 @@ def _torch_threads(n: int | None):
     finally:
         if torch.get_num_threads() != previous:
             torch.set_num_threads(previous)
-
-
-def read_forces(state: openmm.State, out: np.ndarray) -> np.ndarray:
-    """Copy the forces of ``state`` (kJ/mol/nm) into ``out`` (n_particles, 3) float64 C-contiguous.
-
-    Uses the buffer-filling call behind ``State.getForces(asNumpy=True)`` (OpenMM >= 7.7), without the
-    array allocation and the unit wrapping that cost more than the evaluation for small molecules.
-    """
-    if out.dtype != np.float64 or not out.flags.c_contiguous:  # the call writes raw memory
-        raise ValueError("read_forces needs a C-contiguous float64 array")
-    state._getVectorAsNumpy(openmm.State.Forces, out)
-    return out
 
 
 def _reference_context(system: openmm.System) -> openmm.Context:
@@ -305,7 +294,7 @@ class OpenMMEnergy(EnergyModel):
         except openmm.OpenMMException as err:
             raise EnergyEvaluationError(f"OpenMM failed on sample {index}: {err}") from err
         read_forces(state, forces)
-        return state.getPotentialEnergy()._value if energies else None
+        return md_value(state.getPotentialEnergy()) if energies else None
 
     def _vectorized(self, x: np.ndarray, energies: bool, forces: bool, device, compiled: bool):
         """(energies (k,) kJ/mol or None, forces (k, n_atoms, 3) kJ/mol/nm of the terms or None).
@@ -430,12 +419,12 @@ class OpenMMEnergy(EnergyModel):
             context.setPositions(pos)
             for name, groups, energy, force in checks:
                 state = context.getState(getEnergy=True, getForces=force is not None, groups=groups)
-                ref = state.getPotentialEnergy()._value
+                ref = md_value(state.getPotentialEnergy())
                 if abs(energy[b] - ref) > tolerance + 1e-9 * abs(ref):
                     raise RuntimeError(f"per-sample energy of {name} differs from OpenMM's by "
                                        f"{energy[b] - ref:.3g} kJ/mol; this force's settings are not supported")
                 if force is not None:
-                    ref_forces = state.getForces(asNumpy=True)._value
+                    ref_forces = md_value(state.getForces(asNumpy=True))
                     error = np.abs(force[b] - ref_forces).max()
                     if error > tolerance * max(np.abs(ref_forces).max(), 1.0):
                         raise RuntimeError(f"forces of {name} differ from OpenMM's by {error:.3g} "

@@ -26,6 +26,7 @@ import torch
 from openmm.app.internal import customgbforces as app_gb
 
 from .expression import parse, tabulated_function
+from .openmm_access import md_value
 
 __all__ = ["CustomGBTerm", "GBModel", "GBSAOBCTerm", "app_gb_model", "native_gb_model", "tabulated_functions"]
 
@@ -147,7 +148,7 @@ def _custom_model(force, name, tanh, neck_scale, offset, surface, solvent, solut
     model = GBModel(name, charge, offset_radius, scaled_radius, radius, alpha, beta, gamma,
                     ace=_ACE * (radius + _PROBE) ** 2 if surface else np.zeros(n), coulomb=_APP_COULOMB,
                     inv_solute=1.0 / solute, inv_solvent=1.0 / solvent, kappa=kappa,
-                    cutoff=None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value,
+                    cutoff=None if force.getNonbondedMethod() == 0 else md_value(force.getCutoffDistance()),
                     shift=0.0 if expression_cutoff is None else 1.0 / expression_cutoff, hct=tanh == "hct")
     if neck_scale:
         functions = {force.getTabulatedFunctionName(k): force.getTabulatedFunction(k)
@@ -162,12 +163,12 @@ def native_gb_model(force) -> GBModel | None:
     """The :class:`GBModel` of a native GBSAOBCForce without cutoff (OBC2 radii, ACE term), else None."""
     if force.getNonbondedMethod() != 0:
         return None
-    rows = np.array([[getattr(v, "_value", v) for v in force.getParticleParameters(i)]
+    rows = np.array([[md_value(v) for v in force.getParticleParameters(i)]
                      for i in range(force.getNumParticles())], dtype=np.float64).reshape(-1, 3)
     charge, radius, scale = rows.T
     offset_radius = radius - GBSAOBCTerm.OFFSET
     ones = np.ones(len(rows))
-    surface = 4.0 * math.pi * getattr(force.getSurfaceAreaEnergy(), "_value", force.getSurfaceAreaEnergy())
+    surface = 4.0 * math.pi * md_value(force.getSurfaceAreaEnergy())
     return GBModel("GBSAOBCForce", charge, offset_radius, offset_radius * scale, radius, GBSAOBCTerm.ALPHA * ones,
                    GBSAOBCTerm.BETA * ones, GBSAOBCTerm.GAMMA * ones, surface * (radius + GBSAOBCTerm.PROBE) ** 2,
                    coulomb=ONE_4PI_EPS0, inv_solute=1.0 / force.getSoluteDielectric(),
@@ -201,7 +202,7 @@ class CustomGBTerm:
         self.pair_position = {key: torch.as_tensor([position[(min(i, j), max(i, j))] for i, j in index.tolist()],
                                                    dtype=torch.long)
                               for key, index in self.pair_index.items()}
-        self.cutoff = None if force.getNonbondedMethod() == 0 else force.getCutoffDistance()._value
+        self.cutoff = None if force.getNonbondedMethod() == 0 else md_value(force.getCutoffDistance())
         self.n = n
         self.model = app_gb_model(force)
 
@@ -261,14 +262,14 @@ class GBSAOBCTerm:
     def __init__(self, force):
         if force.getNonbondedMethod() != 0:
             raise NotImplementedError("GBSAOBCForce with a cutoff")
-        rows = [[getattr(v, "_value", v) for v in force.getParticleParameters(i)]
+        rows = [[md_value(v) for v in force.getParticleParameters(i)]
                 for i in range(force.getNumParticles())]
         charge, radius, scale = (torch.as_tensor(np.array(c, dtype=np.float64)).unsqueeze(-1) for c in zip(*rows))
         self.charge, self.radius = charge, radius
         self.offset_radius = radius - self.OFFSET
         self.scaled_radius = self.offset_radius * scale
         self.prefactor = -ONE_4PI_EPS0 * (1.0 / force.getSoluteDielectric() - 1.0 / force.getSolventDielectric())
-        self.surface = 4.0 * math.pi * getattr(force.getSurfaceAreaEnergy(), "_value", force.getSurfaceAreaEnergy())
+        self.surface = 4.0 * math.pi * md_value(force.getSurfaceAreaEnergy())
         self.ordered = torch.as_tensor(_pairs(len(rows), set(), True, False))
         self.model = native_gb_model(force)
 

@@ -10,7 +10,8 @@ import numpy as np
 import openmm
 
 from .base import BadSample, EnergyEvaluationError, EnergyModel
-from .batched import read_forces, reported_precision
+from .batched import reported_precision
+from .openmm_access import md_value, read_forces
 from .platforms import make_platform
 
 __all__ = ["SequentialEnergy"]
@@ -52,5 +53,5 @@ class SequentialEnergy(EnergyModel):
                 raise EnergyEvaluationError(f"OpenMM failed on sample {b}: {err}") from err
             read_forces(state, forces[b])
             if energies:
-                energy[b] = state.getPotentialEnergy()._value
+                energy[b] = md_value(state.getPotentialEnergy())
         return energy, forces, self._output_flags(energy, forces, flags)

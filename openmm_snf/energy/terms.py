@@ -24,14 +24,10 @@ import torch
 
 from .expression import ExpressionError, parse
 from .gb import ONE_4PI_EPS0, CustomGBTerm, GBSAOBCTerm, tabulated_functions
+from .openmm_access import md_value
 
 __all__ = ["ONE_4PI_EPS0", "build_energy_terms", "evaluate_term", "SequentialTerm", "subsystem", "to_components",
            "distance", "bond_angle", "dihedral"]
-
-
-def _value(quantity) -> float:
-    """Strip OpenMM units (OpenMM's default units: nm, kJ/mol, radians, e)."""
-    return quantity._value if hasattr(quantity, "_value") else float(quantity)
 
 
 def _tensor(values, dtype=torch.float64):
@@ -116,7 +112,7 @@ class HarmonicBondTerm(_IndexedTerm):
     def __init__(self, force):
         terms = [force.getBondParameters(t) for t in range(force.getNumBonds())]
         super().__init__([t[:2] for t in terms] or np.zeros((0, 2)),
-                         {"r0": [_value(t[2]) for t in terms], "k": [_value(t[3]) for t in terms]})
+                         {"r0": [md_value(t[2]) for t in terms], "k": [md_value(t[3]) for t in terms]})
 
     def __call__(self, c, grad=None):
         (i, j), p = self._on(c.device)
@@ -134,7 +130,7 @@ class HarmonicAngleTerm(_IndexedTerm):
     def __init__(self, force):
         terms = [force.getAngleParameters(t) for t in range(force.getNumAngles())]
         super().__init__([t[:3] for t in terms] or np.zeros((0, 3)),
-                         {"theta0": [_value(t[3]) for t in terms], "k": [_value(t[4]) for t in terms]})
+                         {"theta0": [md_value(t[3]) for t in terms], "k": [md_value(t[4]) for t in terms]})
 
     def __call__(self, c, grad=None):
         (i, j, k), p = self._on(c.device)
@@ -165,9 +161,9 @@ class PeriodicTorsionTerm(_IndexedTerm):
         terms = [force.getTorsionParameters(t) for t in range(force.getNumTorsions())]
         quads = np.array([t[:4] for t in terms], dtype=np.int64).reshape(-1, 4)
         unique, which = np.unique(quads, axis=0, return_inverse=True)
-        super().__init__(unique, {"n": [t[4] for t in terms], "phase": [_value(t[5]) for t in terms],
-                                  "k": [_value(t[6]) for t in terms],
-                                  "minus_kn": [-_value(t[6]) * t[4] for t in terms]})
+        super().__init__(unique, {"n": [t[4] for t in terms], "phase": [md_value(t[5]) for t in terms],
+                                  "k": [md_value(t[6]) for t in terms],
+                                  "minus_kn": [-md_value(t[6]) * t[4] for t in terms]})
         self._which = torch.as_tensor(which.reshape(-1), dtype=torch.long)
 
     def __call__(self, c, grad=None):
@@ -207,7 +203,7 @@ class RBTorsionTerm(_IndexedTerm):
     def __init__(self, force):
         terms = [force.getTorsionParameters(t) for t in range(force.getNumTorsions())]
         super().__init__([t[:4] for t in terms] or np.zeros((0, 4)),
-                         {"c": [[_value(c) for c in t[4:10]] for t in terms] or np.zeros((0, 6))})
+                         {"c": [[md_value(c) for c in t[4:10]] for t in terms] or np.zeros((0, 6))})
 
     def __call__(self, c):
         (i, j, k, l), p = self._on(c.device)
@@ -227,19 +223,19 @@ class NonbondedTerm(_IndexedTerm):
 
     def __init__(self, force):
         n = force.getNumParticles()
-        q, sig, eps = (np.array(v) for v in zip(*[[_value(a) for a in force.getParticleParameters(i)]
+        q, sig, eps = (np.array(v) for v in zip(*[[md_value(a) for a in force.getParticleParameters(i)]
                                                    for i in range(n)]))
         exceptions = [force.getExceptionParameters(e) for e in range(force.getNumExceptions())]
         excluded = {(min(e[0], e[1]), max(e[0], e[1])) for e in exceptions}
         pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n) if (i, j) not in excluded],
                          dtype=np.int64).reshape(-1, 2)
-        kept = [e for e in exceptions if _value(e[2]) != 0 or _value(e[4]) != 0]
+        kept = [e for e in exceptions if md_value(e[2]) != 0 or md_value(e[4]) != 0]
         params = {"qq": q[pairs[:, 0]] * q[pairs[:, 1]], "sigma": 0.5 * (sig[pairs[:, 0]] + sig[pairs[:, 1]]),
                   "eps": np.sqrt(eps[pairs[:, 0]] * eps[pairs[:, 1]])}
         exception_pairs = np.array([e[:2] for e in kept], dtype=np.int64).reshape(-1, 2)
-        exception_params = {"qq": [_value(e[2]) for e in kept], "sigma": [_value(e[3]) for e in kept],
-                            "eps": [_value(e[4]) for e in kept]}
-        self.cutoff = None if force.getNonbondedMethod() == 0 else _value(force.getCutoffDistance())
+        exception_params = {"qq": [md_value(e[2]) for e in kept], "sigma": [md_value(e[3]) for e in kept],
+                            "eps": [md_value(e[4]) for e in kept]}
+        self.cutoff = None if force.getNonbondedMethod() == 0 else md_value(force.getCutoffDistance())
         if self.cutoff is None:  # same formula for both: one pass over all pairs
             pairs = np.concatenate([pairs, exception_pairs])
             params = {k: np.concatenate([v, exception_params[k]]) for k, v in params.items()}
@@ -250,7 +246,7 @@ class NonbondedTerm(_IndexedTerm):
             rf = force.getReactionFieldDielectric()
             self.k_rf = (rf - 1.0) / ((2.0 * rf + 1.0) * self.cutoff ** 3)
             self.c_rf = 1.0 / self.cutoff + self.k_rf * self.cutoff ** 2
-            self.switch = _value(force.getSwitchingDistance()) if force.getUseSwitchingFunction() else None
+            self.switch = md_value(force.getSwitchingDistance()) if force.getUseSwitchingFunction() else None
 
     def __call__(self, c, grad=None):
         (i, j), p = self._on(c.device)
@@ -402,7 +398,7 @@ class SequentialTerm:
         out = torch.empty(len(positions), dtype=torch.float64)
         for b, pos in enumerate(positions):
             self.context.setPositions(pos)
-            out[b] = self.context.getState(getEnergy=True).getPotentialEnergy()._value
+            out[b] = md_value(self.context.getState(getEnergy=True).getPotentialEnergy())
         return out.to(c.device)
 
 

@@ -10,15 +10,37 @@ for a stochastic block it is the log path-probability ratio
 ΔS = log q̃(input | output) − log q(output | input) of the step just taken (forward kernel q,
 backward kernel q̃). Stochastic blocks set ``stochastic = True`` and accept a keyword
 ``generator`` (an optional ``torch.Generator`` on the tensor's device) in both directions.
+
+:class:`FlowBlock` and :class:`Energy` state these roles as ``typing.Protocol``s for annotations:
+any object with the methods qualifies (the package's blocks derive from :class:`Block`).
 """
 from __future__ import annotations
 
 import math
+from typing import Iterable, Protocol
 
 import torch
 from torch import nn
 
-__all__ = ["Block", "InverseBlock", "wrap_angle", "push_forward"]
+__all__ = ["Block", "Energy", "FlowBlock", "InverseBlock", "wrap_angle", "push_forward"]
+
+
+class Energy(Protocol):
+    """Reduced energies u(y) = U/kT (B,) of a batch y (B, ...), differentiable by autograd where the
+    blocks need forces (e.g. :class:`~openmm_snf.energy.OpenMMEnergy` on (B, n_atoms, 3) nm)."""
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor: ...
+
+
+class FlowBlock(Protocol):
+    """The block contract: ``forward(x) -> (y, dlogp (B,))`` in the sampling direction, ``inverse(y) ->
+    (x, dlogp (B,))`` back; a ``stochastic`` block also takes ``generator=`` in both directions."""
+
+    stochastic: bool
+
+    def __call__(self, x: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def inverse(self, y: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def wrap_angle(x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +81,7 @@ class InverseBlock(Block):
         return self.block
 
 
-def push_forward(blocks, x: torch.Tensor, *, generator: torch.Generator | None = None):
+def push_forward(blocks: Iterable[FlowBlock], x: torch.Tensor, *, generator: torch.Generator | None = None):
     """Apply ``blocks`` in order (sampling direction); return (y, sum of dlogp in float64 (B,))."""
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
     for block in blocks:

@@ -17,13 +17,13 @@ import math
 import torch
 from torch import nn
 
-from .base import push_forward
+from .base import Energy, FlowBlock, push_forward
 
 __all__ = ["PulledBackEnergy", "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy",
            "energy_and_gradient"]
 
 
-def energy_and_gradient(energy, y: torch.Tensor, *, create_graph: bool = False):
+def energy_and_gradient(energy: Energy, y: torch.Tensor, *, create_graph: bool = False):
     """Evaluate u(y) (B,) and ∇u(y) (same shape as y) by autograd.
 
     With ``create_graph=False`` the gradient is a constant (detached): it costs one backward pass and
@@ -51,7 +51,7 @@ class PulledBackEnergy(nn.Module):
         energy: callable on the data space returning reduced energies (B,).
     """
 
-    def __init__(self, transforms, energy):
+    def __init__(self, transforms: list[FlowBlock], energy: Energy):
         super().__init__()
         self.transforms = nn.ModuleList(list(transforms))
         self.energy = energy
@@ -64,7 +64,7 @@ class PulledBackEnergy(nn.Module):
 class InterpolatedEnergy(nn.Module):
     """u_λ(y) = (1 − λ) u_prior(y) + λ u_target(y); a term with zero weight is not evaluated."""
 
-    def __init__(self, prior_energy, target_energy, lam: float):
+    def __init__(self, prior_energy: Energy, target_energy: Energy, lam: float):
         super().__init__()
         if not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"interpolation parameter lambda must lie in [0, 1], got {lam}")

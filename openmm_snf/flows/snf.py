@@ -8,13 +8,14 @@ mean(w) estimates Z_X / Z_Z (the prior is normalized, so Z_Z = 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from ..systems import as_mdtraj_topology
 from ..weights import kish_ess, normalized_weights
-from .base import push_forward
+from .base import Energy, FlowBlock, push_forward
 
 __all__ = ["SNF", "SNFSample"]
 
@@ -68,7 +69,7 @@ class SNF(nn.Module):
         target_energy: callable on the data space returning reduced energies (B,).
     """
 
-    def __init__(self, prior, blocks, target_energy):
+    def __init__(self, prior, blocks: Iterable[FlowBlock], target_energy: Energy):
         super().__init__()
         self.prior = prior
         self.blocks = nn.ModuleList(list(blocks))

@@ -31,7 +31,7 @@ import math
 
 import torch
 
-from .base import Block, wrap_angle
+from .base import Block, Energy, wrap_angle
 from .energies import energy_and_gradient
 
 __all__ = ["MALABlock", "MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlock"]
@@ -46,7 +46,7 @@ class _StochasticBlock(Block):
     stochastic = True
     kind: str  # the builder's name of the kernel; names the block's acceptance rate (``SNF.acceptance_rates``)
 
-    def __init__(self, energy, n_steps: int, step_size: float, periodic_mask=None):
+    def __init__(self, energy: Energy, n_steps: int, step_size: float, periodic_mask=None):
         super().__init__()
         if n_steps < 1:
             raise ValueError(f"n_steps must be >= 1, got {n_steps}")
@@ -95,7 +95,7 @@ class MetropolisBlock(_StochasticBlock):
 
     kind = "mc"
 
-    def __init__(self, energy, n_steps: int = 20, step_size: float = 0.1, periodic_mask=None,
+    def __init__(self, energy: Energy, n_steps: int = 20, step_size: float = 0.1, periodic_mask=None,
                  target_acceptance: float | None = None, adapt_rate: float = 0.1):
         super().__init__(energy, n_steps, step_size, periodic_mask)
         if target_acceptance is not None and not 0 < target_acceptance < 1:
@@ -192,7 +192,7 @@ class OverdampedLangevinBlock(_StochasticBlock):
 
     kind = "langevin"
 
-    def __init__(self, energy, n_steps: int = 10, step_size: float = 0.01, periodic_mask=None,
+    def __init__(self, energy: Energy, n_steps: int = 10, step_size: float = 0.01, periodic_mask=None,
                  differentiable_forces: bool = False):
         super().__init__(energy, n_steps, step_size, periodic_mask)
         self.differentiable_forces = bool(differentiable_forces)
@@ -225,7 +225,7 @@ class UnderdampedLangevinBlock(_StochasticBlock):
 
     kind = "underdamped"
 
-    def __init__(self, energy, n_steps: int = 10, step_size: float = 0.1, friction: float = 1.0,
+    def __init__(self, energy: Energy, n_steps: int = 10, step_size: float = 0.1, friction: float = 1.0,
                  periodic_mask=None, differentiable_forces: bool = False):
         super().__init__(energy, n_steps, step_size, periodic_mask)
         if not friction > 0:
