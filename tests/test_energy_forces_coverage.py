@@ -11,36 +11,8 @@ import torch
 
 from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy, SequentialEnergy, build_replicated_system
-from openmm_snf.systems import MolecularSystem
 
-
-def variant(mol, system, name):
-    return MolecularSystem(name, mol.topology, system, mol.positions, 300.0)
-
-
-def clone(system):
-    return openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
-
-
-def gbsaobc_and_cutoff():
-    """Native GBSAOBCForce (from the OBC parameters) and CutoffNonPeriodic nonbonded with switching."""
-    mol = load_system("alanine_dipeptide_implicit")
-    system = clone(mol.system)
-    index = next(i for i, f in enumerate(system.getForces()) if isinstance(f, openmm.CustomGBForce))
-    custom = system.getForce(index)
-    native = openmm.GBSAOBCForce()
-    for i in range(custom.getNumParticles()):
-        charge, offset_radius, scaled = custom.getParticleParameters(i)
-        native.addParticle(charge, offset_radius + 0.009, scaled / offset_radius)
-    system.removeForce(index)
-    system.addForce(native)
-    nonbonded = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
-    nonbonded.setNonbondedMethod(openmm.NonbondedForce.CutoffNonPeriodic)
-    nonbonded.setCutoffDistance(0.6)
-    nonbonded.setReactionFieldDielectric(78.3)
-    nonbonded.setUseSwitchingFunction(True)
-    nonbonded.setSwitchingDistance(0.5)
-    return variant(mol, system, "gbsaobc_cutoff")
+from conftest import clone, gbsaobc_and_cutoff, variant
 
 
 def custom_bonded_and_external():

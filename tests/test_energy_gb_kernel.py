@@ -21,7 +21,7 @@ from openmm_snf.energy import kernels
 from openmm_snf.energy.kernels import CompiledTerms
 from openmm_snf.energy.terms import build_energy_terms
 from openmm_snf.systems import MolecularSystem
-from test_energy_forces_coverage import gbsaobc_and_cutoff
+from conftest import gbsaobc_and_cutoff
 
 MODELS = ("hct", "obc1", "obc2", "gbn", "gbn2")
 NAMES = {"hct": "HCT", "obc1": "OBC1", "obc2": "OBC2", "gbn": "GBn", "gbn2": "GBn2"}

@@ -11,7 +11,7 @@ from openmm_snf import load_system
 from openmm_snf.energy import OpenMMEnergy, SequentialEnergy
 from openmm_snf.energy.kernels import CompiledTerms
 from openmm_snf.energy.terms import build_energy_terms, evaluate_term, to_components
-from test_energy_forces_coverage import clone, gbsaobc_and_cutoff, variant
+from conftest import clone, gbsaobc_and_cutoff, variant
 
 
 def perturbed(mol, n, scale=0.02, seed=0):

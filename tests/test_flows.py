@@ -10,21 +10,14 @@ from openmm_snf.flows import (ActNorm, AffineCoupling, GaussianEnergy, Interpola
                               UnderdampedLangevinBlock, rq_spline, wrap_angle)
 from openmm_snf.flows.anneal import annealed
 from openmm_snf.flows.builder import build_snf, build_snf_from_config
-from openmm_snf.weights import kish_ess, log_mean_exp
+from openmm_snf.weights import kish_ess
+
+from conftest import importance_check, randomize
 
 DIM = 4
 PERIODIC = torch.tensor([False, True, False, True])
 HALF = torch.tensor([True, True, False, False])
 ALTERNATE = torch.tensor([True, False, True, False])
-
-
-def randomize(module, std=0.3, seed=0):
-    """Replace all parameters by random values, so blocks are far from the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
-    return module
 
 
 def inputs(periodic, n=6, spread=1.5, seed=1):
@@ -137,24 +130,6 @@ def test_block_validation_messages():
 # --- single stochastic blocks: exact weights on a Gaussian with known normalizer -----------------
 
 TARGET = GaussianEnergy([0.6, -0.4], [[1.4, 0.3], [0.3, 0.7]])
-N = 20000
-
-
-def importance_check(snf, target, seed, n=N, n_sigma=4.0):
-    """Check the IS estimates of log Z and <x> against the exact values within n_sigma errors."""
-    sample = snf.sample(n, generator=torch.Generator().manual_seed(seed))
-    lw = sample.log_weights
-    w = torch.exp(lw - lw.max())
-    log_z = log_mean_exp(lw)
-    se_log_z = float(w.std() / (w.mean() * math.sqrt(n)))
-    assert se_log_z < 0.05, f"weights too degenerate for a meaningful test (se={se_log_z})"
-    assert abs(log_z - target.log_z) < n_sigma * se_log_z, (log_z, target.log_z, se_log_z)
-    wn = w / w.sum()
-    x = sample.x.to(torch.float64)
-    mean = (wn[:, None] * x).sum(0)
-    se_mean = torch.sqrt((wn[:, None] ** 2 * (x - mean) ** 2).sum(0))
-    assert ((mean - target.mean).abs() < n_sigma * se_mean).all(), (mean, target.mean, se_mean)
-    return log_z, se_log_z
 
 
 STOCHASTIC = {

@@ -9,7 +9,7 @@ from openmm_snf.flows import (AffineCoupling, ActNorm, DoubleWellEnergy, Gaussia
                               MarginalizeAuxiliary, MetropolisBlock, OverdampedLangevinBlock, Prior,
                               PulledBackEnergy, SNF, SplineCoupling, UnderdampedLangevinBlock, build_snf,
                               build_snf_from_config)
-from test_flows import importance_check, randomize
+from conftest import importance_check, randomize
 
 
 @pytest.fixture(autouse=True)
