@@ -2,7 +2,7 @@
 
 The replicas are the non-interacting copies of :func:`openmm_snf.energy.replicate.build_replicated_system`,
 integrated together with ``LangevinMiddleIntegrator``; one Context step advances every replica, which is
-far faster than one Context per replica for a small molecule (README, "The energy bridge"). Each replica is moved
+far faster than one Context per replica for a small molecule (README, Benchmarks, "Energy bridge"). Each replica is moved
 back to its grid cell after every frame (a rigid translation, exact for translation-invariant
 systems), so replicas never come within the pair-force cutoff of each other however far they
 diffuse. Systems with an external field (CustomExternalForce) are not translated: the field holds them.
