@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 
 from .distributed import broadcast_module, check_same_on_all_ranks, rank_of, world_size_of
 from .flows.snf import SNF
-from .training.checkpoints import (BEST_NAME, CheckpointError, Progress, check_checkpoint_model, load_checkpoint,
-                                   load_snf, restore_training_checkpoint, save_checkpoint, save_training_checkpoint,
-                                   saved_generator_states)
+from .training.checkpoints import (BEST_NAME, CheckpointError, TrainingState, check_checkpoint_model,
+                                   load_checkpoint, load_snf, restore_training_checkpoint, save_checkpoint,
+                                   save_training_checkpoint, saved_generator_states)
 from .training.metrics import MetricsLog, progress_postfix
 from .training.shards import Shards
 from .weights import kish_ess
@@ -244,7 +244,7 @@ class Trainer:
         self.group = process_group
         self.is_main = rank_of(process_group) == 0
         self.metrics = MetricsLog(metrics_path if self.is_main else None)
-        self.state = Progress()
+        self.state = TrainingState()
         checkpoint = None
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             checkpoint = load_checkpoint(self.checkpoint_path, map_location=self.device)
@@ -261,7 +261,7 @@ class Trainer:
         check_same_on_all_ranks((self.iteration, self.n_shards, config.batch_size, config.seed), process_group,
                                 "(iteration, n_shards, batch_size, seed)")
 
-    # where the run stands (:class:`~openmm_snf.training.checkpoints.Progress`), read by callers and tests
+    # where the run stands (:class:`~openmm_snf.training.checkpoints.TrainingState`), read by callers and tests
     iteration = property(lambda self: self.state.iteration)
     n_skipped = property(lambda self: self.state.n_skipped)
     best_val_loss = property(lambda self: self.state.best_val_loss)

@@ -1,8 +1,8 @@
-"""Checkpoint files and the progress of a run they carry: resume, the best model, early stopping.
+"""Checkpoint files and the training state they carry: resume, the best model, early stopping.
 
 A checkpoint is a dict written by ``torch.save`` to a temporary file that is then renamed:
 ``format`` (:data:`CHECKPOINT_FORMAT`), ``snf_config`` and ``model`` (enough to rebuild the SNF), and
-for a training checkpoint the optimizer state, the :class:`Progress` fields, the training
+for a training checkpoint the optimizer state, the :class:`TrainingState` fields, the training
 configuration and the shard generators' states (``generator_state`` for one shard,
 ``generator_states`` for several), everything needed to resume bit-for-bit on the same device.
 ``best.pt`` (:data:`BEST_NAME`) beside it holds the model of the best validation so far.
@@ -20,7 +20,7 @@ import torch
 from ..flows.builder import build_snf_from_config
 from ..flows.snf import SNF
 
-__all__ = ["CHECKPOINT_FORMAT", "BEST_NAME", "CheckpointError", "Progress", "save_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "BEST_NAME", "CheckpointError", "TrainingState", "save_checkpoint",
            "load_checkpoint", "check_checkpoint_model", "load_snf", "save_training_checkpoint",
            "restore_training_checkpoint", "saved_generator_states"]
 
@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 
 @dataclass
-class Progress:
+class TrainingState:
     """Where a run stands: iterations done, steps skipped as non-finite, and the validation record
     (best loss so far, its iteration, validations since without improvement)."""
 
@@ -126,15 +126,15 @@ def load_snf(path, target_energy, transform=None, map_location=None) -> SNF:
     return snf.eval()
 
 
-def save_training_checkpoint(path, snf: SNF, optimizer, progress: Progress, train_config: dict,
+def save_training_checkpoint(path, snf: SNF, optimizer, training: TrainingState, train_config: dict,
                              generator_states: list) -> None:
-    """Write a resumable checkpoint: model, optimizer, progress, configuration and one generator state
-    per shard, in shard order."""
+    """Write a resumable checkpoint: model, optimizer, training state, configuration and one generator
+    state per shard, in shard order."""
     streams = ({"generator_state": generator_states[0]} if len(generator_states) == 1 else
                {"generator_states": list(generator_states)})
-    save_checkpoint(path, snf, optimizer=optimizer.state_dict(), iteration=progress.iteration,
-                    n_skipped=progress.n_skipped, train_config=train_config, best_val_loss=progress.best_val_loss,
-                    best_iteration=progress.best_iteration, n_stale=progress.n_stale, **streams)
+    save_checkpoint(path, snf, optimizer=optimizer.state_dict(), iteration=training.iteration,
+                    n_skipped=training.n_skipped, train_config=train_config, best_val_loss=training.best_val_loss,
+                    best_iteration=training.best_iteration, n_stale=training.n_stale, **streams)
 
 
 def saved_generator_states(state: dict) -> list:
@@ -142,9 +142,10 @@ def saved_generator_states(state: dict) -> list:
     return state["generator_states"] if "generator_states" in state else [state["generator_state"]]
 
 
-def restore_training_checkpoint(state: dict, path, snf: SNF, optimizer, n_shards: int) -> tuple[Progress, list]:
+def restore_training_checkpoint(state: dict, path, snf: SNF, optimizer,
+                                n_shards: int) -> tuple[TrainingState, list]:
     """Load a training checkpoint's model and optimizer state into ``snf`` and ``optimizer``; return its
-    :class:`Progress` and generator states. CheckpointError (naming ``path``) if they do not fit,
+    :class:`TrainingState` and generator states. CheckpointError (naming ``path``) if they do not fit,
     ValueError if it was written with another number of shards."""
     generator_states = saved_generator_states(state)
     if len(generator_states) != n_shards:
@@ -155,7 +156,7 @@ def restore_training_checkpoint(state: dict, path, snf: SNF, optimizer, n_shards
         optimizer.load_state_dict(state["optimizer"])
     except (KeyError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({err}); {_DAMAGED}") from err
-    progress = Progress(iteration=int(state["iteration"]), n_skipped=int(state["n_skipped"]),
+    training = TrainingState(iteration=int(state["iteration"]), n_skipped=int(state["n_skipped"]),
                         best_val_loss=float(state.get("best_val_loss", math.inf)),
                         best_iteration=int(state.get("best_iteration", 0)), n_stale=int(state.get("n_stale", 0)))
-    return progress, generator_states
+    return training, generator_states
