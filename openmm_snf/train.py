@@ -62,6 +62,13 @@ class TrainConfig:
         learning_rate: Adam's initial rate; lr_schedule: "constant", "cosine" or "exponential",
             decaying to learning_rate · lr_final_factor at the last iteration.
         weight_forward, weight_reverse: weights of the forward-KL and reverse-KL terms.
+        reverse_start: when both terms are on, the share of n_iterations trained on the forward term
+            alone before the reverse term joins, at iteration :attr:`reverse_from` (0: both from the
+            start). There Adam's moments restart and the learning-rate schedule runs again over the
+            remaining iterations, from where the first phase ended (learning_rate · lr_final_factor)
+            down to learning_rate · lr_final_factor². Maximum likelihood on data that visit every
+            state, then energy-based refinement of the density: the flow keeps the states the data
+            showed and its importance weights spread far less.
         clip_grad_norm: gradient norm clipping (None: off).
         weight_decay: Adam weight decay.
         checkpoint_every: iterations between checkpoints (0: only at the end).
@@ -87,6 +94,7 @@ class TrainConfig:
     lr_final_factor: float = 0.1
     weight_forward: float = 1.0
     weight_reverse: float = 0.0
+    reverse_start: float = 0.0
     clip_grad_norm: float | None = 100.0
     weight_decay: float = 0.0
     checkpoint_every: int = 100
@@ -112,6 +120,8 @@ class TrainConfig:
             raise ValueError("need n_iterations >= 0, batch_size >= 1 and learning_rate > 0")
         if self.weight_forward < 0 or self.weight_reverse < 0 or self.weight_forward + self.weight_reverse == 0:
             raise ValueError("weight_forward and weight_reverse must be >= 0 and not both 0")
+        if not 0 <= self.reverse_start < 1:
+            raise ValueError(f"reverse_start must be in [0, 1), got {self.reverse_start}")
         if self.n_shards is not None and not 1 <= self.n_shards <= self.batch_size:
             raise ValueError(f"n_shards must be between 1 and batch_size ({self.batch_size}), got {self.n_shards}")
         if not 0 <= self.validation_fraction < 1:
@@ -122,6 +132,12 @@ class TrainConfig:
             raise ValueError("need checkpoint_every >= 0, ess_every >= 0 and weight_decay >= 0")
         if not self.lr_final_factor > 0 or self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError("need lr_final_factor > 0 and clip_grad_norm > 0 (or null)")
+
+    @property
+    def reverse_from(self) -> int:
+        """The iteration at which the reverse-KL term joins (0 unless both terms are on)."""
+        both = self.weight_forward > 0 and self.weight_reverse > 0
+        return round(self.reverse_start * self.n_iterations) if both else 0
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
@@ -150,8 +166,16 @@ _KIND_NAMES = {"int": "an integer", "int | None": "an integer or null", "float":
 
 
 def learning_rate_at(config: TrainConfig, iteration: int) -> float:
-    """Learning rate of ``iteration`` (0-based) under the configured schedule."""
-    progress = min(iteration / max(config.n_iterations - 1, 1), 1.0)
+    """Learning rate of ``iteration`` (0-based) under the configured schedule (run again from
+    ``reverse_from`` on, one factor of lr_final_factor lower, when that is set)."""
+    start, length, scale, switch = 0, config.n_iterations, config.learning_rate, config.reverse_from
+    if switch:
+        if iteration < switch:
+            length = switch
+        else:
+            start, length = switch, config.n_iterations - switch
+            scale *= config.lr_final_factor
+    progress = min((iteration - start) / max(length - 1, 1), 1.0)
     final = config.lr_final_factor
     if config.lr_schedule == "cosine":
         factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -159,7 +183,7 @@ def learning_rate_at(config: TrainConfig, iteration: int) -> float:
         factor = final ** progress
     else:
         factor = 1.0
-    return config.learning_rate * factor
+    return scale * factor
 
 
 def split_validation(data: torch.Tensor | None, fraction: float):
@@ -313,10 +337,15 @@ class Trainer:
         """Whether ``patience`` validations in a row brought no improvement (training stops)."""
         return self.state.stopped_early(self.config.patience)
 
+    @property
+    def weight_reverse(self) -> float:
+        """The reverse-KL weight of this iteration (0 before ``reverse_from``)."""
+        return 0.0 if self.iteration < self.config.reverse_from else self.config.weight_reverse
+
     def _samples_now(self) -> bool:
         """Whether this iteration draws weighted samples (reverse KL, or an ESS/acceptance check)."""
         cfg = self.config
-        return cfg.weight_reverse > 0 or bool(cfg.ess_every and self.iteration % cfg.ess_every == 0)
+        return self.weight_reverse > 0 or bool(cfg.ess_every and self.iteration % cfg.ess_every == 0)
 
     def _shard_loss(self, n: int, generator: torch.Generator):
         """(loss, forward term, reverse term, SNFSample or None) of one shard of ``n`` samples."""
@@ -329,10 +358,10 @@ class Trainer:
                 index = torch.multinomial(self.data_probs, n, replacement=True, generator=generator)
             forward = self.snf.forward_kl_loss(self.data[index], generator=generator)
             loss = loss + cfg.weight_forward * forward
-        if cfg.weight_reverse > 0:
+        if self.weight_reverse > 0:
             reverse, sample = self.snf.reverse_kl_loss(n, generator=generator,
                                                        energy_regularizer=self.energy_regularizer)
-            loss = loss + cfg.weight_reverse * reverse
+            loss = loss + self.weight_reverse * reverse
         elif self._samples_now():
             self.snf.eval()
             sample = self.snf.sample(n, generator=generator)
@@ -342,10 +371,12 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer iteration; returns its metrics (skipped steps are counted, not applied)."""
         lr = learning_rate_at(self.config, self.iteration)
+        if self.iteration == self.config.reverse_from > 0:
+            self.optimizer.state.clear()            # a new loss: Adam's moments start afresh
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        keys = list(self.snf.acceptance_rates())
+        keys, reverse = list(self.snf.acceptance_rates()), self.weight_reverse > 0
         stats = self.shards.accumulate(self.snf, self._shard_loss, keys, self._samples_now(), self.iteration)
         grad_norm = float("nan")
         finite = stats.scalar("n_nonfinite") == 0
@@ -361,14 +392,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.iteration += 1
         return {"iteration": self.iteration, "loss": stats.scalar("loss"), "lr": lr, "grad_norm": grad_norm,
-                "skipped": not finite, "n_skipped": self.n_skipped, **self._sample_metrics(stats, keys)}
+                "skipped": not finite, "n_skipped": self.n_skipped, **self._sample_metrics(stats, keys, reverse)}
 
-    def _sample_metrics(self, stats, keys: list) -> dict:
+    def _sample_metrics(self, stats, keys: list, reverse: bool) -> dict:
         """The loss terms in use and, when the iteration sampled, its ESS fraction and acceptance rates."""
         cfg, info = self.config, {}
         if cfg.weight_forward > 0:
             info["loss_forward"] = stats.scalar("forward")
-        if cfg.weight_reverse > 0:
+        if reverse:
             info["loss_reverse"] = stats.scalar("reverse")
         if "log_weights" in stats:
             info.update(ess_fraction=kish_ess(stats["log_weights"]) / cfg.batch_size,
