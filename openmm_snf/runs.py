@@ -46,7 +46,7 @@ from .energy import OpenMMEnergy, linlogcut
 from .energy.platforms import make_platform
 from .flows import Reshape, build_snf
 from .flows.anneal import annealed
-from .flows.builder import check_snf_options
+from .flows.builder import check_snf_options, saved_snf_options
 from .io import atomic_outputs, check_outputs_free, read_trajectory, read_weighted_trajectory, resample, \
     trajectory_paths, write_trajectory, write_weighted_trajectory
 from .md import MDSettings, run_md
@@ -68,7 +68,7 @@ DEFAULTS = {
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
     "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [128, 128], "stochastic": None, "n_steps": 10,
-              "step_size": 0.1, "lambdas": None, "augment": 0},
+              "step_size": 0.1, "lambdas": None, "augment": 0, "masks": "alternating"},
     "training": asdict(TrainConfig(n_iterations=4000, batch_size=256, lr_schedule="cosine", checkpoint_every=500,
                                    ess_every=200)),
     "regularization": {"high": 500.0, "max": 10000.0},
@@ -559,7 +559,10 @@ def run_inputs(folder) -> list[Path]:
 
 def read_run_config(folder) -> dict:
     """The resolved configuration a run folder was trained with (its ``config.yaml``)."""
-    return _read_yaml(Path(folder) / "config.yaml", "run configuration")
+    config = _read_yaml(Path(folder) / "config.yaml", "run configuration")
+    if isinstance(config.get("model"), dict):
+        config["model"] = saved_snf_options(config["model"])
+    return config
 
 
 def load_run_system(folder) -> MolecularSystem:

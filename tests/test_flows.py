@@ -303,11 +303,15 @@ def test_alternating_masks_let_torsions_condition_on_torsions():
     assert all(sorted(m) in (list(range(6)), list(range(6, 12))) for m in _coupling_masks(halves))
 
 
-def test_models_saved_before_the_masks_option_rebuild_with_halves():
+def test_models_saved_before_the_masks_option_rebuild_with_halves(tmp_path):
+    from openmm_snf.train import load_snf, save_checkpoint
     dim = 8
     energy = GaussianEnergy(torch.zeros(dim), torch.eye(dim))
     old = build_snf(dim, [False] * 4 + [True] * 4, energy, n_blocks=2, stochastic=None, masks="halves")
-    config = {k: v for k, v in old.config.items() if k != "masks"}
-    rebuilt = build_snf_from_config(config, energy)
-    rebuilt.load_state_dict(old.state_dict())
+    save_checkpoint(tmp_path / "old.pt", old)
+    saved = torch.load(tmp_path / "old.pt", weights_only=False)
+    del saved["snf_config"]["masks"]                     # as written before the option existed
+    torch.save(saved, tmp_path / "old.pt")
+    rebuilt = load_snf(tmp_path / "old.pt", energy)
     assert _coupling_masks(rebuilt) == _coupling_masks(old)
+    assert _coupling_masks(build_snf_from_config(old.config, energy)) == _coupling_masks(old)

@@ -32,7 +32,8 @@ from .priors import Prior, as_periodic_mask
 from .snf import SNF
 from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
-__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "PAPER_ALANINE_DIPEPTIDE", "PAPER_DOUBLE_WELL"]
+__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "saved_snf_options", "PAPER_ALANINE_DIPEPTIDE",
+           "PAPER_DOUBLE_WELL"]
 
 FLOWS = ("realnvp", "spline")
 STOCHASTIC = ("mc", "mala", "langevin", "underdamped", None)
@@ -88,6 +89,16 @@ def check_snf_options(options: dict, where: str = "model") -> None:
     lambdas, n_blocks = options.get("lambdas"), options.get("n_blocks", 5)
     if lambdas is not None and len(lambdas) != n_blocks:
         raise ValueError(f"{where}.lambdas has {len(lambdas)} entries but n_blocks is {n_blocks}")
+
+
+#: options added after models were first saved, with the value that reproduces those models
+_SAVED_BEFORE = {"masks": "halves"}
+
+
+def saved_snf_options(options: dict) -> dict:
+    """Options of a saved model (a checkpoint's ``snf_config`` or a run's ``model`` section) with the
+    options it predates set to the values it was built with."""
+    return {**_SAVED_BEFORE, **options}
 
 
 def _masks(periodic: torch.Tensor, augment: int, scheme: str, pair: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +187,7 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
 
 def build_snf_from_config(config: dict, target_energy, transform=None) -> SNF:
     """Rebuild an SNF from ``snf.config`` (a dict of :func:`build_snf` arguments)."""
-    config = dict(config)
-    config.setdefault("masks", "halves")        # models saved before the option existed
+    config = saved_snf_options(config)
     try:
         dim = config.pop("dim")
         periodic_mask = config.pop("periodic_mask", None)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..flows.builder import build_snf_from_config
+from ..flows.builder import build_snf_from_config, saved_snf_options
 from ..flows.snf import SNF
 
 __all__ = ["CHECKPOINT_FORMAT", "BEST_NAME", "CheckpointError", "TrainingState", "save_checkpoint",
@@ -101,7 +101,9 @@ def load_checkpoint(path, map_location=None) -> dict:
 def check_checkpoint_model(state: dict, snf: SNF, path) -> None:
     """Load ``state["model"]`` into ``snf`` after checking that the checkpoint was made for the same model
     (its ``snf_config``); raises :class:`CheckpointError` naming ``path`` otherwise."""
-    if snf.config is not None and _plain(state.get("snf_config")) != _plain(snf.config):
+    saved = state.get("snf_config")
+    saved = saved_snf_options(saved) if isinstance(saved, dict) else saved
+    if snf.config is not None and _plain(saved) != _plain(snf.config):
         raise CheckpointError(f"checkpoint {path} belongs to another model than this run's configuration (copied "
                               f"from another run?); {_DAMAGED}")
     try:
