@@ -91,6 +91,8 @@ def test_heavy_weights_and_rare_states_are_flagged():
     rare[:12] = True
     verdict = diagnose(np.zeros(4000), {"A": ~rare, "B": rare})
     assert not verdict.reliable and verdict.reasons == ("state B has ESS 12.0 from 12 samples (< 30)",)
+    assert verdict.advice[0].startswith("draw about 15000 samples (--n 15000)")  # 1.5 x 4000 x 30 / 12
+    assert "rarely proposes" in diagnose(np.zeros(4000), {"A": np.arange(4000) > 0, "B": np.arange(4000) == 0}).advice[0]
     # a state whose own weights are heavy-tailed while the overall weights (dominated by the other) look fine
     log_w = np.concatenate([rng.normal(0.0, 0.1, 8000), rng.normal(-20.0, 3.0, 2000)])
     in_b = np.arange(10000) >= 8000

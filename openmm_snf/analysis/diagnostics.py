@@ -128,6 +128,16 @@ class Verdict:
                 "reasons": list(self.reasons), "advice": list(self.advice)}
 
 
+def _more_samples(n: int, ess: float, wanted: float) -> str:
+    """Advice for a state whose weights are sound (k-hat fine) but too few (within 20x of enough): how
+    many samples would do."""
+    needed = 1.5 * n * wanted / max(ess, 1.0)
+    step = 10 ** max(int(math.log10(needed)) - 1, 0)
+    suggestion = int(math.ceil(needed / step) * step)
+    return (f"draw about {suggestion} samples (--n {suggestion}): the state's weights are sound and its ESS "
+            "grows in proportion to the number of samples")
+
+
 def _state_diagnostic(label: str, log_w: np.ndarray, mask: np.ndarray, log_total: float) -> StateDiagnostic:
     inside = log_w[mask]
     if inside.size == 0:
@@ -185,6 +195,8 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
         problems += [f"Pareto k-hat {state.k_hat:.2f} > {max_khat}"] if state.k_hat > max_khat else []
         if problems:
             found.append((f"state {state.label} has {' and '.join(problems)}",
+                           _more_samples(n, state.ess, min_state_ess)
+                           if not state.k_hat > max_khat and state.ess * 20 >= min_state_ess else
                            "draw more samples (--n); if that does not help, the sampler rarely proposes the state: "
                            + VISIT_DATA))
     return Verdict(n=n, ess=ess, k_hat=k_hat, n_nonfinite=n_nonfinite, states=diagnostics,
