@@ -17,7 +17,7 @@ For each system (double_well; alanine_dipeptide_implicit and trialanine_implicit
 
 Usage:
     python benchmarks/generality.py [--systems double_well,alanine_dipeptide_implicit,trialanine_implicit]
-                                    [--samples 10000] [--anneal auto] [--umbrella 32,1500,100]
+                                    [--samples N] [--anneal auto] [--umbrella 32,1500,100]
 """
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
     stages = {}
     for stage, argv in (("md", ["md", system, "--out", str(folder / "data.dcd")]),
                         ("train", ["train", system, "--data", str(folder / "data.dcd"), "--out", str(folder / "run")]),
-                        ("sample", ["sample", str(folder / "run"), "--n", str(args.samples), "--out",
-                                    str(folder / "samples.dcd"), "--anneal", str(args.anneal)])):
+                        ("sample", ["sample", str(folder / "run"), "--out", str(folder / "samples.dcd"), "--anneal",
+                                    str(args.anneal)] + (["--n", str(args.samples)] if args.samples else []))):
         counter.take()
         start = time.perf_counter()
         status = cli(argv)
@@ -213,7 +213,7 @@ def print_result(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default=",".join(SYSTEMS))
-    parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--samples", type=int, default=None, help="the sampler's --n (default: as 'sample')")
     parser.add_argument("--anneal", default="auto", help="the sampler's --anneal (default: auto, as 'sample')")
     parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
     parser.add_argument("--umbrella", type=lambda t: tuple(int(v) for v in t.split(",")), default=UMBRELLA,

@@ -46,7 +46,7 @@ from .energy import OpenMMEnergy, linlogcut
 from .energy.platforms import make_platform
 from .flows import Reshape, build_snf
 from .flows.anneal import annealed
-from .flows.builder import check_snf_options, saved_snf_options
+from .flows.builder import check_snf_options, saved_snf_options, snf_defaults
 from .io import atomic_outputs, check_outputs_free, read_trajectory, read_weighted_trajectory, resample, \
     trajectory_paths, write_trajectory, write_weighted_trajectory
 from .md import MDSettings, run_md
@@ -67,8 +67,7 @@ DEFAULTS = {
              "tempering": asdict(TemperingSettings(n_frames=1500, timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed"},
-    "model": {"n_blocks": 4, "flow": "realnvp", "hidden": [128, 128], "stochastic": None, "n_steps": 10,
-              "step_size": 0.1, "lambdas": None, "augment": 0, "masks": "alternating"},
+    "model": snf_defaults(),
     # maximum likelihood on the data for 4000 iterations, then ML (weight 0.1) + reverse KL for 3000
     "training": asdict(TrainConfig(n_iterations=7000, batch_size=256, lr_schedule="cosine", checkpoint_every=500,
                                    ess_every=200, weight_forward=0.1, weight_reverse=1.0, reverse_start=0.57)),
@@ -90,11 +89,10 @@ class RunConfigError(ValueError):
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
-    """Deep-merge ``update`` into ``base``; unknown keys are errors except inside ``model`` (checked by
-    :func:`~openmm_snf.flows.builder.check_snf_options` in :func:`validate_config`)."""
+    """Deep-merge ``update`` into ``base``; keys that ``base`` lacks are errors."""
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
-        if key not in out and not where.endswith("model"):
+        if key not in out:
             raise RunConfigError(f"{where}: unknown option {key!r}; known: {', '.join(sorted(out))}")
         if isinstance(out.get(key), dict) and isinstance(value, dict):
             out[key] = _merge(out[key], value, f"{where}.{key}")

@@ -266,6 +266,14 @@ def test_annealing_refuses_stochastic_models_and_bad_settings():
         annealed(SNF(prior, [Permute.swap(2)], TARGET), 5, kernel="hmc")
 
 
+def test_an_annealed_model_is_not_saved_as_its_flow(tmp_path):
+    from openmm_snf.train import save_checkpoint
+    flow = build_snf(2, None, TARGET, n_blocks=1, hidden=(8,))
+    save_checkpoint(tmp_path / "flow.pt", flow)
+    with pytest.raises(ValueError, match="not made by build_snf"):
+        save_checkpoint(tmp_path / "annealed.pt", annealed(flow, 3))
+
+
 @pytest.mark.parametrize("differentiable", [False, True])
 def test_langevin_forces_enter_the_gradient_only_when_asked(differentiable):
     """One overdamped step y' = y - eps grad u(y) + sqrt(2 eps) eta on u = x^T P x / 2: dy'/dy is

@@ -54,5 +54,5 @@ def annealed(snf: SNF, n_stages: int, *, n_steps: int = 2, step_size: float = 0.
     stages = [block(InterpolatedEnergy(snf.prior.energy, pulled_back, k / n_stages), n_steps=n_steps,
                     step_size=step_size, periodic_mask=periodic) for k in range(1, n_stages + 1)]
     refined = SNF(snf.prior, stages + list(snf.blocks), snf.target_energy)
-    refined.config = snf.config
+    # no config: the flow's would rebuild the flow without its stages; save the flow, anneal it when loaded
     return refined.train(snf.training)

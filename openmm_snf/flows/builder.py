@@ -20,6 +20,7 @@ The builder's keyword arguments are stored on ``snf.config`` so checkpoints can 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 
@@ -32,7 +33,7 @@ from .priors import Prior, as_periodic_mask
 from .snf import SNF
 from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
-__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "saved_snf_options", "PAPER_ALANINE_DIPEPTIDE",
+__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "saved_snf_options", "snf_defaults", "PAPER_ALANINE_DIPEPTIDE",
            "PAPER_DOUBLE_WELL"]
 
 FLOWS = ("realnvp", "spline")
@@ -129,12 +130,13 @@ def _stochastic_block(kind, energy, periodic, n_steps, step_size, friction, targ
                                     periodic_mask=periodic)
 
 
-def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_blocks: int = 5,
-              flow: str = "realnvp", hidden=(64, 64, 64), activation: str = "relu",
-              stochastic: str | None = "mc", lambdas=None, n_steps: int = 20, step_size: float = 0.1,
+def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_blocks: int = 4,
+              flow: str = "realnvp", hidden=(128, 128), activation: str = "relu",
+              stochastic: str | None = None, lambdas=None, n_steps: int = 10, step_size: float = 0.1,
               augment: int = 0, masks: str = "alternating", n_bins: int = 8, spline_bound: float = 5.0,
               friction: float = 1.0, target_acceptance: float | None = None) -> SNF:
-    """Build an SNF.
+    """Build an SNF. The defaults are the package's default model (:func:`snf_defaults`, the ``model``
+    section of a run's configuration): a RealNVP flow alone, 4 coupling pairs of [128, 128].
 
     Args:
         dim: latent configuration dims D (e.g. the IC transform's ``.dim``; 2 for the double well).
@@ -183,6 +185,12 @@ def build_snf(dim: int, periodic_mask, target_energy, transform=None, *, n_block
     snf = SNF(prior, blocks + tail, target_energy)
     snf.config = config
     return snf
+
+
+def snf_defaults() -> dict:
+    """:func:`build_snf`'s keyword defaults as plain data: the one source of the default model."""
+    return {name: list(p.default) if isinstance(p.default, tuple) else p.default
+            for name, p in inspect.signature(build_snf).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 def build_snf_from_config(config: dict, target_energy, transform=None) -> SNF:
