@@ -1,5 +1,5 @@
 """Flow blocks, stochastic blocks and the SNF sequence (see :mod:`openmm_snf.flows.base`)."""
-from .anneal import annealed
+from .anneal import AnnealingStages, annealed
 from .augment import MarginalizeAuxiliary
 from .base import Block, Energy, FlowBlock, InverseBlock, push_forward, wrap_angle
 from .builder import PAPER_ALANINE_DIPEPTIDE, PAPER_DOUBLE_WELL, build_snf, build_snf_from_config
@@ -17,4 +17,4 @@ __all__ = ["Block", "Energy", "FlowBlock", "InverseBlock", "push_forward", "wrap
            "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "PulledBackEnergy",
            "InterpolatedEnergy", "GaussianEnergy", "DoubleWellEnergy", "energy_and_gradient", "SNF",
            "SNFSample", "build_snf", "build_snf_from_config", "rq_spline", "PAPER_ALANINE_DIPEPTIDE",
-           "PAPER_DOUBLE_WELL", "annealed"]
+           "PAPER_DOUBLE_WELL", "AnnealingStages", "annealed"]

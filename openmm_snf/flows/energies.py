@@ -73,13 +73,18 @@ class InterpolatedEnergy(nn.Module):
         self.lam = float(lam)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
+        u_prior = None if self.lam == 1.0 else self.prior_energy(y)
+        u_target = None if self.lam == 0.0 else self.target_energy(y)
+        return self.mix(u_prior, u_target)
+
+    def mix(self, prior_term: torch.Tensor | None, target_term: torch.Tensor | None) -> torch.Tensor:
+        """(1 − λ) prior_term + λ target_term, in the target term's dtype: u_λ from the two energies, or ∇u_λ
+        from the two gradients (a term with zero weight is not used and may be None)."""
         if self.lam == 0.0:
-            return self.prior_energy(y)
+            return prior_term
         if self.lam == 1.0:
-            return self.target_energy(y)
-        u_prior = self.prior_energy(y)
-        u_target = self.target_energy(y)
-        return (1.0 - self.lam) * u_prior.to(u_target.dtype) + self.lam * u_target
+            return target_term
+        return (1.0 - self.lam) * prior_term.to(target_term.dtype) + self.lam * target_term
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"

@@ -78,12 +78,13 @@ class SNF(nn.Module):
 
     def acceptance_rates(self) -> dict:
         """{'<kind><k>': last acceptance} for the blocks that report one, named by their kind and k = 1, 2, ...
-        counting blocks of that kind in sampling order (e.g. 'mc1', 'mc2'), not by position among all blocks."""
+        counting blocks of that kind in sampling order (e.g. 'mc1', 'mc2'), not by position among all blocks;
+        blocks run by another block (the stages of :class:`~openmm_snf.flows.anneal.AnnealingStages`) count."""
         rates, counts = {}, {}
-        for block in self.blocks:
-            if hasattr(block, "last_acceptance"):
-                counts[block.kind] = counts.get(block.kind, 0) + 1
-                rates[f"{block.kind}{counts[block.kind]}"] = block.last_acceptance
+        for module in (inner for block in self.blocks for inner in block.modules()):
+            if hasattr(module, "last_acceptance"):
+                counts[module.kind] = counts.get(module.kind, 0) + 1
+                rates[f"{module.kind}{counts[module.kind]}"] = module.last_acceptance
         return rates
 
     def push(self, z: torch.Tensor, *, generator: torch.Generator | None = None):

@@ -34,12 +34,22 @@ import torch
 from .base import Block, Energy, wrap_angle
 from .energies import energy_and_gradient
 
-__all__ = ["MALABlock", "MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlock"]
+__all__ = ["MALABlock", "MetropolisBlock", "OverdampedLangevinBlock", "UnderdampedLangevinBlock", "metropolis_accept"]
 
 
 def _per_sample_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over all but the batch dimension, in float64 (path terms are accumulated in float64)."""
     return t.flatten(1).to(torch.float64).sum(-1)
+
+
+def metropolis_accept(u, u_proposal, log_q_ratio, generator, dtype) -> torch.Tensor:
+    """Which of the B proposals (bool (B,)) the Metropolis-Hastings rule accepts, given the energies of the current
+    states and the proposals (B,) and log q(current | proposal) − log q(proposal | current) (B,); draws B uniforms
+    of ``dtype``. From a state of infinite energy any valid (finite) proposal is accepted."""
+    valid = torch.isfinite(u_proposal) & torch.isfinite(log_q_ratio)
+    log_ratio = torch.where(valid, u - u_proposal + log_q_ratio, torch.full_like(u, -math.inf))
+    uniform = torch.rand(u.shape[0], generator=generator, dtype=dtype, device=u.device)
+    return torch.log(uniform) < log_ratio
 
 
 class _StochasticBlock(Block):
@@ -110,20 +120,11 @@ class MetropolisBlock(_StochasticBlock):
         only: the same gradient as differentiating through every step, at two energy graphs per block
         instead of n_steps + 1."""
         u_start, state = self._start(y)
-        expand = (-1,) + (1,) * (y.ndim - 1)
         with torch.no_grad():
             chain, u = y.detach(), u_start.detach()
             n_accepted = torch.zeros((), dtype=torch.float64, device=y.device)
             for _ in range(self.n_steps):
-                proposal, u_proposal, log_q_ratio, proposal_state = self._propose(chain, state, generator)
-                valid = torch.isfinite(u_proposal) & torch.isfinite(log_q_ratio)  # from +inf, any valid move
-                log_ratio = torch.where(valid, u - u_proposal + log_q_ratio, torch.full_like(u, -math.inf))
-                uniform = torch.rand(y.shape[0], generator=generator, dtype=y.dtype, device=y.device)
-                accept = torch.log(uniform) < log_ratio
-                chain = torch.where(accept.view(expand), proposal, chain)
-                u = torch.where(accept, u_proposal, u)
-                if state is not None:
-                    state = torch.where(accept.view(expand), proposal_state, state)
+                chain, u, state, _, accept = self.step(chain, u, state, generator)
                 n_accepted = n_accepted + accept.sum()
         acceptance = float(n_accepted) / (self.n_steps * y.shape[0])
         self.last_acceptance = acceptance
@@ -134,16 +135,42 @@ class MetropolisBlock(_StochasticBlock):
             return out, self.energy(out) - u_start
         return chain, u - u_start
 
+    def step(self, y, u, state, generator, evaluate=None, carried=()):
+        """One Metropolis-Hastings step of the chains y (B, ...) with energies u (B,) and kernel state (MALA: ∇u).
+
+        ``evaluate(proposal) -> (u, state, carried)`` gives a proposal's energy, kernel state and any tensors
+        (B, ...) the caller carries along with the chains (default: this block's energy, nothing carried).
+        Returns the new (y, u, state, carried) and the accepted moves (bool (B,)).
+        """
+        noise = self._noise(y, generator)
+        proposal = self._move(y, state, noise)
+        u_proposal, proposal_state, proposal_carried = (evaluate or self._evaluate)(proposal)
+        accept = metropolis_accept(u, u_proposal, self._log_q_ratio(y, proposal, proposal_state, noise), generator,
+                                   y.dtype)
+
+        def keep(new, old):
+            return torch.where(accept.view((-1,) + (1,) * (old.ndim - 1)), new, old)
+
+        state = None if state is None else keep(proposal_state, state)
+        carried = tuple(keep(new, old) for new, old in zip(proposal_carried, carried))
+        return keep(proposal, y), keep(u_proposal, u), state, carried, accept
+
     def _start(self, y):
         """u(y) (differentiable while training) and what a proposal needs to know about y besides y and
         its energy (nothing here)."""
         return self.energy(y), None
 
-    def _propose(self, y, state, generator):
-        """A proposal, its energy, log q(y | proposal) − log q(proposal | y) and its chain state."""
-        proposal = self._wrap(y + float(self.step_size) * self._noise(y, generator))
-        u_proposal = self.energy(proposal)
-        return proposal, u_proposal, torch.zeros_like(u_proposal), None
+    def _evaluate(self, y):
+        """u(y), the kernel state at y (nothing here) and nothing carried, for :meth:`step`."""
+        return self.energy(y), None, ()
+
+    def _move(self, y, state, noise):
+        """The proposal made with ``noise`` (B, ...) from y: an isotropic step, wrapped on periodic dims."""
+        return self._wrap(y + float(self.step_size) * noise)
+
+    def _log_q_ratio(self, y, proposal, proposal_state, noise):
+        """log q(y | proposal) − log q(proposal | y): zero for a symmetric proposal."""
+        return torch.zeros((), dtype=torch.float64, device=y.device)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", target_acceptance={self.target_acceptance}"
@@ -167,15 +194,17 @@ class MALABlock(MetropolisBlock):
             return self.energy(y), energy_and_gradient(self.energy, y)[1]
         return energy_and_gradient(self.energy, y)
 
-    def _propose(self, y, grad, generator):
+    def _evaluate(self, y):
+        return (*energy_and_gradient(self.energy, y), ())
+
+    def _move(self, y, grad, noise):
         eps = float(self.step_size)
-        scale = math.sqrt(2 * eps)
-        noise = self._noise(y, generator)
-        proposal = self._wrap(y - eps * grad + scale * noise)
-        u_proposal, grad_proposal = energy_and_gradient(self.energy, proposal)
-        backward = (self._displacement(y, proposal) + eps * grad_proposal) / scale
-        log_q_ratio = 0.5 * (_per_sample_sum(noise ** 2) - _per_sample_sum(backward ** 2))
-        return proposal, u_proposal, log_q_ratio, grad_proposal
+        return self._wrap(y - eps * grad + math.sqrt(2 * eps) * noise)
+
+    def _log_q_ratio(self, y, proposal, grad_proposal, noise):
+        eps = float(self.step_size)
+        backward = (self._displacement(y, proposal) + eps * grad_proposal) / math.sqrt(2 * eps)
+        return 0.5 * (_per_sample_sum(noise ** 2) - _per_sample_sum(backward ** 2))
 
 
 class OverdampedLangevinBlock(_StochasticBlock):
