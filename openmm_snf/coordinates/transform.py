@@ -229,8 +229,10 @@ class InternalCoordinateTransform(torch.nn.Module):
         for k in range(len(self._stages)):
             stage = getattr(self, f"_stage{k}")
             rows = self._rows[stage]
-            positions, degenerate = place_atoms(x[:, rows[:, 1]], x[:, rows[:, 2]], x[:, rows[:, 3]],
-                                                row_bonds[:, stage], row_angles[:, stage], torsions[:, stage], eps)
+            # index_select, not x[:, idx]: several times faster on CPU
+            positions, degenerate = place_atoms(*(x.index_select(1, rows[:, k]) for k in (1, 2, 3)),
+                                                *(t.index_select(1, stage) for t in (row_bonds, row_angles, torsions)),
+                                                eps)
             self._count(2, degenerate)
             x = x.index_copy(1, rows[:, 0], positions)
         return x, self._log_det(bonds, angles, aligned)
@@ -243,7 +245,7 @@ class InternalCoordinateTransform(torch.nn.Module):
                  (angles - self.angle_mean.to(x)) / self.angle_std.to(x), torsions]
         aligned = None
         if self.scheme == "mixed":
-            w, aligned = self.rigid.from_cartesian(x[:, self._rigid_atoms])
+            w, aligned = self.rigid.from_cartesian(x.index_select(1, self._rigid_atoms))
             parts.append(w)
         clamped_bonds, clamped_angles = self._clamped(bonds, angles)
         return torch.cat(parts, dim=-1), -self._log_det(clamped_bonds, clamped_angles, aligned)
@@ -251,7 +253,7 @@ class InternalCoordinateTransform(torch.nn.Module):
     # ------------------------------------------------------------------ internals
     def _measure(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Physical bonds (B, n_bonds) nm, angles (B, n_angles) rad, torsions (B, n_torsions) rad of x."""
-        a, b, c, d = (x[:, self._rows[:, k]] for k in range(4))
+        a, b, c, d = (x.index_select(1, self._rows[:, k]) for k in range(4))
         bonds, angles, torsions = bond_lengths(a, b), bond_angles(a, b, c), dihedrals(a, b, c, d)
         if self.scheme == "global":
             head = self._head_rows
