@@ -83,6 +83,7 @@ class _Coupling(Block):
     def _transform_periodic(self, x, params, inverse):
         """Circular spline then rotation (forward); params (B, n, 3K + 1)."""
         k = self.n_bins
+        params = params.movedim(-1, 0).contiguous().movedim(0, -1)  # one copy to the splines' bins-first layout
         widths, heights, derivs, rotation = params[..., :k], params[..., k:2 * k], params[..., 2 * k:3 * k], params[..., -1]
         if inverse:
             x = wrap_angle(x - rotation)

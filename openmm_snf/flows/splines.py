@@ -25,8 +25,8 @@ _DERIVATIVE_OFFSET = math.log(math.expm1(1 - MIN_DERIVATIVE))
 
 
 def _bins_first(t: torch.Tensor) -> torch.Tensor:
-    """(..., K) -> (K, ...) contiguous: on CPU, reductions over a leading axis of a few bins run several
-    times faster than over the last one, and per-bin slices are contiguous."""
+    """(..., K) -> (K, ...) contiguous (a view where ``t`` is laid out so already): on CPU, reductions over a
+    leading axis of a few bins run several times faster than over the last one, and per-bin slices are contiguous."""
     return t.movedim(-1, 0).contiguous()
 
 
