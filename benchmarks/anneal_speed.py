@@ -2,15 +2,17 @@
 
 Builds alanine dipeptide in implicit solvent (OBC1, 300 K) and the model a run builds by default
 (``runs.DEFAULTS``: RealNVP, 4 coupling pairs, hidden [128, 128], alternating masks, no stochastic
-blocks) on internal coordinates standardized with short MD, trains it briefly by maximum likelihood
+blocks; ``--flow spline`` for a spline flow) on internal coordinates standardized with short MD, trains it briefly by maximum likelihood
 (timing needs realistic acceptance rates, not a good flow), and draws ``--samples`` annealed samples
 (``--stages`` K, ``--steps`` Metropolis steps of 0.2 per stage, batches of ``--batch-size``), single-threaded.
 
 The baseline is the package as it was at ``--baseline`` (extracted with ``git archive``), run in a subprocess
-on the same model weights and seed, alternating with this checkout ``--repeats`` times (the fastest time of
-each counts; the machine is shared). Both paths also draw ``--check-samples`` samples in float64, which must
-agree to 1e-10 (samples in nm; log weights relative to max(1, |log w|), as clashing samples have |log w| of
-10^5 and more): the speedups are meant to change no sample and no weight beyond rounding.
+on the same model weights and seed (options its builder predates are left out: give ``--masks halves`` for
+a baseline from before alternating masks, e.g. e62c566, issue 16's starting point), alternating with this
+checkout ``--repeats`` times (the fastest time of each counts; the machine is shared). Both paths also draw
+``--check-samples`` samples in float64, which must agree to 1e-10 (samples in nm; log weights relative to
+max(1, |log w|), as clashing samples have |log w| of 10^5 and more): the speedups are meant to change no
+sample and no weight beyond rounding.
 ``--profile`` prints where this checkout's time goes (cProfile, cumulative seconds by part).
 
 The last line is ``anneal_speedup=<baseline seconds / this checkout's seconds>``.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import json
 import os
 import pstats
@@ -52,9 +55,11 @@ def build(folder: Path, dtype: torch.dtype):
     from openmm_snf.energy import OpenMMEnergy
     from openmm_snf.flows import build_snf
     setup = json.loads((folder / "setup.json").read_text())
+    known = inspect.signature(build_snf).parameters  # a baseline's builder may predate options (e.g. masks)
+    model = {key: value for key, value in setup["model"].items() if key in known}
     mol = load_system("alanine_dipeptide_implicit")
     transform = InternalCoordinateTransform.from_system(mol, np.load(folder / "frames.npy"), scheme="mixed")
-    snf = build_snf(transform.dim, transform.periodic_mask, OpenMMEnergy(mol), transform, **setup["model"])
+    snf = build_snf(transform.dim, transform.periodic_mask, OpenMMEnergy(mol), transform, **model)
     snf.load_state_dict(torch.load(folder / "model.pt"))
     return mol, snf.to(dtype).eval()
 
@@ -114,6 +119,7 @@ def prepare(folder: Path, args) -> None:
                                     timestep=1.0, seed=args.seed), progress=False).reshape(-1, mol.n_atoms, 3)
     np.save(folder / "frames.npy", frames)
     model = {key: value for key, value in DEFAULTS["model"].items() if key != "lambdas"}
+    model.update(masks=args.masks, flow=args.flow)
     (folder / "setup.json").write_text(json.dumps(dict(model=model, anneal=dict(
         stages=args.stages, steps=args.steps, step_size=args.step_size, samples=args.samples,
         batch_size=args.batch_size, seed=args.seed, check_samples=args.check_samples))))
@@ -157,6 +163,9 @@ def main(argv=None) -> None:
     parser.add_argument("--train-iterations", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--baseline", default=BASELINE, help="commit whose package is the baseline")
+    parser.add_argument("--flow", choices=("realnvp", "spline"), default="realnvp")
+    parser.add_argument("--masks", choices=("alternating", "halves"), default="alternating",
+                        help="coupling masks; 'halves' for baselines from before e6231d6 (their only masks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="profile this checkout's sampling")
     parser.add_argument("--worker", nargs=2, metavar=("FOLDER", "LABEL"), help=argparse.SUPPRESS)
@@ -182,7 +191,7 @@ def main(argv=None) -> None:
         dlw_rel = (dlw / np.maximum(1.0, np.abs(old["check_log_weights"]))).max()
     best = {key: min(values) for key, values in times.items()}
     ess = float(np.exp(2 * np.logaddexp.reduce(result["log_weights"]) - np.logaddexp.reduce(2 * result["log_weights"])))
-    print(f"alanine_dipeptide_implicit, default flow, {args.samples} samples, K = {args.stages} x {args.steps} steps, "
+    print(f"alanine_dipeptide_implicit, {args.flow} flow ({args.masks} masks), {args.samples} samples, K = {args.stages} x {args.steps} steps, "
           f"batch {args.batch_size}, 1 thread; torch {torch.__version__}")
     print(f"baseline ({args.baseline}, {baseline}): {' '.join(f'{t:.2f}' for t in times['baseline'])} s")
     print(f"this checkout ({Path(openmm_snf.__file__).parent.parent}): {' '.join(f'{t:.2f}' for t in times['new'])} s "

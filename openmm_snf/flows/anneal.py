@@ -12,11 +12,11 @@ telescopes to the annealed importance sampling weight Σ_k [u_λ(k−1)(z_(k−1
 uniform as long as the Metropolis steps keep up; the flow has made the prior space nearly Gaussian, so
 isotropic proposals suit it. Each Metropolis step costs one pass of the whole flow and one energy per
 sample (no gradients); the stages run as one block, :class:`AnnealingStages`, which carries each chain's
-u_Z and u_F from stage to stage, so a stage starts without another pass (K(n_steps + 1) passes would
-be K n_steps + 1). With ``kernel="mala"`` the stages are Metropolis-adjusted Langevin blocks
-instead (forces pulled back through the flow by autograd: a backward pass per step). Measured on
-alanine dipeptide at 1000 K (README, "Quality"): a RealNVP flow's ESS 11% -> 59% with 80 stages of
-2 Metropolis steps.
+u_Z and u_F from stage to stage, so a stage starts without another pass: K·n_steps + 1 passes per
+sample where separate blocks took K·(n_steps + 1). With ``kernel="mala"`` the stages are
+Metropolis-adjusted Langevin blocks instead (forces pulled back through the flow by autograd: a
+backward pass per step). Measured on alanine dipeptide at 1000 K (README, "Quality"): a RealNVP
+flow's ESS 11% -> 59% with 80 stages of 2 Metropolis steps.
 """
 from __future__ import annotations
 
@@ -72,8 +72,9 @@ class AnnealingStages(Block):
     Run one after another, each block would evaluate u_F again at the state its predecessor ended in;
     here that value is the one computed when the state was proposed. Samples, ΔS (the sum of the
     blocks') and acceptance rates (each block's ``last_acceptance``) are those of the blocks run one
-    after another: the same random numbers, the same energies. For sampling: the chains carry no gradient
-    and step sizes do not adapt. ``inverse`` runs the stages in reverse order.
+    after another: the same random numbers, the same energies (MALA's mixed gradients: the same to
+    rounding). For sampling: the chains carry no gradient and step sizes do not adapt. ``inverse`` runs
+    the stages in reverse order.
 
     Args:
         stages: :class:`MetropolisBlock` or :class:`MALABlock` instances (one kind) whose energies are

@@ -156,5 +156,6 @@ class SplineCoupling(_Coupling):
 
     def _transform_ordinary(self, x, params, inverse):
         k = self.n_bins
+        params = params.movedim(-1, 0).contiguous().movedim(0, -1)  # one copy to the splines' bins-first layout
         return rq_spline(x, params[..., :k], params[..., k:2 * k], params[..., 2 * k:], inverse=inverse,
                          bound=self.bound)
