@@ -13,7 +13,7 @@ checkout ``--repeats`` times (the fastest time of each counts; the machine is sh
 ``--check-samples`` samples in float64, which must agree to 1e-10 (samples in nm; log weights relative to
 max(1, |log w|), as clashing samples have |log w| of 10^5 and more): the speedups are meant to change no
 sample and no weight beyond rounding.
-``--profile`` prints where this checkout's time goes (cProfile, cumulative seconds by part).
+``--profile`` prints where the time goes in the last repeat of each (cProfile, cumulative seconds by part).
 
 The last line is ``anneal_speedup=<baseline seconds / this checkout's seconds>``.
 
@@ -147,9 +147,10 @@ def extract(commit: str, folder: Path) -> Path:
     return target
 
 
-def run_worker(package: Path, folder: Path, label: str) -> None:
+def run_worker(package: Path, folder: Path, label: str, profile: bool) -> None:
     env = dict(os.environ, PYTHONPATH=str(package), OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, __file__, "--worker", str(folder), label], check=True, env=env)
+    subprocess.run([sys.executable, __file__, "--worker", str(folder), label] + (["--profile"] if profile else []),
+                   check=True, env=env)
 
 
 def main(argv=None) -> None:
@@ -167,11 +168,11 @@ def main(argv=None) -> None:
     parser.add_argument("--masks", choices=("alternating", "halves"), default="alternating",
                         help="coupling masks; 'halves' for baselines from before e6231d6 (their only masks)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--profile", action="store_true", help="profile this checkout's sampling")
+    parser.add_argument("--profile", action="store_true", help="profile the sampling (last repeat)")
     parser.add_argument("--worker", nargs=2, metavar=("FOLDER", "LABEL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        measure(Path(args.worker[0]), args.worker[1])
+        measure(Path(args.worker[0]), args.worker[1], profile=args.profile)
         return
     import openmm_snf
     torch.set_num_threads(1)
@@ -181,9 +182,14 @@ def main(argv=None) -> None:
         baseline = extract(args.baseline, folder)
         times = {"baseline": [], "new": []}
         for repeat in range(args.repeats):
-            run_worker(baseline, folder, "baseline")
+            profile = args.profile and repeat == args.repeats - 1
+            if profile:
+                print("baseline:", flush=True)
+            run_worker(baseline, folder, "baseline", profile)
             times["baseline"].append(float(np.load(folder / "baseline.npz")["seconds"]))
-            result = measure(folder, "new", profile=args.profile and repeat == args.repeats - 1)
+            if profile:
+                print("this checkout:")
+            result = measure(folder, "new", profile=profile)
             times["new"].append(result["seconds"])
         old, new = np.load(folder / "baseline.npz"), np.load(folder / "new.npz")
         dx = np.abs(old["check_x"] - new["check_x"]).max()
