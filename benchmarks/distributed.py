@@ -5,7 +5,7 @@ system's shipped model settings, its checkpoint), then for each rank count launc
 ``torchrun --nproc-per-node W`` on this script in worker mode. Every worker loads the run (its own
 OpenMM Context and model), warms up, and times between barriers:
 
-* **sampling**: ``runs.sample`` of N samples split over the ranks and gathered on rank 0 (what
+* **sampling**: ``sampling.sample`` of N samples split over the ranks and gathered on rank 0 (what
   ``openmm-snf sample --distributed`` does before writing);
 * **training**: reverse-KL iterations of a global batch B (gradient all-reduce included), reported as
   samples per second (B x iterations / s).
@@ -37,7 +37,8 @@ import torch
 
 def prepare_run(folder: Path, system: str, platform: str | None) -> None:
     """An untrained run of ``system`` (MD frames only fix the coordinate statistics) with its checkpoint."""
-    from openmm_snf.runs import build_run, resolve_config
+    from openmm_snf.config import resolve_config
+    from openmm_snf.runs import build_run
     overrides = {"data": {"md": {"n_frames": 50, "steps_per_frame": 50, "n_replicas": 4, "equilibration_steps": 500}},
                  "training": {"n_iterations": 0}}
     if platform:
@@ -64,7 +65,8 @@ def best_time(call, group, repeats: int) -> float:
 def worker(args) -> None:
     """One rank: load the run, time sampling and training, rank 0 prints one JSON line."""
     from openmm_snf.distributed import distributed_session
-    from openmm_snf.runs import load_run, sample
+    from openmm_snf.runs import load_run
+    from openmm_snf.sampling import sample
     from openmm_snf.train import TrainConfig, Trainer
     with distributed_session() as setup:
         if args.threads:

@@ -38,7 +38,8 @@ from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
 from openmm_snf.md import MDSettings, UmbrellaBias, run_md
-from openmm_snf.runs import load_run, sample
+from openmm_snf.runs import load_run
+from openmm_snf.sampling import sample
 from openmm_snf.weights import kish_ess, pareto_khat
 
 CACHE = Path(__file__).resolve().parent / "cache"

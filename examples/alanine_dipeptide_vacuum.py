@@ -18,7 +18,9 @@ import torch
 
 from openmm_snf.analysis import compute_cvs, free_energy_difference
 from openmm_snf.flows import PAPER_ALANINE_DIPEPTIDE
-from openmm_snf.runs import build_run, resolve_config, sample
+from openmm_snf.config import resolve_config
+from openmm_snf.runs import build_run
+from openmm_snf.sampling import sample
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--full", action="store_true", help="paper-scale budget (1000 iterations)")

@@ -12,7 +12,9 @@ import argparse
 import tempfile
 
 from openmm_snf.analysis import free_energy_difference
-from openmm_snf.runs import build_run, resolve_config, sample
+from openmm_snf.config import resolve_config
+from openmm_snf.runs import build_run
+from openmm_snf.sampling import sample
 
 EXACT_DELTA_F = 1.6906  # kT, F(x < 0) - F(x > 0)
 

@@ -17,10 +17,11 @@ import mdtraj
 import openmm.unit as unit
 
 from .analysis import FreeEnergyResult, state_free_energy
+from .config import resolve_config
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
-from .runs import Run, build_run, load_run, resolve_config, with_annealing
-from .runs import sample as _sample_run
+from .runs import Run, build_run, load_run
+from .sampling import sample as _sample_run, with_annealing
 from .systems import load_system
 from .units import in_unit
 
@@ -35,7 +36,7 @@ def train(system, out, *, data=None, config=None, iterations: int | None = None,
     Args:
         system: what :func:`load_system` takes as ``source`` (shipped name, PDB, System XML, prmtop, folder).
         data: training frames, a DCD with its PDB beside it (default: MD made now, kept as ``out/data.dcd``).
-        config: a YAML file or a dict of configuration sections (see :mod:`openmm_snf.runs`), merged over the
+        config: a YAML file or a dict of configuration sections (see :mod:`openmm_snf.config`), merged over the
             package defaults and the shipped system's ``train.yaml``.
         iterations, seed: override ``training.n_iterations`` / ``training.seed``.
         pdb, forcefield, implicit, temperature: as for :func:`load_system` (temperature in K or a Quantity).
@@ -75,7 +76,7 @@ def sample(run, n: int, *, seed: int = 0, anneal: int | str = "auto", anneal_ker
     Args:
         anneal, anneal_kernel, anneal_steps, anneal_step_size: annealed importance sampling of a flow-only
             model (see ``openmm-snf sample --help``); weights stay exact. ``"auto"``: as
-            :func:`~openmm_snf.runs.choose_annealing` decides from a pilot of the flow alone.
+            :func:`~openmm_snf.sampling.choose_annealing` decides from a pilot of the flow alone.
         out: also write ``out`` (.dcd) with its PDB and weight sidecars.
     Returns:
         a :class:`~openmm_snf.io.WeightedTrajectory`: ``.traj`` (mdtraj, nm), ``.log_weights``, ``.weights``

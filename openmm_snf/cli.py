@@ -166,7 +166,7 @@ def _add_md(sub) -> None:
 
 def _md_config(args) -> dict:
     """The run configuration whose ``data`` section the md command makes, with its options applied."""
-    from .runs import resolve_config
+    from .config import resolve_config
     source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
               "temperature": args.temperature}
     config = resolve_config(source)
@@ -187,7 +187,7 @@ def _md_config(args) -> dict:
 
 def _run_md(args) -> int:
     from .io import check_not_inputs, check_outputs_free, trajectory_paths
-    from .runs import make_data
+    from .training_data import make_data
     from .summary import write_summary
     paths = trajectory_paths(args.out)
     config = _md_config(args)
@@ -285,7 +285,7 @@ def _add_train(sub) -> None:
     p.add_argument("--out", required=True, help="run folder (created; must not hold a run unless --resume)")
     p.add_argument("--data", help="training data: a DCD with the PDB topology beside it (e.g. from 'md')")
     p.add_argument("--config", help="YAML file with sections system, energy, data, coordinates, model, "
-                                    "training, regularization, device (see openmm_snf/runs.py)")
+                                    "training, regularization, device (see openmm_snf/config.py)")
     p.add_argument("--iterations", type=_COUNT, help="total optimizer iterations (default: from the configuration)")
     p.add_argument("--batch-size", type=_POSITIVE_INT, help="samples per loss term (default: from the configuration)")
     p.add_argument("--reverse-kl", type=_NON_NEGATIVE, metavar="WEIGHT",
@@ -320,7 +320,8 @@ def _train_overrides(args) -> dict:
 
 def _run_train(args) -> int:
     from .distributed import run_on_main
-    from .runs import build_run, discard_unfinished, resolve_config, resume_config
+    from .config import resolve_config
+    from .runs import build_run, discard_unfinished, resume_config
     source = {"source": args.system, "pdb": args.pdb, "forcefield": args.forcefield, "implicit": args.implicit,
               "temperature": args.temperature}
     if args.resume:  # rank 0 reads the saved run (the others read what it records in config.yaml)
@@ -428,7 +429,8 @@ def _run_sample(args) -> int:
         write_resampled_trajectory, write_weighted_trajectory
     from .analysis import default_states, diagnose
     from .distributed import rank_of, run_on_main
-    from .runs import load_run, run_inputs, sample, with_annealing
+    from .runs import load_run, run_inputs
+    from .sampling import sample, with_annealing
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     outputs = paths.all + [_summary_path(paths.dcd)] + (resampled.all if args.resample else [])
@@ -731,7 +733,7 @@ def _is_user_facing(err: BaseException) -> bool:
     import torch
     from .analysis import AnalysisError
     from .io import TrajectoryIOError
-    from .runs import RunConfigError
+    from .config import RunConfigError
     from .systems import SystemLoadError
     from .train import CheckpointError
     if isinstance(err, (SystemLoadError, TrajectoryIOError, AnalysisError, RunConfigError, CheckpointError, OSError,

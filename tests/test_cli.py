@@ -299,7 +299,7 @@ def test_strict_is_documented(capsys):
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_example_configs_resolve(path):
-    from openmm_snf.runs import resolve_config
+    from openmm_snf.config import resolve_config
     config = resolve_config({"source": "alanine_dipeptide_vacuum"}, path)
     assert config["model"]["flow"] in ("realnvp", "spline") and config["training"]["n_iterations"] > 0
 
@@ -327,19 +327,20 @@ def test_anneal_auto_anneals_a_flow_heavy_tailed_within_a_state(monkeypatch):
     """Good overall weights (dominated by the common state) hide a rare state whose own weights have a heavy
     tail: the pilot looks inside each state and anneals."""
     from types import SimpleNamespace
-    from openmm_snf import runs
+    from openmm_snf import sampling
     rng = np.random.default_rng(3)
-    rare = np.arange(runs.PILOT_SAMPLES) < 300
-    log_w = np.where(rare, rng.normal(-20.0, 3.0, runs.PILOT_SAMPLES), rng.normal(0.0, 0.1, runs.PILOT_SAMPLES))
-    monkeypatch.setattr(runs, "sample", lambda run, n, **kw: {"log_weights": log_w, "xyz": None})
+    rare = np.arange(sampling.PILOT_SAMPLES) < 300
+    n = sampling.PILOT_SAMPLES
+    log_w = np.where(rare, rng.normal(-20.0, 3.0, n), rng.normal(0.0, 0.1, n))
+    monkeypatch.setattr(sampling, "sample", lambda run, n, **kw: {"log_weights": log_w, "xyz": None})
     run = SimpleNamespace(config={"model": {"stochastic": None}}, mol=None)
-    for states, stages in (({"A": ~rare, "B": rare}, runs.AUTO_ANNEAL_STAGES), ({"A": np.ones_like(rare)}, 0)):
-        monkeypatch.setattr(runs, "_states", lambda mol, xyz: states)
-        chosen, reason = runs.choose_annealing(run)
+    for states, stages in (({"A": ~rare, "B": rare}, sampling.AUTO_ANNEAL_STAGES), ({"A": np.ones_like(rare)}, 0)):
+        monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: states)
+        chosen, reason = sampling.choose_annealing(run)
         assert chosen == stages, reason
     assert "k-hat within B" not in reason
-    monkeypatch.setattr(runs, "_states", lambda mol, xyz: {"A": ~rare, "B": rare})
-    assert "k-hat within B" in runs.choose_annealing(run)[1]
+    monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: {"A": ~rare, "B": rare})
+    assert "k-hat within B" in sampling.choose_annealing(run)[1]
 
 
 def test_sample_and_train_write_strict_json_summaries(double_well_run):

@@ -88,7 +88,8 @@ def _train_worker(rank, folder, fault=None, fail_rank=1, fail_iteration=4, devic
 
 
 def _sample_worker(rank, folder, n, seed):
-    from openmm_snf.runs import load_run, sample
+    from openmm_snf.runs import load_run
+    from openmm_snf.sampling import sample
     run = load_run(f"{folder}/run")
     result = sample(run, n, seed=seed, batch_size=7, progress=False, process_group=torch.distributed.group.WORLD)
     assert (result is None) == (rank != 0)

@@ -77,14 +77,15 @@ def test_rare_states_are_seeded_with_md_at_the_target_temperature():
     """A state below the balance share is represented by MD at T started in it: its old frames drop to weight
     zero, the new frames all lie in it and carry its weight, the other states are untouched."""
     from scipy.special import logsumexp
-    from openmm_snf.runs import _seed_rare_states, _states, resolve_config
+    from openmm_snf.config import resolve_config
+    from openmm_snf.training_data import _seed_rare_states, frame_states
     mol = load_system("double_well")
     config = resolve_config({"source": "double_well"},
                             overrides={"data": {"seed_rare_states": {"n_copies": 4, "n_frames": 50}}})
     result = run_tempering(mol, TemperingSettings(**{**config["data"]["tempering"], "n_frames": 100,
                                                      "equilibration_steps": 4000}), progress=False)
     frames = result.frames()
-    states = _states(mol, frames)
+    states = frame_states(mol, frames)
     log_w = np.where(states["x<0"], np.log(0.01), 0.0)  # the left well made rare
     left_weight = logsumexp(log_w[states["x<0"]])
     assert states["x<0"].any() and np.exp(left_weight - logsumexp(log_w)) < 0.1

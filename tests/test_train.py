@@ -215,7 +215,8 @@ def test_validation_configuration_errors():
 
 
 def test_load_run_prefers_best_pt(tmp_path):
-    from openmm_snf.runs import build_run, load_run, resolve_config
+    from openmm_snf.config import resolve_config
+    from openmm_snf.runs import build_run, load_run
     from openmm_snf.train import save_checkpoint
     overrides = {"data": {"method": "md",
                           "md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
@@ -274,7 +275,7 @@ def test_balanced_training_weights_keep_the_importance_weights_exact():
     """Data weights balanced so that x < 0 (15.6% of the Boltzmann mass) holds 45% of the training weight:
     the flow proposes the minority well about that often, and its exact importance weights still give the
     right-well population within 4 standard errors."""
-    from openmm_snf.runs import _balance_states
+    from openmm_snf.training_data import _balance_states
     data = double_well_data(6000, seed=5)
     left = (data[:, 0] < 0).numpy()
     log_w = _balance_states(np.zeros(len(data)), {"x<0": left, "x>0": ~left}, 0.45)
@@ -319,7 +320,7 @@ def test_reverse_phase_sharpens_the_flow_and_keeps_the_weights_exact():
     KL from iteration 300: the reverse phase starts with fresh Adam moments, the flow still proposes both
     wells, its Kish ESS rises, and the importance-weighted log Z and minority population match the exact
     values within 4 standard errors."""
-    from openmm_snf.runs import _balance_states
+    from openmm_snf.training_data import _balance_states
     data = double_well_data(6000, seed=5)
     left = (data[:, 0] < 0).numpy()
     log_w = _balance_states(np.zeros(len(data)), {"x<0": left, "x>0": ~left}, 0.45)
