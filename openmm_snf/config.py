@@ -52,10 +52,11 @@ DEFAULTS = {
     "regularization": {"high": 500.0, "max": 10000.0},
 }
 
-
 SCHEMES = ("mixed", "global", "cartesian")
 DATA_METHODS = ("tempering", "md")
 DEVICES = ("cpu", "cuda", "auto")
+
+
 class RunConfigError(ValueError):
     """A configuration file or run folder is missing, malformed or inconsistent."""
 

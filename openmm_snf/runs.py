@@ -96,10 +96,10 @@ def build_run(folder, config: dict | None, *, resume: bool = False, progress: bo
               process_group=None) -> tuple[Run, Trainer]:
     """Create (or, with ``resume``, reopen) a run folder and return the run and its trainer.
 
-    The configuration is validated (:func:`validate_config`) before anything is written. If building
-    a new run fails later (MD blows up, the model cannot be built), the files it wrote are removed, so
-    the folder can be used again. With ``resume``, ``config`` is None (the saved one) or the saved one
-    with allowed changes (:func:`resume_config`), which are recorded in config.yaml.
+    The configuration is validated (:func:`~openmm_snf.config.validate_config`) before anything is
+    written. If building a new run fails later (MD blows up, the model cannot be built), the files it
+    wrote are removed, so the folder can be used again. With ``resume``, ``config`` is None (the saved
+    one) or the saved one with allowed changes (:func:`resume_config`), which are recorded in config.yaml.
 
     With ``process_group``, rank 0 prepares the folder while the others wait (its errors reach them
     as DistributedError), then every rank reads it (MD data as stored in data.dcd, float32, where a
@@ -153,10 +153,11 @@ def resume_config(folder, system_source: dict, user_config: Path | None = None,
                   overrides: dict | None = None) -> tuple[dict, list[str]]:
     """The saved configuration of the run in ``folder`` with what the user gave explicitly applied:
     the set (not None) values of ``system_source``, the ``user_config`` file, then ``overrides`` (as for
-    :func:`resolve_config`, without defaults). Returns (configuration, lines describing the changes).
+    :func:`~openmm_snf.config.resolve_config`, without defaults). Returns (configuration, lines describing
+    the changes).
 
     Options in :data:`RESUMABLE` are applied; any other that differs from the saved value raises
-    :class:`RunConfigError` (a resumed run keeps its configuration).
+    :class:`~openmm_snf.config.RunConfigError` (a resumed run keeps its configuration).
     """
     folder = Path(folder)
     _check_resumable(folder)
