@@ -1,7 +1,7 @@
 """Speed of annealed sampling (``sample --anneal K``) of a flow-only model: this checkout against a baseline commit.
 
 Builds alanine dipeptide in implicit solvent (OBC1, 300 K) and the model a run builds by default
-(``runs.DEFAULTS``: RealNVP, 4 coupling pairs, hidden [128, 128], alternating masks, no stochastic
+(``config.DEFAULTS``: RealNVP, 4 coupling pairs, hidden [128, 128], alternating masks, no stochastic
 blocks; ``--flow spline`` for a spline flow) on internal coordinates standardized with short MD, trains it briefly by maximum likelihood
 (timing needs realistic acceptance rates, not a good flow), and draws ``--samples`` annealed samples
 (``--stages`` K, ``--steps`` Metropolis steps of 0.2 per stage, batches of ``--batch-size``), single-threaded.
@@ -112,7 +112,7 @@ def prepare(folder: Path, args) -> None:
     """MD frames for the IC statistics, the briefly trained default model, and the settings, into ``folder``."""
     from openmm_snf import load_system
     from openmm_snf.md import MDSettings, run_md
-    from openmm_snf.runs import DEFAULTS
+    from openmm_snf.config import DEFAULTS
     from openmm_snf.train import TrainConfig, Trainer
     mol = load_system("alanine_dipeptide_implicit")
     frames = run_md(mol, MDSettings(n_frames=250, steps_per_frame=50, n_replicas=8, equilibration_steps=1000,
