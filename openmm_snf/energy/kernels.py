@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from .gb import CustomGBTerm, GBSAOBCTerm
-from .gb_kernel import CHUNK, gb_parallel_kernel, gb_serial_kernel, pack
+from .gb_kernel import CHUNK, gb_parallel_kernel, gb_serial_kernel, load_block, pack
 from .terms import HarmonicAngleTerm, HarmonicBondTerm, NonbondedTerm, PeriodicTorsionTerm
 
 __all__ = ["CompiledTerms"]
@@ -183,16 +183,10 @@ def _kernel(x, bonds, bond_p, angles, angle_p, quads, t_start, t_p, plain, plain
     for block in numba.prange((n_batch + _CHUNK - 1) // _CHUNK):
         lo = block * _CHUNK
         m = min(_CHUNK, n_batch - lo)
-        c = np.empty((3, n_atoms, _CHUNK))
+        c = load_block(x, lo, m)
         f = np.zeros((3, n_atoms, _CHUNK))
         e = np.zeros(_CHUNK)
         g = np.empty((17, _CHUNK))  # per-term scratch: gradient vectors and intermediate values
-        for a in range(n_atoms):
-            for k in range(3):
-                for b in range(m):
-                    c[k, a, b] = x[lo + b, a, k]
-                for b in range(m, _CHUNK):  # pad a partial block with copies of its first sample
-                    c[k, a, b] = c[k, a, 0]
         for t in range(bonds.shape[0]):  # harmonic bonds: k/2 (r - r0)^2
             i, j, r0, kb = bonds[t, 0], bonds[t, 1], bond_p[t, 0], bond_p[t, 1]
             for b in range(_CHUNK):
