@@ -73,9 +73,9 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
     log_w = pilot["log_weights"]
     ess, khat = kish_ess(log_w) / PILOT_SAMPLES, pareto_khat(log_w)
     summary = f"pilot of {PILOT_SAMPLES} flow samples: Kish ESS {100 * ess:.1f}%, k-hat {khat:.2f}"
-    heavy = [f"{label} {pareto_khat(log_w[mask]):.2f}"
-             for label, mask in frame_states(run.mol, pilot["xyz"]).items()
-             if mask.sum() >= PILOT_MIN_STATE_SAMPLES and pareto_khat(log_w[mask]) > MAX_KHAT]
+    state_khats = {label: pareto_khat(log_w[mask]) for label, mask in frame_states(run.mol, pilot["xyz"]).items()
+                   if mask.sum() >= PILOT_MIN_STATE_SAMPLES}
+    heavy = [f"{label} {value:.2f}" for label, value in state_khats.items() if value > MAX_KHAT]
     if heavy:
         summary += f", k-hat within {', '.join(heavy)} (> {MAX_KHAT})"
     if ess >= PILOT_MIN_ESS_FRACTION and khat <= PILOT_MAX_KHAT and not heavy:

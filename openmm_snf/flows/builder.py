@@ -33,8 +33,8 @@ from .priors import Prior, as_periodic_mask
 from .snf import SNF
 from .stochastic import MALABlock, MetropolisBlock, OverdampedLangevinBlock, UnderdampedLangevinBlock
 
-__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "saved_snf_options", "snf_defaults", "PAPER_ALANINE_DIPEPTIDE",
-           "PAPER_DOUBLE_WELL"]
+__all__ = ["build_snf", "build_snf_from_config", "check_snf_options", "saved_snf_options", "snf_defaults",
+           "PAPER_ALANINE_DIPEPTIDE", "PAPER_DOUBLE_WELL"]
 
 FLOWS = ("realnvp", "spline")
 STOCHASTIC = ("mc", "mala", "langevin", "underdamped", None)
