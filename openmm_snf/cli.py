@@ -382,9 +382,16 @@ def _add_sample(sub) -> None:
                                    "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
                                    "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line.")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
-    p.add_argument("--n", type=_POSITIVE_INT, default=30000,
-                   help="number of samples (default 30000: a state holding 0.3%% of the weight, like phi > 0 of "
-                        "alanine dipeptide at 300 K, then gets ~100 annealed samples, enough for its verdict)")
+    p.add_argument("--n", type=_sample_count, default="auto",
+                   help="number of samples, or 'auto': rounds (30,000 first) until every default state has the "
+                        "Kish ESS for a 95%% interval of about ±PRECISION kT on its free energy, (1.96 / "
+                        "PRECISION)^2 (171 for 0.15), with k-hat <= 0.7, or until --max-n; it stops early when "
+                        "a state has no samples (the verdict then says what to do). An annealed sampler gives a "
+                        "state about its Boltzmann share of the samples: phi > 0 of alanine dipeptide at 300 K "
+                        "(0.3%%) needs ~140,000")
+    p.add_argument("--precision", type=_POSITIVE, default=0.15, metavar="KT",
+                   help="--n auto: the wanted 95%% half-width of each state's free energy, in kT")
+    p.add_argument("--max-n", type=_POSITIVE_INT, default=240000, help="--n auto: the most samples to draw")
     p.add_argument("--out", required=True, help="output .dcd")
     p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (same seed, same samples)")
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=1024, help="samples drawn per batch")
@@ -394,8 +401,9 @@ def _add_sample(sub) -> None:
                    help="refine a flow-only model (model.stochastic: null) by annealed importance sampling: K "
                         "stochastic stages in its prior space from the prior to the pulled-back target; weights "
                         "stay exact, the ESS grows with K (each stage costs --anneal-steps flow passes + "
-                        "energies). 'auto': sample the flow alone when a pilot of 1,000 of its samples has "
-                        "Kish ESS >= 10%% and Pareto k-hat <= 0.5, else K = 40; 0: never")
+                        "energies). 'auto': sample the flow alone when a pilot of 4,000 of its samples has "
+                        "Kish ESS >= 10%%, Pareto k-hat <= 0.5, and k-hat <= 0.7 within each default state "
+                        "holding >= 100 of them; else K = 40; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
     p.add_argument("--anneal-steps", type=_POSITIVE_INT, default=2, help="steps per annealing stage")
@@ -430,7 +438,7 @@ def _run_sample(args) -> int:
     from .analysis import default_states, diagnose
     from .distributed import rank_of, run_on_main
     from .runs import load_run, run_inputs
-    from .sampling import sample, with_annealing
+    from .sampling import sample, sample_to_precision, with_annealing
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     outputs = paths.all + [_summary_path(paths.dcd)] + (resampled.all if args.resample else [])
@@ -445,10 +453,21 @@ def _run_sample(args) -> int:
                                               step_size=args.anneal_step_size, seed=args.seed)
     if reason is not None and rank_of(args.process_group) == 0:
         print(f"--anneal auto: {reason}")
-    result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
-                    progress=not args.quiet, process_group=args.process_group)
+    args.n_auto = None
+    if args.n == "auto":
+        result, stopped = sample_to_precision(run, args.precision, args.max_n, seed=args.seed,
+                                             batch_size=args.batch_size, n_shards=args.shards,
+                                             progress=not args.quiet, process_group=args.process_group,
+                                             report=lambda line: print(f"--n auto: {line}"))
+    else:
+        result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
+                        progress=not args.quiet, process_group=args.process_group)
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them
         return 0
+    if args.n == "auto":
+        print(f"--n auto: stopped at {stopped}")
+        args.n_auto = {"precision_kT": args.precision, "max_n": args.max_n, "stopped": stopped}
+    args.n = len(result["log_weights"])
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],
                               force=args.force, extra=extra)
@@ -463,6 +482,11 @@ def _run_sample(args) -> int:
                        remedy=_weight_remedy(run.config["model"].get("stochastic") is None, args.anneal))
     _write_sample_summary(args, run, result, paths, verdict)
     return _report_verdict(verdict, args.strict)
+
+
+def _sample_count(text: str):
+    """sample --n: 'auto' or a number of samples >= 1."""
+    return text if text == "auto" else _POSITIVE_INT(text)
 
 
 def _anneal_stages(text: str):
@@ -493,7 +517,7 @@ def _write_sample_summary(args, run, result: dict, paths, verdict) -> None:
     log_w = result["log_weights"]
     fields = {"command": "sample", "version": __version__, "run": args.run_dir, "out": paths.dcd,
               "weights": paths.npz, "system": run.mol.name, "temperature_kelvin": run.mol.temperature,
-              "kT_kj_per_mol": run.mol.kT, "n": int(len(log_w)), "seed": args.seed,
+              "kT_kj_per_mol": run.mol.kT, "n": int(len(log_w)), "n_auto": args.n_auto, "seed": args.seed,
               "anneal": {"stages": args.anneal, "kernel": args.anneal_kernel, "steps": args.anneal_steps,
                          "step_size": args.anneal_step_size} if args.anneal else None,
               "kish_ess": kish_ess(log_w), "ess_fraction": kish_ess(log_w) / len(log_w),

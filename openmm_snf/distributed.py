@@ -34,7 +34,7 @@ from .energy.platforms import set_process_defaults
 
 __all__ = ["DEFAULT_TIMEOUT_S", "DistributedError", "DistributedSetup", "init_distributed", "shutdown_distributed",
            "distributed_session", "cpu_thread_share", "split_sizes", "shard_seed", "local_shards",
-           "rank_of", "world_size_of", "run_on_main", "gather_in_order", "broadcast_module",
+           "rank_of", "world_size_of", "run_on_main", "broadcast_from_main", "gather_in_order", "broadcast_module",
            "sum_gradients", "check_same_on_all_ranks"]
 
 DEFAULT_TIMEOUT_S = 1800.0
@@ -198,6 +198,15 @@ def run_on_main(fn, group):
     if failure[0] is not None:
         raise DistributedError(f"rank 0 failed: {failure[0]}")
     return result
+
+
+def broadcast_from_main(obj, group):
+    """Rank 0's picklable ``obj`` on every rank (``obj`` itself in a single process)."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def gather_in_order(obj, group) -> list | None:

@@ -5,18 +5,20 @@ n_shards) give equal samples on any number of ranks dividing n_shards (:mod:`ope
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .analysis.diagnostics import MAX_KHAT
-from .distributed import gather_in_order, local_shards, rank_of, shard_seed, split_sizes, world_size_of
+from .analysis.diagnostics import MAX_KHAT, diagnose
+from .distributed import broadcast_from_main, gather_in_order, local_shards, rank_of, shard_seed, split_sizes, \
+    world_size_of
 from .flows.anneal import annealed
 from .runs import Run
 from .training_data import frame_states
 
-__all__ = ["AUTO_ANNEAL_STAGES", "choose_annealing", "sample", "with_annealing"]
+__all__ = ["AUTO_ANNEAL_STAGES", "choose_annealing", "sample", "sample_to_precision", "state_ess_for", "with_annealing"]
 
 
 def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True,
@@ -46,6 +48,90 @@ def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress:
     xyz, log_w, u, acceptance = zip(*parts)
     return {"xyz": np.concatenate(xyz), "log_weights": np.concatenate(log_w), "reduced_energies": np.concatenate(u),
             "acceptance": {key: float(np.mean([a[key] for a in acceptance])) for key in acceptance[0]}}
+
+
+#: ``sample --n auto``: samples of the first round, the granularity of later rounds, the z of a 95% interval
+FIRST_ROUND = 30000
+ROUND_STEP = 10000
+Z95 = 1.96
+
+
+def state_ess_for(precision: float) -> float:
+    """The Kish ESS a state needs for its free energy (against the rest) to have a 95% interval of about
+    ``± precision`` kT: (1.96 / precision)², since the variance of the log of an importance-sampling
+    estimate of a state's weight is about 1 / ESS."""
+    return (Z95 / precision) ** 2
+
+
+def round_seed(seed: int, index: int) -> int:
+    """Seed of round ``index`` of :func:`sample_to_precision`: ``seed`` itself for the first (so its
+    samples are those of ``sample(run, n, seed=seed)``), then independent streams derived from both."""
+    if index == 0:
+        return int(seed)
+    state = np.random.SeedSequence([int(seed) & (2**63 - 1), int(index), 0x5A4D]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0, batch_size: int = 1024,
+                        progress: bool = True, n_shards: int | None = None, process_group=None,
+                        report=print) -> tuple[dict | None, str]:
+    """Draw samples in rounds until every default state (phi sign, x sign), and the samples as a whole,
+    have the Kish ESS :func:`state_ess_for` ``(precision)`` with k-hat <= 0.7, or ``max_n`` samples are
+    drawn, or a state has no samples (more of the same sampler will not find it: the verdict says so).
+
+    Why: an annealed sampler gives each state about its Boltzmann share of the samples, so the ESS of a
+    rare state (phi > 0 of alanine dipeptide at 300 K: 0.3%) decides the precision of its free energy,
+    and the number of samples it needs depends on the molecule and the model. The first round has
+    30,000 samples (``sample(run, 30000, seed=seed)``'s); each further round draws what the least
+    state's ESS per sample says is missing (+10%, in steps of 10,000). Returns the samples as
+    :func:`sample` does (all rounds concatenated; None on ranks other than 0) and why it stopped. Each
+    round's outcome goes to ``report``.
+    """
+    parts, index, n_next, reason = [], 0, min(FIRST_ROUND, max_n), ""
+    while n_next:
+        part = sample(run, n_next, seed=round_seed(seed, index), batch_size=batch_size, progress=progress,
+                      n_shards=n_shards, process_group=process_group)
+        if part is not None:
+            parts.append(part)
+            n_next, reason = _next_round(run, _concatenated(parts), precision, max_n)
+        n_next, reason = broadcast_from_main((n_next, reason), process_group)
+        if n_next and rank_of(process_group) == 0:
+            report(f"{reason}: drawing {n_next} more")
+        index += 1
+    return (_concatenated(parts) if parts else None), reason
+
+
+def _concatenated(parts: list[dict]) -> dict:
+    """One result from the rounds' results (acceptance: the sample-weighted mean)."""
+    sizes = np.array([len(part["log_weights"]) for part in parts], dtype=float)
+    return {**{key: np.concatenate([part[key] for part in parts]) for key in ("xyz", "log_weights", "reduced_energies")},
+            "acceptance": {key: float(np.average([part["acceptance"][key] for part in parts], weights=sizes))
+                           for key in parts[0]["acceptance"]}}
+
+
+def _next_round(run: Run, result: dict, precision: float, max_n: int) -> tuple[int, str]:
+    """How many more samples :func:`sample_to_precision` draws (0: stop) and why."""
+    log_w, target = result["log_weights"], state_ess_for(precision)
+    n = len(log_w)
+    verdict = diagnose(log_w, frame_states(run.mol, result["xyz"]))
+    head = f"{n} samples"
+    if verdict.n_nonfinite:
+        return 0, f"{head}: {verdict.n_nonfinite} log weights are not finite"
+    empty = [state.label for state in verdict.states if state.n == 0]
+    if empty:
+        return 0, f"{head}: {', '.join(empty)} has no samples (more samples of this sampler will not find it)"
+    ess = {"all samples": (verdict.ess, verdict.k_hat), **{s.label: (s.ess, s.k_hat) for s in verdict.states}}
+    label, (least, _) = min(ess.items(), key=lambda item: item[1][0])
+    heavy = [name for name, (_, k_hat) in ess.items() if k_hat > MAX_KHAT]
+    status = (f"{head}: least ESS {least:.1f} ({label}; {target:.0f} wanted for ±{precision:g} kT)"
+              + (f", k-hat > {MAX_KHAT} in {', '.join(heavy)}" if heavy else ""))
+    if least >= target and not heavy:
+        return 0, f"{head}: every state has ESS >= {target:.0f} (±{precision:g} kT) and k-hat <= {MAX_KHAT}"
+    if n >= max_n:
+        return 0, f"{status}; stopped at --max-n {max_n}"
+    wanted = 1.1 * n * target / max(least, 1.0) if least < target else 2 * n
+    more = ROUND_STEP * math.ceil((wanted - n) / ROUND_STEP)
+    return min(max(more, ROUND_STEP), max_n - n), status
 
 
 #: ``sample --anneal auto``: pilot samples of the flow alone, and the thresholds that let it sample alone

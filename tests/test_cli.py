@@ -289,6 +289,18 @@ def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, ca
     assert not any(word in (captured.out + captured.err).lower() for word in ("inf ", "nan", "infinity"))
 
 
+def test_sample_draws_to_a_precision_by_default(double_well_run, tmp_path, capsys):
+    """No --n: rounds until each state's ESS gives +-0.15 kT (here one round, capped by --max-n)."""
+    capsys.readouterr()
+    out = tmp_path / "auto.dcd"
+    assert main(["sample", str(double_well_run / "run"), "--max-n", "3000", "--anneal", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert "--n auto: stopped at 3000 samples: " in printed and "wrote 3000 samples" in printed, printed
+    assert summary["n"] == 3000 and summary["n_auto"]["precision_kT"] == 0.15
+    assert summary["n_auto"]["stopped"] in printed
+
+
 def test_strict_is_documented(capsys):
     for command in ("sample", "free-energy"):
         with pytest.raises(SystemExit):

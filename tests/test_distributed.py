@@ -221,6 +221,18 @@ def _cli_worker(rank, folder):
                  "--distributed"]) == 0
     assert main(["sample", f"{folder}/two", "--n", "45", "--batch-size", "10", "--seed", "4",
                  "--out", f"{folder}/two.dcd", "--distributed"]) == 0
+    _sample_auto(main, f"{folder}/two", f"{folder}/two-auto.dcd", "--distributed")
+
+
+def _sample_auto(main, run, out, *options):
+    """`sample --n auto` in two rounds (first round shrunk to 20 samples), capped at 60 samples."""
+    from openmm_snf import sampling
+    first, sampling.FIRST_ROUND = sampling.FIRST_ROUND, 20
+    try:
+        assert main(["sample", run, "--n", "auto", "--max-n", "60", "--batch-size", "10", "--seed", "4",
+                     "--anneal", "0", "--out", out, *options]) == 0
+    finally:
+        sampling.FIRST_ROUND = first
 
 
 @pytest.fixture(scope="module")
@@ -239,13 +251,14 @@ def cli_runs(tmp_path_factory):
     assert main(["train", "double_well", "--out", str(folder / "one"), "--resume", "--iterations", "4"]) == 0
     assert main(["sample", str(folder / "two"), "--n", "45", "--batch-size", "10", "--seed", "4", "--out",
                  str(folder / "one.dcd"), "--shards", "2"]) == 0
+    _sample_auto(main, str(folder / "two"), str(folder / "one-auto.dcd"), "--shards", "2")
     return folder
 
 
-def _assert_same_samples(folder, a, b):
+def _assert_same_samples(folder, a, b, n=45):
     import mdtraj
     one, two = np.load(folder / f"{a}.weights.npz"), np.load(folder / f"{b}.weights.npz")
-    assert two["log_weights"].shape == (45,)
+    assert two["log_weights"].shape == (n,)
     np.testing.assert_allclose(two["reduced_energies"], one["reduced_energies"], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(two["log_weights"], one["log_weights"], rtol=1e-6, atol=1e-6)
     xyz_one = mdtraj.load(str(folder / f"{a}.dcd"), top=str(folder / f"{a}.pdb")).xyz
@@ -262,6 +275,9 @@ def test_cli_distributed_training_and_sampling_match_one_process(cli_runs):
     lines = [json.loads(line) for line in (cli_runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in lines] == [1, 2, 3, 4]
     _assert_same_samples(cli_runs, "one", "two")  # shard 0's 23 samples, then shard 1's 22, from rank 0 alone
+    _assert_same_samples(cli_runs, "one-auto", "two-auto", n=60)  # --n auto: rounds of 20 and 40 on 2 ranks
+    assert json.loads((cli_runs / "two-auto.summary.json").read_text())["n_auto"]["stopped"].endswith(
+        "stopped at --max-n 60")
     assert not list(cli_runs.glob("*.tmp")) and not list((cli_runs / "two").glob("*.tmp"))
 
 
