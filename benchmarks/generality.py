@@ -44,8 +44,9 @@ from openmm_snf.weights import kish_ess, pareto_khat
 
 CACHE = Path(__file__).resolve().parent / "cache"
 SYSTEMS = ("double_well", "alanine_dipeptide_implicit", "trialanine_implicit")
-#: umbrella reference along each phi: (windows, frames per window, 1-fs steps per frame)
-UMBRELLA = (32, 1500, 100)
+#: umbrella reference along each phi: (windows, frames per window, steps per frame, time step in fs; at 2 fs
+#: hydrogens weigh 3 amu), each sized for an interval of about +-0.1 kT
+UMBRELLA = {"alanine_dipeptide_implicit": (32, 4500, 100, 1.0), "trialanine_implicit": (32, 3000, 100, 2.0)}
 UMBRELLA_K = 100.0  # kT/rad²
 
 
@@ -86,8 +87,9 @@ def torsion_pairs(mol) -> list[tuple[str, str]]:
 
 def umbrella_reference(mol, phi: str, size: tuple[int, int, int]) -> dict:
     """Umbrella windows along ``phi`` + MBAR: ΔF(phi>0 − phi<0), its interval, reweighted CV values, wall time."""
-    windows, frames, steps = size
-    path = CACHE / f"generality_ref_{mol.name}_{phi}_{windows}x{frames}x{steps}.npz"
+    windows, frames, steps, timestep = size
+    path = CACHE / (f"generality_ref_{mol.name}_{phi}_{windows}x{frames}x{steps}"
+                    + ("" if timestep == 1.0 else f"_{timestep:g}fs_hmr3") + ".npz")
     if path.is_file():
         with np.load(path) as stored:
             return {key: stored[key] for key in stored.files}
@@ -95,7 +97,7 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int]) -> dict:
     bias = UmbrellaBias("dihedral", tuple(mol.cvs[phi]["atoms"]), tuple(np.linspace(-np.pi, np.pi, windows,
                                                                                      endpoint=False)), UMBRELLA_K)
     settings = MDSettings(n_frames=frames, steps_per_frame=steps, n_replicas=windows, equilibration_steps=5000,
-                          seed=11)
+                          seed=11, timestep=timestep, hydrogen_mass=None if timestep == 1.0 else 3.0)
     xyz = run_md(mol, settings, bias=bias).reshape(-1, mol.n_atoms, 3)
     values = compute_cvs(mdtraj.Trajectory(xyz.astype(np.float32), mol.mdtraj_topology()), list(mol.cvs),
                          cvs=mol.cvs)
@@ -156,7 +158,8 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
         if status != 0:
             raise SystemExit(f"{system}: 'openmm-snf {' '.join(argv)}' exited with {status}")
     exact = double_well_exact() if system == "double_well" else None
-    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.umbrella) for name in state_cvs(mol)}
+    size = args.umbrella or UMBRELLA[system]
+    refs = {} if exact is not None else {name: umbrella_reference(mol, name, size) for name in state_cvs(mol)}
     samples = read_weighted_trajectory(folder / "samples.dcd")
     result = {"system": system, "stages": stages, "default": measure(samples.traj, samples.log_weights, mol, refs,
                                                                      exact)}
@@ -211,15 +214,23 @@ def print_result(result: dict) -> None:
                   f"{entry['reference']:.3f}: error {entry['error']:.3f} kT{kl}")
 
 
+def _umbrella_size(text: str) -> tuple[int, int, int, float]:
+    values = text.split(",")
+    if len(values) not in (3, 4) or len(values) == 4 and values[3] not in ("1", "2"):
+        raise argparse.ArgumentTypeError(f"expected WINDOWS,FRAMES,STEPS[,1|2], got {text!r}")
+    return (*(int(v) for v in values[:3]), float(values[3]) if len(values) == 4 else 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--samples", type=int, default=None, help="the sampler's --n (default: as 'sample')")
     parser.add_argument("--anneal", default="auto", help="the sampler's --anneal (default: auto, as 'sample')")
     parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
-    parser.add_argument("--umbrella", type=lambda t: tuple(int(v) for v in t.split(",")), default=UMBRELLA,
-                        metavar="WINDOWS,FRAMES,STEPS", help="size of the umbrella reference along each phi "
-                        "(1-fs steps per frame; smaller is faster, with a wider interval)")
+    parser.add_argument("--umbrella", type=_umbrella_size, metavar="WINDOWS,FRAMES,STEPS[,FS]",
+                        help="size of the umbrella reference along each phi for every system (default: UMBRELLA "
+                        "in this file); FS: time step, 1 (default) or 2 (hydrogens at 3 amu); smaller is "
+                        "faster, with a wider interval")
     parser.add_argument("--out", default=str(CACHE / "generality"))
     args = parser.parse_args()
     counter = EvaluationCounter()

@@ -37,7 +37,9 @@ class MDSettings:
     timestep, friction, temperature and starts may also be ``openmm.unit`` quantities
     (``2 * unit.femtoseconds``), stored as plain numbers in the units above;
     starts: optional list of start structures ((n_atoms, 3) nm each); replica r starts from
-    ``starts[r % len(starts)]`` (e.g. one per well of a double well), default the system's positions.
+    ``starts[r % len(starts)]`` (e.g. one per well of a double well), default the system's positions;
+    hydrogen_mass: amu given to every hydrogen, taken from its heavy atom (None: the System's masses;
+    e.g. 3.0 with a 2-fs ``timestep``: the same distribution of positions at half the steps).
     """
 
     n_frames: int = 1000
@@ -49,6 +51,7 @@ class MDSettings:
     temperature: float | None = None
     seed: int = 0
     starts: list | None = None
+    hydrogen_mass: float | None = None
 
     def __post_init__(self):
         self.timestep = in_unit(self.timestep, unit.femtosecond, "timestep")
@@ -68,6 +71,8 @@ class MDSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be positive kelvin, got {self.temperature!r}")
+        if self.hydrogen_mass is not None and not 0 < self.hydrogen_mass < 6:
+            raise ValueError(f"hydrogen_mass must be between 0 and 6 amu, got {self.hydrogen_mass!r}")
         if self.starts is not None:
             starts = np.asarray(self.starts, dtype=np.float64)
             if starts.ndim != 3 or starts.shape[1:] != (n_atoms, 3) or not np.all(np.isfinite(starts)):
@@ -157,6 +162,9 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     temperature = settings.temperature or mol.temperature
     recenter = _is_translation_invariant(mol.system)
     system, offsets = build_replicated_system(mol.system, n_rep)
+    if settings.hydrogen_mass is not None:
+        for index, mass in enumerate(np.tile(mol.masses(settings.hydrogen_mass), n_rep)):
+            system.setParticleMass(index, float(mass))
     if bias is not None:
         bias.validate(n_atoms, n_rep)
         if bias.kind == "position" and recenter:

@@ -103,6 +103,23 @@ class MolecularSystem:
     def is_periodic(self) -> bool:
         return self.system.usesPeriodicBoundaryConditions()
 
+    def masses(self, hydrogen_mass: float | None = None) -> np.ndarray:
+        """Particle masses (n_atoms,) in amu; with ``hydrogen_mass``, every hydrogen gets that mass, taken from
+        the heavy atom it is bonded to (hydrogen mass repartitioning: longer time steps, same Boltzmann
+        distribution of positions)."""
+        masses = np.array([self.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(self.n_atoms)])
+        if hydrogen_mass is not None:
+            for bond in self.topology.bonds():
+                for h, heavy in ((bond[0], bond[1]), (bond[1], bond[0])):
+                    if h.element is not None and h.element.symbol == "H" and (heavy.element is None or
+                                                                              heavy.element.symbol != "H"):
+                        masses[heavy.index] -= hydrogen_mass - masses[h.index]
+                        masses[h.index] = hydrogen_mass
+        if np.any(masses <= 0):
+            raise ValueError(f"{self.name}: dynamics needs every particle to have a positive mass (got "
+                             f"{masses.min():g} amu{'; lower hydrogen_mass' if hydrogen_mass else ''})")
+        return masses
+
     def mdtraj_topology(self):
         import mdtraj
         return mdtraj.Topology.from_openmm(self.topology)

@@ -168,22 +168,6 @@ def _minimized(mol: MolecularSystem) -> np.ndarray:
                       dtype=np.float64)
 
 
-def _masses(mol: MolecularSystem, hydrogen_mass: float | None) -> np.ndarray:
-    """Particle masses (n_atoms,) in amu, hydrogens repartitioned to ``hydrogen_mass`` (None: as in the System)."""
-    masses = np.array([mol.system.getParticleMass(i).value_in_unit(unit.dalton) for i in range(mol.n_atoms)])
-    if hydrogen_mass is not None:
-        for bond in mol.topology.bonds():
-            for h, heavy in ((bond[0], bond[1]), (bond[1], bond[0])):
-                if h.element is not None and h.element.symbol == "H" and (heavy.element is None or
-                                                                          heavy.element.symbol != "H"):
-                    masses[heavy.index] -= hydrogen_mass - masses[h.index]
-                    masses[h.index] = hydrogen_mass
-    if np.any(masses <= 0):
-        raise ValueError(f"{mol.name}: tempering needs every particle to have a positive mass (got "
-                         f"{masses.min():g} amu{'; lower hydrogen_mass' if hydrogen_mass else ''})")
-    return masses
-
-
 class _Ladders:
     """The state of all copies: positions, velocities, each copy's rung; one LangevinMiddle step at a time."""
 
@@ -191,7 +175,7 @@ class _Ladders:
         self.energy, self.rng = energy, rng
         self.n_ladders, self.n_temps = settings.n_ladders, len(temperatures)
         n_copies = self.n_ladders * self.n_temps
-        self.masses = _masses(mol, settings.hydrogen_mass)
+        self.masses = mol.masses(settings.hydrogen_mass)
         self.kT0 = kT_in_kj_per_mol(temperatures[0])
         self.temperatures = temperatures
         self.rung = np.tile(np.arange(self.n_temps), self.n_ladders)  # copy -> rung (copies of ladder l: l*K ...)

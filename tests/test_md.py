@@ -42,6 +42,24 @@ def test_same_seed_same_trajectory():
     np.testing.assert_array_equal(a, b)
 
 
+def test_hydrogen_mass_repartitioning():
+    """Hydrogens get 3 amu from their heavy atoms (total mass kept), and the MD uses those masses: stable at
+    2-fs steps, and a different trajectory from the same seed with the System's masses."""
+    mol = load_system("alanine_dipeptide_vacuum")
+    plain, heavy = mol.masses(), mol.masses(3.0)
+    hydrogens = np.array([atom.element.symbol == "H" for atom in mol.topology.atoms()])
+    assert heavy.sum() == pytest.approx(plain.sum()) and np.all(heavy[hydrogens] == 3.0)
+    assert np.all(heavy[~hydrogens] <= plain[~hydrogens]) and np.all(heavy > 0)
+    settings = dict(n_frames=20, steps_per_frame=50, n_replicas=2, equilibration_steps=100, seed=3)
+    frames = run_md(mol, MDSettings(timestep=2.0, hydrogen_mass=3.0, **settings), progress=False)
+    bond = np.linalg.norm(frames[..., 4, :] - frames[..., 6, :], axis=-1)  # C-N peptide bond ~0.133 nm
+    assert np.all(np.isfinite(frames)) and np.all((bond > 0.11) & (bond < 0.16))
+    same_seed = run_md(mol, MDSettings(timestep=2.0, **settings), progress=False)
+    assert np.abs(same_seed - frames).max() > 1e-3
+    with pytest.raises(ValueError, match="hydrogen_mass must be between 0 and 6 amu"):
+        run_md(mol, MDSettings(hydrogen_mass=7.0))
+
+
 def test_bad_settings():
     mol = load_system("double_well")
     with pytest.raises(ValueError, match="n_replicas must be a positive integer"):
