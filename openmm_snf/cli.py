@@ -185,6 +185,14 @@ def _md_config(args) -> dict:
     return resolve_config(source, overrides={"data": {"method": method, method: settings}, "energy": energy})
 
 
+def _say_platform(command: str, name: str | None):
+    """Print (and return) the OpenMM platform ``name`` picks (None: the automatic choice, with its reason)."""
+    from .energy.platforms import choose_platform
+    choice = choose_platform(name)
+    print(f"{command}: OpenMM {choice.name} [{'auto: ' if not name else ''}{choice.reason}]")
+    return choice
+
+
 def _run_md(args) -> int:
     from .io import check_not_inputs, check_outputs_free, trajectory_paths
     from .training_data import make_data
@@ -194,11 +202,12 @@ def _run_md(args) -> int:
     mol = _load(args)
     check_not_inputs(paths.all, mol.sources)
     check_outputs_free(paths.all + [_summary_path(paths.dcd)], args.force)
+    platform = _say_platform("md", config["energy"]["platform"])
     frames, log_weights = make_data(mol, config, paths.dcd, force=args.force, progress=not args.quiet)
     data = config["data"]
     summary = {"command": "md", "version": __version__, "system": mol.name, "out": paths.dcd, "topology": paths.pdb,
                "temperature_kelvin": mol.temperature, "n_frames": len(frames), "method": data["method"],
-               "settings": data[data["method"]]}
+               "settings": data[data["method"]], "platform": platform.name}
     if data["method"] == "md":
         print(f"wrote {paths.dcd} ({len(frames)} frames of plain MD at {mol.temperature:g} K) and {paths.pdb}")
         settings = data["md"]
@@ -243,6 +252,7 @@ def _run_umbrella(args) -> int:
     summary_path = _summary_path(paths.dcd)
     check_not_inputs(paths.all, mol.sources)
     check_outputs_free(paths.all + [summary_path], args.force)
+    _say_platform("umbrella", args.platform)
     umbrella = umbrella_sampling(mol, args.cv, _md_settings(args, args.windows), force_constant=args.k,
                                  platform=args.platform, threads=args.threads, progress=not args.quiet)
     analysis = umbrella.analysis

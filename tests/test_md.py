@@ -73,6 +73,8 @@ def test_cli_md_writes_dcd_mdtraj_reads(tmp_path, capsys):
     argv = ["md", "alanine_dipeptide_vacuum", "--out", str(out), "--frames", "4", "--steps-per-frame", "10",
             "--replicas", "3", "--equilibration", "10"]
     assert main(argv) == 0
+    from openmm_snf.energy.platforms import choose_platform
+    assert f"md: OpenMM {choose_platform().name} [auto: " in capsys.readouterr().out  # says which platform
     traj = mdtraj.load(str(out), top=str(tmp_path / "md.pdb"))
     assert traj.n_atoms == 22 and traj.n_frames == 12
     before = out.read_bytes()
