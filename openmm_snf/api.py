@@ -21,7 +21,7 @@ from .config import resolve_config
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
 from .runs import Run, build_run, load_run
-from .sampling import sample as _sample_run, with_annealing
+from .sampling import sample as _sample_run, sample_to_precision, with_annealing
 from .systems import load_system
 from .units import in_unit
 
@@ -68,12 +68,15 @@ def train(system, out, *, data=None, config=None, iterations: int | None = None,
     return run
 
 
-def sample(run, n: int, *, seed: int = 0, anneal: int | str = "auto", anneal_kernel: str = "mc", anneal_steps: int = 2,
-           anneal_step_size: float = 0.2, batch_size: int = 1024, out=None, force: bool = False,
-           progress: bool = True) -> WeightedTrajectory:
+def sample(run, n: int | str, *, seed: int = 0, anneal: int | str = "auto", anneal_kernel: str = "mc",
+           anneal_steps: int = 2, anneal_step_size: float = 0.2, precision: float = 0.15, max_n: int = 240000,
+           batch_size: int = 1024, out=None, force: bool = False, progress: bool = True) -> WeightedTrajectory:
     """Draw ``n`` weighted samples from a trained run (a :class:`Run` or its folder), as ``openmm-snf sample``.
 
     Args:
+        n: a number of samples, or ``"auto"``: rounds until every default state's free energy has a 95%
+            interval of about ``± precision`` kT, at most ``max_n`` samples
+            (:func:`~openmm_snf.sampling.sample_to_precision`).
         anneal, anneal_kernel, anneal_steps, anneal_step_size: annealed importance sampling of a flow-only
             model (see ``openmm-snf sample --help``); weights stay exact. ``"auto"``: as
             :func:`~openmm_snf.sampling.choose_annealing` decides from a pilot of the flow alone.
@@ -85,7 +88,11 @@ def sample(run, n: int, *, seed: int = 0, anneal: int | str = "auto", anneal_ker
     run = run if isinstance(run, Run) else load_run(run)
     run, _, _ = with_annealing(run, anneal, kernel=anneal_kernel, n_steps=anneal_steps, step_size=anneal_step_size,
                                seed=seed)
-    result = _sample_run(run, n, seed=seed, batch_size=batch_size, progress=progress)
+    if n == "auto":
+        result, _ = sample_to_precision(run, precision, max_n, seed=seed, batch_size=batch_size, progress=progress,
+                                        report=lambda line: None)
+    else:
+        result = _sample_run(run, n, seed=seed, batch_size=batch_size, progress=progress)
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     if out is not None:
         write_weighted_trajectory(out, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],

@@ -35,6 +35,10 @@ def test_readme_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     # the written files hold what the function returned
     again = openmm_snf.free_energy(tmp_path / "dw_samples.dcd", "A: x < 0", "B: x > 0")
     assert again.delta_f == pytest.approx(result.delta_f, abs=1e-4)
+    # n="auto" as 'sample --n auto' (capped here at one round of 2,000); the first round is seed's n samples
+    auto = openmm_snf.sample(namespace["run"], "auto", seed=1, max_n=2000, anneal=0, progress=False)
+    fixed = openmm_snf.sample(namespace["run"], 2000, seed=1, anneal=0, progress=False)
+    np.testing.assert_array_equal(auto.log_weights, fixed.log_weights)
 
 
 def test_quantities_are_accepted():
