@@ -50,9 +50,11 @@ def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress:
             "acceptance": {key: float(np.mean([a[key] for a in acceptance])) for key in acceptance[0]}}
 
 
-#: ``sample --n auto``: samples of the first round, the granularity of later rounds, the z of a 95% interval
+#: ``sample --n auto``: samples of the first round, the granularity of later rounds, the most a round draws
+#: per sample already drawn (a rare state's ESS estimate is noisy while small), the z of a 95% interval
 FIRST_ROUND = 30000
 ROUND_STEP = 10000
+ROUND_GROWTH = 3
 Z95 = 1.96
 
 
@@ -83,7 +85,8 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     rare state (phi > 0 of alanine dipeptide at 300 K: 0.3%) decides the precision of its free energy,
     and the number of samples it needs depends on the molecule and the model. The first round has
     30,000 samples (``sample(run, 30000, seed=seed)``'s); each further round draws what the least
-    state's ESS per sample says is missing (+10%, in steps of 10,000). Returns the samples as
+    state's ESS per sample says is missing (+10%, in steps of 10,000, at most 3x the samples so far).
+    Returns the samples as
     :func:`sample` does (all rounds concatenated; None on ranks other than 0) and why it stopped. Each
     round's outcome goes to ``report``.
     """
@@ -130,7 +133,7 @@ def _next_round(run: Run, result: dict, precision: float, max_n: int) -> tuple[i
     if n >= max_n:
         return 0, f"{status}; stopped at --max-n {max_n}"
     wanted = 1.1 * n * target / max(least, 1.0) if least < target else 2 * n
-    more = ROUND_STEP * math.ceil((wanted - n) / ROUND_STEP)
+    more = min(ROUND_STEP * math.ceil((wanted - n) / ROUND_STEP), ROUND_GROWTH * n)
     return min(max(more, ROUND_STEP), max_n - n), status
 
 

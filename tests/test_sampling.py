@@ -60,6 +60,12 @@ def test_rounds_stop_at_max_n(fake):
     assert stopped.endswith("stopped at --max-n 50000") and "least ESS 25.0 (A;" in stopped
 
 
+def test_a_round_draws_at_most_three_times_the_samples_so_far(fake):
+    sampler = fake(30000)  # A: 1 of the first 30,000 (an ESS estimate that says 5 million are needed)
+    sampling.sample_to_precision(RUN, 0.15, 200000, report=lambda line: None)
+    assert [n for n, _ in sampler.calls] == [30000, 90000, 80000]
+
+
 def test_a_state_without_samples_stops_after_the_first_round(fake):
     sampler = fake(0)
     result, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None)
