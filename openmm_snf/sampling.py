@@ -142,7 +142,9 @@ PILOT_SAMPLES = 4000
 PILOT_MIN_ESS_FRACTION = 0.1
 PILOT_MAX_KHAT = 0.5
 PILOT_MIN_STATE_SAMPLES = 100
+#: annealing stages, and twice as many for a flow whose pilot Kish ESS is below POOR_PILOT_ESS_FRACTION
 AUTO_ANNEAL_STAGES = 40
+POOR_PILOT_ESS_FRACTION = 0.05
 
 
 def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
@@ -153,6 +155,8 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
     sample then costs one flow pass and one energy, ~80x less than annealing. Otherwise 40 annealing
     stages: on alanine dipeptide in implicit solvent they raised a flow's ESS from 16% to 60%, and
     brought the rare state's k-hat from 0.8 (the flow's weights there too heavy-tailed to trust) to 0.5.
+    A flow with a pilot ESS below 5% gets 80: on tri-alanine (pilot 1.4%) 40 stages gave ESS 14%, 80
+    gave 34% and 1.3-1.6x the rare states' ESS per sample, at twice the cost per sample.
     Models with stochastic blocks cannot be annealed (0).
     """
     from .weights import kish_ess, pareto_khat
@@ -169,7 +173,8 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
         summary += f", k-hat within {', '.join(heavy)} (> {MAX_KHAT})"
     if ess >= PILOT_MIN_ESS_FRACTION and khat <= PILOT_MAX_KHAT and not heavy:
         return 0, f"{summary}: sampling the flow alone"
-    return AUTO_ANNEAL_STAGES, f"{summary}: annealing with {AUTO_ANNEAL_STAGES} stages (--anneal 0 to skip)"
+    stages = AUTO_ANNEAL_STAGES * (2 if ess < POOR_PILOT_ESS_FRACTION else 1)
+    return stages, f"{summary}: annealing with {stages} stages (--anneal 0 to skip)"
 
 
 def with_annealing(run: Run, stages: int | str, *, kernel: str = "mc", n_steps: int = 2, step_size: float = 0.2,

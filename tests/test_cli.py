@@ -353,6 +353,13 @@ def test_anneal_auto_anneals_a_flow_heavy_tailed_within_a_state(monkeypatch):
     assert "k-hat within B" not in reason
     monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: {"A": ~rare, "B": rare})
     assert "k-hat within B" in sampling.choose_annealing(run)[1]
+    # a poor flow (pilot Kish ESS < 5%): twice the stages
+    from openmm_snf.weights import kish_ess
+    poor = rng.normal(0.0, 3.0, n)
+    monkeypatch.setattr(sampling, "sample", lambda run, n, **kw: {"log_weights": poor, "xyz": None})
+    assert kish_ess(poor) < sampling.POOR_PILOT_ESS_FRACTION * n
+    chosen, reason = sampling.choose_annealing(run)
+    assert chosen == 2 * sampling.AUTO_ANNEAL_STAGES and f"annealing with {chosen} stages" in reason
 
 
 def test_sample_and_train_write_strict_json_summaries(double_well_run):
