@@ -45,7 +45,9 @@ def zwitterion():
     topology.addBond(atoms["C"], oxt)
     positions = np.vstack([positions, c - 0.125 * bisector / np.linalg.norm(bisector)])
     modeller = app.Modeller(topology, unit.Quantity([openmm.Vec3(*p) for p in positions], unit.nanometer))
-    modeller.addHydrogens(app.ForceField("amber14-all.xml"))
+    # a named platform: OpenMM's default (the fastest) is OpenCL where a CPU runtime such as pocl is installed,
+    # and pocl crashed in addHydrogens' minimization on this machine
+    modeller.addHydrogens(app.ForceField("amber14-all.xml"), platform=openmm.Platform.getPlatformByName("Reference"))
     return modeller.topology, np.array(modeller.positions.value_in_unit(unit.nanometer))
 
 
