@@ -71,6 +71,22 @@ def test_exact_sampler_is_reliable():
     assert diagnose(np.zeros(5000)).summary().startswith("Kish ESS 5000.0 (100.00% of 5000)")
 
 
+def test_a_state_with_infinite_variance_weights_passes_with_a_caution():
+    """A state whose weights have a Pareto tail with k = 0.6 (infinite variance, still converging): reliable,
+    with a caution line naming it; the same tail with k = 0.3 gets none."""
+    rng = np.random.default_rng(8)
+    rare = np.arange(20000) < 2000
+    for k, cautioned in ((0.6, True), (0.3, False)):
+        log_w = np.where(rare, -k * np.log(rng.uniform(size=20000)), 0.0)  # w = U^-k: Pareto tail, shape k
+        verdict = diagnose(log_w, {"A": ~rare, "B": rare})
+        assert verdict.reliable and (0.5 < verdict.states[1].k_hat <= 0.7) == cautioned, verdict.states[1]
+        lines = verdict.lines()
+        assert lines[0].startswith("reliable:") and len(lines) == 1 + cautioned, lines
+        if cautioned:
+            assert lines[1].startswith("caution: state B has k-hat 0.") and "--seed" in lines[1]
+            assert verdict.to_dict()["cautions"] == [lines[1][len("caution: "):]]
+
+
 def test_a_sampler_that_missed_a_state_is_flagged():
     """All samples in the left well with near-equal weights: Kish ESS is excellent, the state count is not."""
     rng = np.random.default_rng(6)
