@@ -390,15 +390,16 @@ def _add_sample(sub) -> None:
                                    "(log_weights, normalized weights, reduced energies, frame by frame). "
                                    "Then prints the verdict: Kish ESS overall and per default state (x<0/x>0 for "
                                    "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
-                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line.")
+                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line (and 'caution:' lines for states "
+                                   "whose weights have infinite variance, k-hat 0.5-0.7).")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
     p.add_argument("--n", type=_sample_count, default="auto",
-                   help="number of samples, or 'auto': rounds (30,000 first) until every default state has the "
+                   help="number of samples, or 'auto' (the default): rounds (30,000 first) until every default state has the "
                         "Kish ESS for a 95%% interval of about ±PRECISION kT on its free energy, (1.96 / "
                         "PRECISION)^2 (171 for 0.15), with k-hat <= 0.7, or until --max-n; it stops early when "
                         "a state has no samples (the verdict then says what to do). An annealed sampler gives a "
                         "state about its Boltzmann share of the samples: phi > 0 of alanine dipeptide at 300 K "
-                        "(0.3%%) needs ~140,000")
+                        "(0.3%%) needed 160,000-240,000")
     p.add_argument("--precision", type=_POSITIVE, default=0.15, metavar="KT",
                    help="--n auto: the wanted 95%% half-width of each state's free energy, in kT")
     p.add_argument("--max-n", type=_POSITIVE_INT, default=240000, help="--n auto: the most samples to draw")
