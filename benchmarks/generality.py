@@ -158,8 +158,8 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
         if status != 0:
             raise SystemExit(f"{system}: 'openmm-snf {' '.join(argv)}' exited with {status}")
     exact = double_well_exact() if system == "double_well" else None
-    size = args.umbrella or UMBRELLA[system]
-    refs = {} if exact is not None else {name: umbrella_reference(mol, name, size) for name in state_cvs(mol)}
+    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.umbrella or UMBRELLA[system])
+                                         for name in state_cvs(mol)}
     samples = read_weighted_trajectory(folder / "samples.dcd")
     result = {"system": system, "stages": stages, "default": measure(samples.traj, samples.log_weights, mol, refs,
                                                                      exact)}
