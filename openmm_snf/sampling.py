@@ -86,9 +86,8 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     and the number of samples it needs depends on the molecule and the model. The first round has
     30,000 samples (``sample(run, 30000, seed=seed)``'s); each further round draws what the least
     state's ESS per sample says is missing (+10%, in steps of 10,000, at most 3x the samples so far).
-    Returns the samples as
-    :func:`sample` does (all rounds concatenated; None on ranks other than 0) and why it stopped. Each
-    round's outcome goes to ``report``.
+    Returns the samples as :func:`sample` does (all rounds concatenated; None on ranks other than 0) and
+    why it stopped. Each round's outcome goes to ``report``.
     """
     parts, index, n_next, reason = [], 0, min(FIRST_ROUND, max_n), ""
     while n_next:
