@@ -21,7 +21,7 @@ from .config import resolve_config
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
 from .runs import Run, build_run, load_run
-from .sampling import sample as _sample_run, sample_to_precision, with_annealing
+from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, sample as _sample_run, sample_to_precision, with_annealing
 from .systems import load_system
 from .units import in_unit
 
@@ -69,8 +69,9 @@ def train(system, out, *, data=None, config=None, iterations: int | None = None,
 
 
 def sample(run, n: int | str, *, seed: int = 0, anneal: int | str = "auto", anneal_kernel: str = "mc",
-           anneal_steps: int = 2, anneal_step_size: float = 0.2, precision: float = 0.15, max_n: int = 240000,
-           batch_size: int = 1024, out=None, force: bool = False, progress: bool = True) -> WeightedTrajectory:
+           anneal_steps: int = ANNEAL_STEPS, anneal_step_size: float = ANNEAL_STEP_SIZE, precision: float = 0.15,
+           max_n: int = 240000, batch_size: int = 1024, out=None, force: bool = False,
+           progress: bool = True) -> WeightedTrajectory:
     """Draw ``n`` weighted samples from a trained run (a :class:`Run` or its folder), as ``openmm-snf sample``.
 
     Args:

@@ -417,8 +417,9 @@ def _add_sample(sub) -> None:
                         "holding >= 100 of them; else K = 40, or 80 when the pilot's Kish ESS is < 5%%; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
-    p.add_argument("--anneal-steps", type=_POSITIVE_INT, default=2, help="steps per annealing stage")
-    p.add_argument("--anneal-step-size", type=_POSITIVE, default=0.2,
+    from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS
+    p.add_argument("--anneal-steps", type=_POSITIVE_INT, default=ANNEAL_STEPS, help="steps per annealing stage")
+    p.add_argument("--anneal-step-size", type=_POSITIVE, default=ANNEAL_STEP_SIZE,
                    help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="torch device (default: the run's)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")

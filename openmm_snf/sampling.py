@@ -176,8 +176,13 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
     return stages, f"{summary}: annealing with {stages} stages (--anneal 0 to skip)"
 
 
-def with_annealing(run: Run, stages: int | str, *, kernel: str = "mc", n_steps: int = 2, step_size: float = 0.2,
-                   seed: int = 0) -> tuple[Run, int, str | None]:
+#: annealing defaults: Metropolis steps per stage and their proposal width (prior units)
+ANNEAL_STEPS = 2
+ANNEAL_STEP_SIZE = 0.2
+
+
+def with_annealing(run: Run, stages: int | str, *, kernel: str = "mc", n_steps: int = ANNEAL_STEPS,
+                   step_size: float = ANNEAL_STEP_SIZE, seed: int = 0) -> tuple[Run, int, str | None]:
     """``run`` with its flow refined by ``stages`` annealing stages (:func:`~openmm_snf.flows.anneal.annealed`;
     weights stay exact), the stages used, and with ``"auto"`` the reason of :func:`choose_annealing`."""
     reason = None
