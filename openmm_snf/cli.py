@@ -701,7 +701,7 @@ def _run_demo(args) -> int:
     config = read_run_config(run_dir)
     sample = ["sample", str(run_dir), "--n", str(args.n), "--out", str(samples), "--force"]
     if args.anneal and config["model"].get("stochastic") is None:  # a flow: anneal its samples (exact weights)
-        sample += ["--anneal", str(args.anneal)]
+        sample += ["--anneal", str(args.anneal), "--anneal-steps", "2"]  # 2 steps per stage: the demo's time budget
     steps = [sample, ["free-energy", str(samples), "--states", *states]]
     if config["data"]["method"] == "md":  # plain MD at T is an equilibrium reference (tempering data are reweighted)
         # bootstrap blocks of one replica's frames: consecutive MD frames are correlated
