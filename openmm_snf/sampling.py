@@ -55,6 +55,8 @@ def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress:
 FIRST_ROUND = 30000
 ROUND_STEP = 10000
 ROUND_GROWTH = 3
+#: stop when the samples the least state's ESS per sample calls for exceed this many times --max-n
+HOPELESS_FACTOR = 4
 Z95 = 1.96
 
 
@@ -79,7 +81,8 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
                         report=print) -> tuple[dict | None, str]:
     """Draw samples in rounds until every default state (phi sign, x sign), and the samples as a whole,
     have the Kish ESS :func:`state_ess_for` ``(precision)`` with k-hat <= 0.7, or ``max_n`` samples are
-    drawn, or a state has no samples (more of the same sampler will not find it: the verdict says so).
+    drawn, or a state has no samples (more of the same sampler will not find it: the verdict says so),
+    or the least state's ESS per sample says that even 4x ``max_n`` samples would not do.
 
     Why: an annealed sampler gives each state about its Boltzmann share of the samples, so the ESS of a
     rare state (phi > 0 of alanine dipeptide at 300 K: 0.3%) decides the precision of its free energy,
@@ -132,6 +135,9 @@ def _next_round(run: Run, result: dict, precision: float, max_n: int) -> tuple[i
     if n >= max_n:
         return 0, f"{status}; stopped at --max-n {max_n}"
     wanted = 1.1 * n * target / max(least, 1.0) if least < target else 2 * n
+    if wanted > HOPELESS_FACTOR * max_n:
+        return 0, (f"{status}; at this rate that takes ~{int(wanted):,} samples, over {HOPELESS_FACTOR}x --max-n: "
+                   "the sampler itself must get better (see the verdict)")
     more = min(ROUND_STEP * math.ceil((wanted - n) / ROUND_STEP), ROUND_GROWTH * n)
     return min(max(more, ROUND_STEP), max_n - n), status
 

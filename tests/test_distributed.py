@@ -225,14 +225,16 @@ def _cli_worker(rank, folder):
 
 
 def _sample_auto(main, run, out, *options):
-    """`sample --n auto` in two rounds (first round shrunk to 20 samples), capped at 60 samples."""
+    """`sample --n auto` in two rounds (first round shrunk to 20 samples, never judged hopeless), capped at 60
+    samples."""
     from openmm_snf import sampling
-    first, sampling.FIRST_ROUND = sampling.FIRST_ROUND, 20
+    saved = sampling.FIRST_ROUND, sampling.HOPELESS_FACTOR
+    sampling.FIRST_ROUND, sampling.HOPELESS_FACTOR = 20, 10**9
     try:
         assert main(["sample", run, "--n", "auto", "--max-n", "60", "--batch-size", "10", "--seed", "4",
                      "--anneal", "0", "--out", out, *options]) == 0
     finally:
-        sampling.FIRST_ROUND = first
+        sampling.FIRST_ROUND, sampling.HOPELESS_FACTOR = saved
 
 
 @pytest.fixture(scope="module")

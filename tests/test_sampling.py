@@ -54,16 +54,24 @@ def test_rounds_stop_when_the_rare_state_reaches_the_wanted_ess(fake):
 
 
 def test_rounds_stop_at_max_n(fake):
-    sampler = fake(2000)
-    result, stopped = sampling.sample_to_precision(RUN, 0.15, 50000, report=lambda line: None)
-    assert [n for n, _ in sampler.calls] == [30000, 20000] and len(result["log_weights"]) == 50000
-    assert stopped.endswith("stopped at --max-n 50000") and "least ESS 25.0 (A;" in stopped
+    sampler = fake(1000)
+    result, stopped = sampling.sample_to_precision(RUN, 0.15, 100000, report=lambda line: None)
+    assert [n for n, _ in sampler.calls] == [30000, 70000] and len(result["log_weights"]) == 100000
+    assert stopped.endswith("stopped at --max-n 100000") and "least ESS 100.0 (A;" in stopped
 
 
 def test_a_round_draws_at_most_three_times_the_samples_so_far(fake):
-    sampler = fake(30000)  # A: 1 of the first 30,000 (an ESS estimate that says 5 million are needed)
-    sampling.sample_to_precision(RUN, 0.15, 200000, report=lambda line: None)
-    assert [n for n, _ in sampler.calls] == [30000, 90000, 80000]
+    sampler = fake(6000)  # A: 5 of the first 30,000 (an ESS estimate that says 1.1 million are needed)
+    sampling.sample_to_precision(RUN, 0.15, 300000, report=lambda line: None)
+    assert [n for n, _ in sampler.calls] == [30000, 90000, 180000]
+
+
+def test_a_hopeless_sampler_stops_after_the_first_round(fake):
+    """1 of 30,000 samples in A: ESS 171 would take ~5.6 million samples, over 4x --max-n: stop and say so."""
+    sampler = fake(30000)
+    _, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None)
+    assert [n for n, _ in sampler.calls] == [30000]
+    assert "over 4x --max-n: the sampler itself must get better" in stopped and "~5,634,346 samples" in stopped
 
 
 def test_a_state_without_samples_stops_after_the_first_round(fake):
