@@ -71,8 +71,7 @@ class MDSettings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.temperature is not None and not self.temperature > 0:
             raise ValueError(f"temperature must be positive kelvin, got {self.temperature!r}")
-        if self.hydrogen_mass is not None and not 0 < self.hydrogen_mass < 6:
-            raise ValueError(f"hydrogen_mass must be between 0 and 6 amu, got {self.hydrogen_mass!r}")
+        MolecularSystem.check_hydrogen_mass(self.hydrogen_mass)
         if self.starts is not None:
             starts = np.asarray(self.starts, dtype=np.float64)
             if starts.ndim != 3 or starts.shape[1:] != (n_atoms, 3) or not np.all(np.isfinite(starts)):

@@ -92,18 +92,19 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     Returns the samples as :func:`sample` does (all rounds concatenated; None on ranks other than 0) and
     why it stopped. Each round's outcome goes to ``report``.
     """
-    parts, index, n_next, reason = [], 0, min(FIRST_ROUND, max_n), ""
+    parts, result, index, n_next, reason = [], None, 0, min(FIRST_ROUND, max_n), ""
     while n_next:
         part = sample(run, n_next, seed=round_seed(seed, index), batch_size=batch_size, progress=progress,
                       n_shards=n_shards, process_group=process_group)
-        if part is not None:
+        if part is not None:  # rank 0 (or a single process): it holds the samples and decides
             parts.append(part)
-            n_next, reason = _next_round(run, _concatenated(parts), precision, max_n)
+            result = _concatenated(parts)
+            n_next, reason = _next_round(run, result, precision, max_n)
         n_next, reason = broadcast_from_main((n_next, reason), process_group)
         if n_next and rank_of(process_group) == 0:
             report(f"{reason}: drawing {n_next} more")
         index += 1
-    return (_concatenated(parts) if parts else None), reason
+    return result, reason
 
 
 def _concatenated(parts: list[dict]) -> dict:

@@ -103,6 +103,12 @@ class MolecularSystem:
     def is_periodic(self) -> bool:
         return self.system.usesPeriodicBoundaryConditions()
 
+    @staticmethod
+    def check_hydrogen_mass(hydrogen_mass, what: str = "hydrogen_mass") -> None:
+        """Raise ValueError unless ``hydrogen_mass`` (amu, for :meth:`masses`) is None or a number in (0, 6)."""
+        if hydrogen_mass is not None and not (isinstance(hydrogen_mass, (int, float)) and 0 < hydrogen_mass < 6):
+            raise ValueError(f"{what} must be between 0 and 6 amu, got {hydrogen_mass!r}")
+
     def masses(self, hydrogen_mass: float | None = None) -> np.ndarray:
         """Particle masses (n_atoms,) in amu; with ``hydrogen_mass``, every hydrogen gets that mass, taken from
         the heavy atom it is bonded to (hydrogen mass repartitioning: longer time steps, same Boltzmann

@@ -81,9 +81,7 @@ class TemperingSettings:
                                                      and self.max_temperature > 0):
             raise ValueError(f"tempering max_temperature must be a positive number of kelvin, got "
                              f"{self.max_temperature!r}")
-        if self.hydrogen_mass is not None and not (isinstance(self.hydrogen_mass, (int, float))
-                                                   and 0 < self.hydrogen_mass < 6):
-            raise ValueError(f"tempering hydrogen_mass must be between 0 and 6 amu, got {self.hydrogen_mass!r}")
+        MolecularSystem.check_hydrogen_mass(self.hydrogen_mass, "tempering hydrogen_mass")
 
 
 def default_ladder(temperature: float, max_temperature: float, n_atoms: int,
