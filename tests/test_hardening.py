@@ -297,6 +297,39 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypatch, signum):
+    """A signal that arrives inside torch.save is delivered once the checkpoint is complete: raised inside
+    torch's zip writer it turned into torch's own RuntimeError ("unexpected pos"), a traceback instead of
+    "terminated" (seen once in CI)."""
+    from openmm_snf.flows.builder import build_snf
+    from openmm_snf.train import load_checkpoint, save_checkpoint
+    from openmm_snf.training import checkpoints
+    real_save = torch.save
+
+    def interrupted_save(obj, handle):
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # time for the handler to run, were it not held
+            pass
+        real_save(obj, handle)
+
+    class Stop(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stop()
+
+    previous = signal.signal(signum, stop)
+    monkeypatch.setattr(checkpoints.torch, "save", interrupted_save)
+    try:
+        with pytest.raises(Stop):
+            save_checkpoint(tmp_path / "flow.pt", build_snf(2, None, None, n_blocks=1, hidden=(8,)))
+    finally:
+        signal.signal(signum, previous)
+    assert load_checkpoint(tmp_path / "flow.pt")["format"] == checkpoints.CHECKPOINT_FORMAT
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.pt"]
+
+
 def test_debug_shows_the_traceback_and_a_bug_keeps_it(workspace, monkeypatch):
     import openmm_snf.cli as cli
     from openmm_snf.io import InputError
