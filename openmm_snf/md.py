@@ -147,13 +147,15 @@ def _is_translation_invariant(system: openmm.System) -> bool:
 
 
 def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform: str | None = None,
-           threads: int | None = None, progress: bool = True, bias: UmbrellaBias | None = None) -> np.ndarray:
+           threads: int | None = None, progress: bool = True,
+           bias: UmbrellaBias | tuple[UmbrellaBias, ...] | None = None) -> np.ndarray:
     """Run Langevin MD and return frames of shape (n_replicas, n_frames, n_atoms, 3), float64 nm.
 
     Frames of one replica are consecutive in time; replicas are independent (own velocities and
     noise). The start is the system's positions, energy-minimized, then ``equilibration_steps``.
     With ``bias``, replica r samples the biased distribution of umbrella window r (equilibration and
-    minimization included), so start it near its centre (``settings.starts``) if the CV is slow.
+    minimization included), so start it near its centre (``settings.starts``) if the CV is slow. Several
+    biases add up: windows on a grid over two dihedrals are two biases whose centres pair up per replica.
     """
     settings = settings or MDSettings()
     settings.validate(mol.n_atoms)
@@ -164,12 +166,12 @@ def run_md(mol: MolecularSystem, settings: MDSettings | None = None, *, platform
     if settings.hydrogen_mass is not None:
         for index, mass in enumerate(np.tile(mol.masses(settings.hydrogen_mass), n_rep)):
             system.setParticleMass(index, float(mass))
-    if bias is not None:
-        bias.validate(n_atoms, n_rep)
-        if bias.kind == "position" and recenter:
+    for one in () if bias is None else (bias,) if isinstance(bias, UmbrellaBias) else tuple(bias):
+        one.validate(n_atoms, n_rep)
+        if one.kind == "position" and recenter:
             raise ValueError(f"a position bias needs a system held by an external field; {mol.name} is "
                              "translation invariant (its replicas are recentred): bias a dihedral instead")
-        system.addForce(bias.openmm_force(n_atoms, offsets, kT_in_kj_per_mol(temperature)))
+        system.addForce(one.openmm_force(n_atoms, offsets, kT_in_kj_per_mol(temperature)))
     integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, settings.friction / unit.picosecond,
                                                  settings.timestep * unit.femtosecond)
     integrator.setRandomNumberSeed(settings.seed + 1)  # OpenMM treats 0 as "pick a random seed"

@@ -145,34 +145,48 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
 
     Args:
         cv: (K, n_frames) biased CV of each window's frames (radians for a dihedral bias, nm for a
-            position bias), e.g. phi of ``run_md(..., bias=bias)`` frames, replica k in row k.
-        bias: the :class:`~openmm_snf.md.UmbrellaBias` the frames were sampled with (K windows).
-        decorrelate: subsample each window by its statistical inefficiency before solving MBAR
-            (False: use every frame, e.g. for independent samples).
+            position bias), e.g. phi of ``run_md(..., bias=bias)`` frames, replica k in row k; with
+            several biases, a sequence of such arrays, one per bias.
+        bias: the :class:`~openmm_snf.md.UmbrellaBias` the frames were sampled with (K windows), or the
+            biases acting together (e.g. windows on a grid over phi and psi; their energies add).
+        decorrelate: subsample each window by its statistical inefficiency (of the CV's deviation from the
+            window centre; with several biases, of the window's bias energy) before solving MBAR (False: use
+            every frame, e.g. for independent samples).
     """
     pymbar, timeseries = _pymbar()
-    cv = _check_cv(cv, bias)
-    n_windows, n_frames = cv.shape
-    deviation = np.stack([bias.deviation(row)[k] for k, row in enumerate(cv)])
+    biases, cvs = ((bias,), (cv,)) if isinstance(bias, UmbrellaBias) else (tuple(bias), tuple(cv))
+    if not biases or len(cvs) != len(biases):
+        raise AnalysisError(f"need one cv array per bias, got {len(cvs)} for {len(biases)}")
+    cvs = [_check_cv(values, one) for values, one in zip(cvs, biases)]
+    if len({values.shape for values in cvs}) > 1:
+        raise AnalysisError(f"the biases' cv arrays differ in shape: {[values.shape for values in cvs]}")
+    n_windows, n_frames = cvs[0].shape
+    flat = [values.reshape(-1) for values in cvs]
+
+    def reduced(mask=slice(None)) -> np.ndarray:  # (K, frames) summed bias energies under every window
+        return sum(one.reduced_energies(values[mask]) for one, values in zip(biases, flat))
+
+    if len(biases) == 1:
+        series = np.stack([bias.deviation(row)[k] for k, row in enumerate(cvs[0])])
+    else:
+        series = reduced().reshape(n_windows, n_windows, n_frames)[np.arange(n_windows), np.arange(n_windows)]
     kept = np.zeros((n_windows, n_frames), dtype=bool)
     inefficiency = np.ones(n_windows)
     for k in range(n_windows):
-        if decorrelate and np.ptp(deviation[k]) > 0:
-            inefficiency[k] = float(timeseries.statistical_inefficiency(deviation[k]))
+        if decorrelate and np.ptp(series[k]) > 0:
+            inefficiency[k] = float(timeseries.statistical_inefficiency(series[k]))
         kept[k, np.unique(np.minimum(np.round(np.arange(0, n_frames, inefficiency[k])), n_frames - 1).astype(int))] = True
     kept = kept.reshape(-1)
-    flat = cv.reshape(-1)
-    u_kn = bias.reduced_energies(flat[kept])
     n_k = kept.reshape(n_windows, n_frames).sum(1)
     with contextlib.redirect_stdout(_io.StringIO()):
-        mbar = pymbar.MBAR(u_kn, n_k, initialize="zeros")
+        mbar = pymbar.MBAR(reduced(kept), n_k, initialize="zeros")
         solution = mbar.compute_free_energy_differences()
     f_k = np.asarray(mbar.f_k, dtype=np.float64)
-    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - bias.reduced_energies(flat), axis=0)
+    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - reduced(), axis=0)
     log_w -= logsumexp(log_w)
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
                             log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
-                            periodic=bias.kind == "dihedral")
+                            periodic=all(one.kind == "dihedral" for one in biases))
 
 
 def umbrella_dihedral(mol: MolecularSystem, cv: str) -> tuple[list[int], dict]:
