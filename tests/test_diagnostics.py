@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from openmm_snf.analysis import default_states, diagnose, free_energy_difference
+from openmm_snf.analysis.diagnostics import MORE_TRAINING
 from openmm_snf.weights import _gpd_shape, pareto_khat
 
 N_SEEDS = 20
@@ -115,7 +116,10 @@ def test_heavy_weights_and_rare_states_are_flagged():
     verdict = diagnose(log_w, {"A": ~in_b, "B": in_b})
     assert verdict.k_hat < 0.5 and verdict.ess_fraction > 0.5 and not verdict.reliable
     assert verdict.states[1].k_hat > 0.7 and verdict.reasons[0].startswith("state B has ")
-    assert "Pareto k-hat" in verdict.reasons[0]
+    assert "Pareto k-hat" in verdict.reasons[0] and verdict.advice[0] == MORE_TRAINING  # not "draw more samples"
+    half = np.arange(4000) < 2000
+    everywhere = diagnose(rng.normal(0.0, 4.0, 4000), {"A": half, "B": ~half})
+    assert len(everywhere.lines()) == 1  # heavy overall and in every state: one line, the sampler's remedy
     bad = np.zeros(100)
     bad[[3, 9]] = [np.nan, np.inf]
     verdict = diagnose(bad)

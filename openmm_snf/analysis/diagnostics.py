@@ -12,7 +12,9 @@ when any of these holds:
 - a state holds no samples, its ESS is below ``min_state_ess``, or the k-hat of its own weights (those
   of the importance-sampling estimate of its partition function, which a free energy divides) > ``max_khat``.
 
-Each reason comes with what to do about it; reasons sharing the same advice print as one line.
+Each reason comes with what to do about it; reasons sharing the same advice print as one line. Weights
+too heavy-tailed (overall or within a state) call for a better sampler (``remedy``: more annealing stages
+or training), not for more samples: beyond k-hat 0.7 the error shrinks too slowly with their number.
 
 A state whose own k-hat lies between 0.5 and 0.7 passes, with a caution: plain importance sampling has
 infinite variance beyond k = 0.5, so the estimate still converges but its bootstrap interval can be too
@@ -200,12 +202,15 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
         problems = ([f"ESS {state.ess:.1f} from {state.n} samples (< {min_state_ess:.0f})"]
                     if state.ess < min_state_ess else [])
         problems += [f"Pareto k-hat {state.k_hat:.2f} > {max_khat}"] if state.k_hat > max_khat else []
-        if problems:
-            found.append((f"state {state.label} has {' and '.join(problems)}",
-                           _more_samples(n, state.ess, min_state_ess)
-                           if not state.k_hat > max_khat and state.ess * 20 >= min_state_ess else
-                           "draw more samples (--n); if that does not help, the sampler rarely proposes the state: "
-                           + VISIT_DATA))
+        if not problems:
+            continue
+        if state.k_hat > max_khat:  # more samples of the same sampler converge too slowly: improve the sampler
+            advice = remedy
+        elif state.ess * 20 >= min_state_ess:
+            advice = _more_samples(n, state.ess, min_state_ess)
+        else:
+            advice = "draw more samples (--n); if that does not help, the sampler rarely proposes the state: " + VISIT_DATA
+        found.append((f"state {state.label} has {' and '.join(problems)}", advice))
     cautions = tuple(f"state {state.label} has k-hat {state.k_hat:.2f} (> {GOOD_KHAT}: importance weights with "
                      "infinite variance): estimates converge, but intervals involving it can be too narrow; "
                      "compare a run with another --seed" for state in diagnostics
