@@ -18,8 +18,7 @@ or training), not for more samples: beyond k-hat 0.7 the error shrinks too slowl
 
 A state whose own k-hat lies between 0.5 and 0.7 passes, with a caution: plain importance sampling has
 infinite variance beyond k = 0.5, so the estimate still converges but its bootstrap interval can be too
-narrow (on alanine dipeptide implicit, the three of four runs with the rare state's k-hat at 0.53–0.68
-were 0.15–0.22 kT off, the one at 0.27 was 0.04 off).
+narrow; a run with another seed shows the spread.
 """
 from __future__ import annotations
 
