@@ -353,6 +353,12 @@ def test_anneal_auto_anneals_a_flow_heavy_tailed_within_a_state(monkeypatch):
     assert "k-hat within B" not in reason
     monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: {"A": ~rare, "B": rare})
     assert "k-hat within B" in sampling.choose_annealing(run)[1]
+    # the same good weights, but B holds too few pilot samples to judge its tail: anneal
+    log_w = rng.normal(0.0, 0.1, n)
+    few = np.arange(n) < sampling.PILOT_MIN_STATE_SAMPLES - 1
+    monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: {"A": ~few, "B": few})
+    chosen, reason = sampling.choose_annealing(run)
+    assert chosen == sampling.AUTO_ANNEAL_STAGES and "too few samples to judge the tail in B (99)" in reason
     # a poor flow (pilot Kish ESS < 5%): twice the stages
     from openmm_snf.weights import kish_ess
     poor = rng.normal(0.0, 3.0, n)
