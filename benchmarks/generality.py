@@ -85,11 +85,28 @@ def torsion_pairs(mol) -> list[tuple[str, str]]:
     return [(name, "psi" + name[3:]) for name in mol.cvs if name.startswith("phi") and "psi" + name[3:] in mol.cvs]
 
 
-def umbrella_reference(mol, phi: str, size: tuple[int, int, int, float]) -> dict:
+def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: int = 11) -> np.ndarray:
+    """(windows, n_atoms, 3) one start per window: a frame of the ``md`` data drawn with its weight for T times
+    the window's bias, so that the torsions the windows do not hold (another residue's phi and psi) start
+    from about their equilibrium share instead of all from the one structure, which 60-ps windows keep."""
+    values = compute_cvs(data.traj, list(names), cvs=mol.cvs)
+    rng = np.random.default_rng(seed)
+    picks = []
+    for center in centers:
+        deviation = [(values[name] - c + np.pi) % (2 * np.pi) - np.pi for name, c in zip(names, center)]
+        log_p = data.log_weights - 0.5 * UMBRELLA_K * sum(d ** 2 for d in deviation)
+        p = np.exp(log_p - log_p.max())
+        picks.append(rng.choice(len(p), p=p / p.sum()))
+    return data.traj.xyz[np.array(picks)].astype(np.float64)
+
+
+def umbrella_reference(mol, phi: str, size: tuple[int, int, int, float], data_path: Path) -> dict:
     """Umbrella windows on a grid over (phi, its psi) + MBAR: ΔF(phi>0 − phi<0), its interval, reweighted CV
     values, wall time. Both torsions are held: along phi alone, windows with phi > 0 kept the psi basin they
     were pulled into (tri-alanine's psi1 switched 0-1 times in 600 ps), and the estimates moved by 0.9 kT
-    with the window length."""
+    with the window length. Each window starts from a frame of the ``md`` data at ``data_path`` near its
+    centre (:func:`window_starts`): started all from one structure, tri-alanine's (phi1, psi1) windows left
+    phi2 > 0 at 15% of the weight (the data and the sampler: 2%)."""
     per_axis, frames, steps, timestep = size
     psi = "psi" + phi[3:]
     path = CACHE / f"generality_ref_{mol.name}_{phi}{psi}_{per_axis}x{per_axis}x{frames}x{steps}_{timestep:g}fs.npz"
@@ -101,9 +118,10 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int, float]) -> dict
     centers = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)  # (windows, 2)
     biases = tuple(UmbrellaBias("dihedral", tuple(mol.cvs[name]["atoms"]), tuple(centers[:, column]), UMBRELLA_K)
                    for column, name in enumerate((phi, psi)))
+    starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi), centers)
     windows = len(centers)
     settings = MDSettings(n_frames=frames, steps_per_frame=steps, n_replicas=windows, equilibration_steps=5000,
-                          seed=11, timestep=timestep, hydrogen_mass=None if timestep == 1.0 else 3.0)
+                          seed=11, timestep=timestep, hydrogen_mass=None if timestep == 1.0 else 3.0, starts=starts)
     xyz = run_md(mol, settings, bias=biases).reshape(-1, mol.n_atoms, 3)
     values = compute_cvs(mdtraj.Trajectory(xyz.astype(np.float32), mol.mdtraj_topology()), list(mol.cvs),
                          cvs=mol.cvs)
@@ -164,8 +182,8 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
         if status != 0:
             raise SystemExit(f"{system}: 'openmm-snf {' '.join(argv)}' exited with {status}")
     exact = double_well_exact() if system == "double_well" else None
-    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.umbrella or UMBRELLA[system])
-                                         for name in state_cvs(mol)}
+    refs = {} if exact is not None else {name: umbrella_reference(mol, name, args.umbrella or UMBRELLA[system],
+                                                                  folder / "data.dcd") for name in state_cvs(mol)}
     samples = read_weighted_trajectory(folder / "samples.dcd")
     result = {"system": system, "stages": stages, "default": measure(samples.traj, samples.log_weights, mol, refs,
                                                                      exact)}
