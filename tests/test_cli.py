@@ -253,7 +253,8 @@ def _left_well_only(source: Path, target: Path) -> Path:
 
 def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, capsys):
     """Plain MD from the left well only (the README workflow's failure before tempering): the default flow
-    learns that well and proposes x > 0 a handful of times at most."""
+    learns that well and proposes x > 0 a handful of times at most (so --anneal auto anneals it: too few
+    pilot samples in x > 0 to judge their tail); the verdict flags it, whichever line comes first."""
     config = tmp_path / "one_well.yaml"
     config.write_text("data: {method: md, balance_states: 0, md: {starts: [[[-1.7, 0.0, 0.0]]], n_frames: 250, "
                       "steps_per_frame: 20, timestep: 5.0, friction: 5.0}}\ntraining: {n_iterations: 60, "
@@ -274,9 +275,10 @@ def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, ca
         assert status == 2 and "no samples" in captured.err
     else:  # a few: a free energy far from the exact one, and flagged
         result = json.loads(captured.out)
-        assert status == 0 and captured.err.startswith("UNRELIABLE: state B")
+        assert status == 0 and captured.err.startswith("UNRELIABLE: ") and "state B has" in captured.err
         assert abs(result["delta_f"] - EXACT_DOUBLE_WELL_DF) > 1.0
-        assert result["verdict"]["reliable"] is False and result["verdict"]["reasons"][0].startswith("state B")
+        assert result["verdict"]["reliable"] is False
+        assert any(reason.startswith("state B") for reason in result["verdict"]["reasons"])
         assert main(["free-energy", str(samples), "--states", "A: x < 0", "B: x > 0", "--strict"]) == 3
         capsys.readouterr()
     # a sampler that never proposed x > 0 at all: UNRELIABLE, then a one-line error; no inf or nan anywhere
