@@ -161,15 +161,12 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     if len({values.shape for values in cvs}) > 1:
         raise AnalysisError(f"the biases' cv arrays differ in shape: {[values.shape for values in cvs]}")
     n_windows, n_frames = cvs[0].shape
-    flat = [values.reshape(-1) for values in cvs]
-
-    def reduced(mask=slice(None)) -> np.ndarray:  # (K, frames) summed bias energies under every window
-        return sum(one.reduced_energies(values[mask]) for one, values in zip(biases, flat))
-
+    # (K, K * n_frames): every frame's summed bias energy under every window
+    u_kn = sum(one.reduced_energies(values.reshape(-1)) for one, values in zip(biases, cvs))
     if len(biases) == 1:
         series = np.stack([bias.deviation(row)[k] for k, row in enumerate(cvs[0])])
-    else:
-        series = reduced().reshape(n_windows, n_windows, n_frames)[np.arange(n_windows), np.arange(n_windows)]
+    else:  # each window's own bias energy along its frames
+        series = u_kn.reshape(n_windows, n_windows, n_frames)[np.arange(n_windows), np.arange(n_windows)]
     kept = np.zeros((n_windows, n_frames), dtype=bool)
     inefficiency = np.ones(n_windows)
     for k in range(n_windows):
@@ -179,10 +176,10 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     kept = kept.reshape(-1)
     n_k = kept.reshape(n_windows, n_frames).sum(1)
     with contextlib.redirect_stdout(_io.StringIO()):
-        mbar = pymbar.MBAR(reduced(kept), n_k, initialize="zeros")
+        mbar = pymbar.MBAR(u_kn[:, kept], n_k, initialize="zeros")
         solution = mbar.compute_free_energy_differences()
     f_k = np.asarray(mbar.f_k, dtype=np.float64)
-    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - reduced(), axis=0)
+    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - u_kn, axis=0)
     log_w -= logsumexp(log_w)
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
                             log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
