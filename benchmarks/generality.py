@@ -9,15 +9,16 @@ For each system (double_well; alanine_dipeptide_implicit and trialanine_implicit
 2. prints for each backbone phi (the double well: x) ΔF = F(phi > 0) − F(phi < 0) with its 95% bootstrap
    interval, the Kish ESS, the Pareto k-hat, the verdict, and KL(reference || samples) of the
    reweighted phi and psi marginals;
-3. compares with a reference: exact quadrature for the double well, umbrella sampling on a grid over
-   each (phi, psi) analysed with MBAR for the peptides (cached in ``benchmarks/cache/``, with its interval and wall time);
+3. compares with a reference: exact quadrature for the double well, replica-exchange umbrella sampling
+   (Metropolized, exact at its time step) on a grid over each (phi, psi) analysed with MBAR for the
+   peptides (cached in ``benchmarks/cache/``, with its interval and wall time);
 4. at equal cost: the same flow alone, drawing as many samples as the annealed sampler spent energy
    evaluations; and the wall time umbrella sampling would need for an interval as narrow as the
    sampler's, ``t_umbrella x (width_umbrella / width_sampler)²`` (MBAR errors shrink as 1/sqrt(time)).
 
 Usage:
     python benchmarks/generality.py [--systems double_well,alanine_dipeptide_implicit,trialanine_implicit]
-                                    [--samples N] [--anneal auto] [--umbrella 16,300,100,2]
+                                    [--samples N] [--anneal auto] [--umbrella 24,500,100]
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_mbar
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
-from openmm_snf.md import MDSettings, UmbrellaBias, run_md
+from openmm_snf.md import UmbrellaBias
+from openmm_snf.reus import ExchangeSettings, run_exchange_umbrella
 from openmm_snf.runs import load_run
 from openmm_snf.sampling import sample
 from openmm_snf.weights import kish_ess, pareto_khat
@@ -45,10 +47,10 @@ from openmm_snf.weights import kish_ess, pareto_khat
 CACHE = Path(__file__).resolve().parent / "cache"
 SYSTEMS = ("double_well", "alanine_dipeptide_implicit", "trialanine_implicit")
 #: umbrella reference for each phi: (windows per torsion, on a grid of N x N over phi and its psi; frames per
-#: window; steps per frame; time step in fs, at 2 fs hydrogens weigh 3 amu)
-#: 16 x 16 windows at 25 kT/rad² linked neighbours too weakly near the barriers (MBAR overlap down to 0.002):
+#: window; GHMC steps of 2 fs per frame, hydrogens at 3 amu). Langevin grids without exchanges (run_md): at
+#: 16 x 16 and 25 kT/rad² MBAR linked neighbours too weakly near the barriers (overlap down to 0.002), and
 #: alanine dipeptide gave 5.64 and 6.51 kT from two sets of starts, each with an interval of +-0.11
-UMBRELLA = {"alanine_dipeptide_implicit": (24, 150, 100, 2.0), "trialanine_implicit": (24, 150, 100, 2.0)}
+UMBRELLA = {"alanine_dipeptide_implicit": (24, 500, 100), "trialanine_implicit": (24, 500, 100)}
 UMBRELLA_K = 50.0  # kT/rad²: sigma 0.14 rad, about half the grid spacing
 
 
@@ -102,16 +104,21 @@ def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: 
     return data.traj.xyz[np.array(picks)].astype(np.float64)
 
 
-def umbrella_reference(mol, phi: str, size: tuple[int, int, int, float], data_path: Path) -> dict:
-    """Umbrella windows on a grid over (phi, its psi) + MBAR: ΔF(phi>0 − phi<0), its interval, reweighted CV
-    values, wall time. Both torsions are held: along phi alone, windows with phi > 0 kept the psi basin they
-    were pulled into (tri-alanine's psi1 switched 0-1 times in 600 ps), and the estimates moved by 0.9 kT
-    with the window length. Each window starts from a frame of the ``md`` data at ``data_path`` near its
-    centre (:func:`window_starts`): started all from one structure, tri-alanine's (phi1, psi1) windows left
-    phi2 > 0 at 15% of the weight (the data and the sampler: 2%)."""
-    per_axis, frames, steps, timestep = size
+def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Path | None,
+                       seed: int = 11) -> dict:
+    """Replica-exchange umbrella sampling on a grid over (phi, its psi) with Metropolized dynamics
+    (:func:`~openmm_snf.reus.run_exchange_umbrella`: exact at any time step) + MBAR: ΔF(phi>0 − phi<0), its
+    interval, reweighted CV values, wall time. Both torsions are held: along phi alone, windows with phi > 0
+    kept the psi basin they were pulled into (tri-alanine's psi1 switched 0-1 times in 600 ps), and the
+    estimates moved by 0.9 kT with the window length. Without exchanges, (phi, psi) grids of Langevin MD
+    depended on their starts (alanine dipeptide 16 x 16: 5.64 or 6.51 kT). Each window starts from a frame of
+    the ``md`` data at ``data_path`` near its centre (:func:`window_starts`; None: all from the system's
+    structure)."""
+    per_axis, frames, steps = size
     psi = "psi" + phi[3:]
-    path = CACHE / f"generality_ref_{mol.name}_{phi}{psi}_{per_axis}x{per_axis}x{frames}x{steps}_{timestep:g}fs.npz"
+    starts_tag = "md" if data_path is not None else "one"
+    path = CACHE / (f"generality_reus_{mol.name}_{phi}{psi}_{per_axis}x{per_axis}x{frames}x{steps}_"
+                    f"{starts_tag}starts_seed{seed}.npz")
     if path.is_file():
         with np.load(path) as stored:
             return {key: stored[key] for key in stored.files}
@@ -120,20 +127,22 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int, float], data_pa
     centers = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)  # (windows, 2)
     biases = tuple(UmbrellaBias("dihedral", tuple(mol.cvs[name]["atoms"]), tuple(centers[:, column]), UMBRELLA_K)
                    for column, name in enumerate((phi, psi)))
-    starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi), centers)
+    starts = None if data_path is None else window_starts(mol, read_weighted_trajectory(data_path), (phi, psi),
+                                                           centers)
     windows = len(centers)
-    settings = MDSettings(n_frames=frames, steps_per_frame=steps, n_replicas=windows, equilibration_steps=5000,
-                          seed=11, timestep=timestep, hydrogen_mass=None if timestep == 1.0 else 3.0, starts=starts)
-    xyz = run_md(mol, settings, bias=biases).reshape(-1, mol.n_atoms, 3)
-    values = compute_cvs(mdtraj.Trajectory(xyz.astype(np.float32), mol.mdtraj_topology()), list(mol.cvs),
-                         cvs=mol.cvs)
-    analysis = umbrella_mbar(tuple(values[name].reshape(windows, -1) for name in (phi, psi)), biases)
+    run = run_exchange_umbrella(mol, biases, (per_axis, per_axis),
+                                ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000,
+                                                 seed=seed), starts=starts)
+    values = compute_cvs(mdtraj.Trajectory(run.xyz.reshape(-1, mol.n_atoms, 3), mol.mdtraj_topology()),
+                         list(mol.cvs), cvs=mol.cvs)
+    analysis = umbrella_mbar(tuple(run.cvs), biases)
     result = analysis.delta_f(values[phi] > 0, values[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
     overlap, grid = analysis.overlap_matrix(), np.arange(windows).reshape(per_axis, per_axis)
     min_overlap = min(overlap[grid, np.roll(grid, -1, axis)].min() for axis in (0, 1))  # next phi, next psi
     out = {**{f"cv_{name}": v for name, v in values.items()}, "log_weights": analysis.log_weights,
            "delta_f": result.delta_f, "ci_low": result.ci_low, "ci_high": result.ci_high,
-           "min_overlap": min_overlap, "wall_s": time.perf_counter() - start}
+           "min_overlap": min_overlap, "md_acceptance": run.md_acceptance,
+           "exchange_acceptance": np.asarray(run.exchange_acceptance), "wall_s": time.perf_counter() - start}
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
@@ -244,11 +253,11 @@ def print_result(result: dict) -> None:
                   f"{entry['reference']:.3f}: error {entry['error']:.3f} kT{kl}")
 
 
-def _umbrella_size(text: str) -> tuple[int, int, int, float]:
+def _umbrella_size(text: str) -> tuple[int, int, int]:
     values = text.split(",")
-    if len(values) not in (3, 4) or len(values) == 4 and values[3] not in ("1", "2"):
-        raise argparse.ArgumentTypeError(f"expected WINDOWS,FRAMES,STEPS[,1|2], got {text!r}")
-    return (*(int(v) for v in values[:3]), float(values[3]) if len(values) == 4 else 1.0)
+    if len(values) != 3 or not all(v.isdigit() and int(v) > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected WINDOWS,FRAMES,STEPS (positive integers), got {text!r}")
+    return tuple(int(v) for v in values)
 
 
 def main() -> None:
@@ -257,11 +266,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=None, help="the sampler's --n (default: as 'sample')")
     parser.add_argument("--anneal", default="auto", help="the sampler's --anneal (default: auto, as 'sample')")
     parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
-    parser.add_argument("--umbrella", type=_umbrella_size, metavar="WINDOWS,FRAMES,STEPS[,FS]",
+    parser.add_argument("--umbrella", type=_umbrella_size, metavar="WINDOWS,FRAMES,STEPS",
                         help="size of the umbrella reference for every system: WINDOWS per torsion (a grid of "
-                        "WINDOWS x WINDOWS over each phi and its psi), FRAMES and STEPS per frame per window "
-                        "(default: UMBRELLA in this file); FS: time step, 1 (default) or 2 (hydrogens at 3 amu); "
-                        "smaller is faster, with a wider interval")
+                        "WINDOWS x WINDOWS over each phi and its psi), FRAMES and 2-fs STEPS per frame per window "
+                        "(default: UMBRELLA in this file); smaller is faster, with a wider interval")
     parser.add_argument("--out", default=str(CACHE / "generality"))
     args = parser.parse_args()
     counter = EvaluationCounter()
