@@ -238,8 +238,8 @@ def print_result(result: dict) -> None:
         print(f"  {stage:7s} {cost['wall_s']:8.1f} s  {cost['evaluations']:>12,d} energy evaluations")
     for name, ref in result["references"].items():
         weak = " (weakly linked windows: the interval is not to be trusted)" if ref["min_overlap"] < MIN_NEIGHBOUR_OVERLAP else ""
-        print(f"  reference {name}: umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, {ref['ci_high']:.3f}]"
-              f" kT in {ref['wall_s']:.0f} s, least neighbour overlap {ref['min_overlap']:.3f}{weak}")
+        print(f"  reference {name}: replica-exchange umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, "
+              f"{ref['ci_high']:.3f}] kT in {ref['wall_s']:.0f} s, least neighbour overlap {ref['min_overlap']:.3f}{weak}")
     for label, key in (("default sampler", "default"), ("flow alone, same E", "flow_equal_cost")):
         m = result[key]
         print(f"  {label}: n {m['n']}, Kish ESS {100 * m['ess'] / m['n']:.1f}%, k-hat {m['khat']:.2f}, "
