@@ -95,7 +95,18 @@ def resolve_config(system_source: dict, user_config: Path | None = None, overrid
         config = merge_config(config, read_yaml(shipped, "shipped training defaults"), str(shipped))
     if user_config is not None:
         config = merge_config(config, read_yaml(Path(user_config), "--config file"), str(user_config))
-    return merge_config(config, overrides or {}, "command-line options")
+    return _absolute_paths(merge_config(config, overrides or {}, "command-line options"))
+
+
+def _absolute_paths(config: dict) -> dict:
+    """``config`` with its file names (system.source and .pdb, data.path) made absolute when they name files
+    here, so that the run folder's config.yaml finds them from any directory ('train mypep.pdb --out run',
+    then 'sample run' from elsewhere); shipped system names stay names."""
+    for section, key in (("system", "source"), ("system", "pdb"), ("data", "path")):
+        value = config.get(section, {}).get(key)
+        if isinstance(value, str) and not (SHIPPED_DIR / value / "metadata.yaml").is_file() and Path(value).exists():
+            config[section][key] = str(Path(value).resolve())
+    return config
 
 
 def _is_int(value) -> bool:

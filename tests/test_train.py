@@ -1,6 +1,7 @@
 """Trainer: losses go down, non-finite steps are skipped, checkpoints are atomic and resume exactly."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -357,3 +358,24 @@ def test_reverse_phase_sharpens_the_flow_and_keeps_the_weights_exact():
 def kish_ess_fraction(snf, n=8000, seed=11):
     lw = snf.sample(n, generator=torch.Generator().manual_seed(seed)).log_weights.double()
     return float(torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))) / n
+
+
+def test_a_run_trained_from_relative_paths_loads_from_any_directory(tmp_path, monkeypatch):
+    """'train mywell --out run' then 'sample run' from another directory: config.yaml holds absolute paths
+    for the files it was given (shipped names stay names)."""
+    import shutil
+    from openmm_snf.config import resolve_config
+    from openmm_snf.runs import build_run, load_run
+    from openmm_snf.systems import SHIPPED_DIR
+    shutil.copytree(SHIPPED_DIR / "double_well", tmp_path / "work" / "mywell")
+    monkeypatch.chdir(tmp_path / "work")
+    overrides = {"data": {"method": "md",
+                          "md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
+                 "energy": {"platform": "Reference"}, "training": {"n_iterations": 2, "batch_size": 16}}
+    config = resolve_config({"source": "mywell"}, overrides=overrides)
+    assert config["system"]["source"] == str(tmp_path / "work" / "mywell")
+    assert resolve_config({"source": "double_well"})["system"]["source"] == "double_well"
+    run, trainer = build_run(Path("run"), config, progress=False)
+    trainer.train()
+    monkeypatch.chdir(tmp_path)
+    assert load_run(tmp_path / "work" / "run").mol.n_atoms == 1
