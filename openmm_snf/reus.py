@@ -40,6 +40,7 @@ from .coordinates.geometry import dihedrals
 from .energy import OpenMMEnergy
 from .md import UmbrellaBias
 from .systems import MolecularSystem
+from .tempering import check_dynamics_settings
 
 __all__ = ["ExchangeSettings", "ExchangeResult", "run_exchange_umbrella"]
 
@@ -66,18 +67,7 @@ class ExchangeSettings:
     metropolize: bool = True
 
     def validate(self) -> None:
-        for name in ("n_frames", "steps_per_frame"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"exchange umbrella {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.equilibration_steps, (int, np.integer)) or self.equilibration_steps < 0:
-            raise ValueError(f"exchange umbrella equilibration_steps must be an integer >= 0, got "
-                             f"{self.equilibration_steps!r}")
-        for name in ("timestep", "friction"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"exchange umbrella {name} must be a positive number, got {value!r}")
-        MolecularSystem.check_hydrogen_mass(self.hydrogen_mass, "exchange umbrella hydrogen_mass")
+        check_dynamics_settings(self, "exchange umbrella", ("n_frames", "steps_per_frame"))
 
 
 @dataclass(frozen=True)

@@ -63,25 +63,32 @@ class TemperingSettings:
     hydrogen_mass: float | None = None
 
     def validate(self) -> None:
-        for name in ("n_frames", "steps_per_frame", "n_ladders"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"tempering {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.equilibration_steps, (int, np.integer)) or self.equilibration_steps < 0:
-            raise ValueError(f"tempering equilibration_steps must be an integer >= 0, got {self.equilibration_steps!r}")
+        check_dynamics_settings(self, "tempering", ("n_frames", "steps_per_frame", "n_ladders"))
         if self.n_temperatures is not None and (not isinstance(self.n_temperatures, (int, np.integer))
                                                 or self.n_temperatures < 1):
             raise ValueError(f"tempering n_temperatures must be a positive integer, got {self.n_temperatures!r}")
-        for name in ("timestep", "friction"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"tempering {name} must be a positive number, got {value!r}")
         if self.max_temperature is not None and not (isinstance(self.max_temperature, (int, float))
                                                      and math.isfinite(self.max_temperature)
                                                      and self.max_temperature > 0):
             raise ValueError(f"tempering max_temperature must be a positive number of kelvin, got "
                              f"{self.max_temperature!r}")
-        MolecularSystem.check_hydrogen_mass(self.hydrogen_mass, "tempering hydrogen_mass")
+
+
+def check_dynamics_settings(settings, what: str, counts: tuple) -> None:
+    """Raise ValueError naming ``what`` unless the ``counts`` fields of ``settings`` are positive integers, its
+    equilibration_steps an integer >= 0, its timestep and friction positive numbers and its hydrogen_mass
+    valid (the fields tempering and exchange umbrella runs share)."""
+    for name in counts:
+        value = getattr(settings, name)
+        if not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{what} {name} must be a positive integer, got {value!r}")
+    if not isinstance(settings.equilibration_steps, (int, np.integer)) or settings.equilibration_steps < 0:
+        raise ValueError(f"{what} equilibration_steps must be an integer >= 0, got {settings.equilibration_steps!r}")
+    for name in ("timestep", "friction"):
+        value = getattr(settings, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{what} {name} must be a positive number, got {value!r}")
+    MolecularSystem.check_hydrogen_mass(settings.hydrogen_mass, f"{what} hydrogen_mass")
 
 
 def default_ladder(temperature: float, max_temperature: float, n_atoms: int,
