@@ -165,3 +165,14 @@ def test_md_dcd_header_holds_the_time_step(tmp_path, capsys):
     assert mdtraj.load(str(out), top=str(tmp_path / "md.pdb")).n_frames == 10
     summary = json.loads((tmp_path / "md.summary.json").read_text())
     assert (summary["replicas"], summary["frames_per_replica"], summary["frame_interval_ps"]) == (2, 5, 0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_commands_keep_freed_memory_unless_the_environment_sets_it(monkeypatch):
+    from openmm_snf.cli import _MALLOPT, _keep_freed_memory
+    for name in _MALLOPT:
+        monkeypatch.delenv(name, raising=False)
+    assert sorted(_keep_freed_memory()) == sorted(_MALLOPT)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")  # the user's choice stays
+    assert _keep_freed_memory() == ["MALLOC_MMAP_THRESHOLD_"]
