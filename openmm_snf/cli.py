@@ -80,9 +80,10 @@ _SEED = _number(int, 0, high=2**31 - 2)  # OpenMM's integrator seeds are 32-bit
 
 def _add_system_arguments(parser: argparse.ArgumentParser) -> None:
     """The one group of system options shared by md, umbrella and train (load_system's arguments)."""
+    from .systems import shipped_systems
     group = parser.add_argument_group("system", "what to simulate (the same options for md, umbrella and train)")
     group.add_argument("system", metavar="SYSTEM",
-                       help="a shipped system (alanine_dipeptide_vacuum, alanine_dipeptide_implicit, double_well), "
+                       help=f"a shipped system ({', '.join(shipped_systems())}), "
                             "a folder with metadata.yaml, a PDB file (with --forcefield/--implicit), a serialized "
                             "System .xml (with --pdb) or an Amber .prmtop (with --pdb FILE.inpcrd)")
     group.add_argument("--pdb", help="structure for a System XML, or coordinates (.inpcrd) for a prmtop")
