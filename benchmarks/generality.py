@@ -34,12 +34,11 @@ import numpy as np
 from openmm_snf import load_system
 from openmm_snf.analysis import AnalysisError, compute_cvs, free_energy_difference, histogram_kl_divergence
 from openmm_snf.analysis.diagnostics import diagnose
-from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_mbar
+from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_grid
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
-from openmm_snf.md import UmbrellaBias
-from openmm_snf.reus import ExchangeSettings, run_exchange_umbrella
+from openmm_snf.reus import ExchangeSettings
 from openmm_snf.runs import load_run
 from openmm_snf.sampling import sample
 from openmm_snf.weights import kish_ess, pareto_khat
@@ -106,7 +105,7 @@ def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: 
 
 def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Path | None,
                        seed: int = 11, metropolize: bool = False) -> dict:
-    """Replica-exchange umbrella sampling on a grid over (phi, its psi) (:func:`~openmm_snf.reus.run_exchange_umbrella`,
+    """Replica-exchange umbrella sampling on a grid over (phi, its psi) (:func:`~openmm_snf.analysis.umbrella.umbrella_grid`,
     Langevin dynamics at 2 fs; ``metropolize``: GHMC, exact at its time step but slow to mix: on tri-alanine
     its grids gave 4.49 and 5.43 kT from two start sets, where Langevin's gave 3.97) + MBAR: ΔF(phi>0 − phi<0), its
     interval, reweighted CV values, wall time. Both torsions are held: along phi alone, windows with phi > 0
@@ -125,26 +124,21 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Pat
         with np.load(path) as stored:
             return {key: stored[key] for key in stored.files}
     start = time.perf_counter()
-    axis = np.linspace(-np.pi, np.pi, per_axis, endpoint=False)
-    centers = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)  # (windows, 2)
-    biases = tuple(UmbrellaBias("dihedral", tuple(mol.cvs[name]["atoms"]), tuple(centers[:, column]), UMBRELLA_K)
-                   for column, name in enumerate((phi, psi)))
-    starts = None if data_path is None else window_starts(mol, read_weighted_trajectory(data_path), (phi, psi),
-                                                           centers)
-    windows = len(centers)
-    run = run_exchange_umbrella(mol, biases, (per_axis, per_axis),
-                                ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000,
-                                                 seed=seed, metropolize=metropolize), starts=starts)
-    values = compute_cvs(mdtraj.Trajectory(run.xyz.reshape(-1, mol.n_atoms, 3), mol.mdtraj_topology()),
-                         list(mol.cvs), cvs=mol.cvs)
-    analysis = umbrella_mbar(tuple(run.cvs), biases)
-    result = analysis.delta_f(values[phi] > 0, values[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
-    overlap, grid = analysis.overlap_matrix(), np.arange(windows).reshape(per_axis, per_axis)
-    min_overlap = min(overlap[grid, np.roll(grid, -1, axis)].min() for axis in (0, 1))  # next phi, next psi
-    out = {**{f"cv_{name}": v for name, v in values.items()}, "log_weights": analysis.log_weights,
+    starts = None
+    if data_path is not None:  # the grid's window centres, phi-major (umbrella_grid's order)
+        axis = np.linspace(-np.pi, np.pi, per_axis, endpoint=False)
+        centers = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
+        starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi), centers)
+    grid = umbrella_grid(mol, (phi, psi), per_axis,
+                         ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000, seed=seed,
+                                          metropolize=metropolize), force_constant=UMBRELLA_K, starts=starts)
+    values = compute_cvs(mdtraj.Trajectory(grid.xyz, mol.mdtraj_topology()), list(mol.cvs), cvs=mol.cvs)
+    result = grid.analysis.delta_f(values[phi] > 0, values[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
+    out = {**{f"cv_{name}": v for name, v in values.items()}, "log_weights": grid.analysis.log_weights,
            "delta_f": result.delta_f, "ci_low": result.ci_low, "ci_high": result.ci_high,
-           "min_overlap": min_overlap, "md_acceptance": run.md_acceptance,
-           "exchange_acceptance": np.asarray(run.exchange_acceptance), "wall_s": time.perf_counter() - start}
+           "min_overlap": grid.neighbour_overlaps().min(),
+           "md_acceptance": np.nan if grid.md_acceptance is None else grid.md_acceptance,
+           "exchange_acceptance": np.asarray(grid.exchange_acceptance), "wall_s": time.perf_counter() - start}
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out

@@ -77,12 +77,13 @@ class ExchangeResult:
     xyz: (W, n_frames, n_atoms, 3) nm, float32, window w's frames in row w (whichever copy held it);
     cvs: (n_axes, W, n_frames) the biased CVs of those frames (radians or nm), ready for
     :func:`~openmm_snf.analysis.umbrella.umbrella_mbar` with the same biases;
-    md_acceptance: the fraction of GHMC steps accepted; exchange_acceptance: per axis, the fraction of
-    swaps accepted.
+    reduced_energies: (W, n_frames) their unbiased energies u = U/kT; md_acceptance: the fraction of GHMC
+    steps accepted; exchange_acceptance: per axis, the fraction of swaps accepted.
     """
 
     xyz: np.ndarray
     cvs: np.ndarray
+    reduced_energies: np.ndarray
     md_acceptance: float
     exchange_acceptance: tuple
 
@@ -198,14 +199,16 @@ def run_exchange_umbrella(mol: MolecularSystem, biases, shape, settings: Exchang
         nonlocal x, v, total_u, forces, values, plain_u, plain_f, accepted_steps, n_steps
         for _ in range(count):
             v = refresh(v)
-            h0 = total_u + 0.5 * (masses * v ** 2).sum((1, 2)) / kT
             v1 = v + 0.5 * dt * forces / masses
             x1 = x + dt * v1
             u1, f1, values1, plain_u1, plain_f1 = evaluate(x1, window_of)
             v1 = v1 + 0.5 * dt * f1 / masses
-            h1 = u1 + 0.5 * (masses * v1 ** 2).sum((1, 2)) / kT
-            with np.errstate(invalid="ignore", over="ignore"):
-                accept = np.isfinite(h1) & (np.log(rng.random(len(x))) < h0 - h1 if settings.metropolize else True)
+            accept = np.isfinite(u1)
+            if settings.metropolize:
+                h0 = total_u + 0.5 * (masses * v ** 2).sum((1, 2)) / kT
+                h1 = u1 + 0.5 * (masses * v1 ** 2).sum((1, 2)) / kT
+                with np.errstate(invalid="ignore", over="ignore"):
+                    accept &= np.log(rng.random(len(x))) < h0 - h1
             a3 = accept[:, None, None]
             x, v = np.where(a3, x1, x), np.where(a3, v1, -v)
             total_u, forces = np.where(accept, u1, total_u), np.where(a3, f1, forces)
@@ -236,6 +239,7 @@ def run_exchange_umbrella(mol: MolecularSystem, biases, shape, settings: Exchang
 
     xyz = np.empty((n_windows, settings.n_frames, mol.n_atoms, 3), dtype=np.float32)
     cvs = np.empty((len(shape), n_windows, settings.n_frames))
+    reduced = np.empty((n_windows, settings.n_frames))
     total = settings.equilibration_steps + settings.n_frames * settings.steps_per_frame
     with tqdm(total=total, desc=f"exchange umbrella {mol.name} ({' x '.join(map(str, shape))} windows)",
               unit="step", disable=None if progress else True) as bar:
@@ -250,7 +254,8 @@ def run_exchange_umbrella(mol: MolecularSystem, biases, shape, settings: Exchang
             ghmc(settings.steps_per_frame)
             xyz[window_of, frame] = x
             cvs[:, window_of, frame] = values
+            reduced[window_of, frame] = plain_u
             exchange()
             bar.update(settings.steps_per_frame)
     rates = tuple(float(a / n) if n else 0.0 for a, n in swaps)
-    return ExchangeResult(xyz, cvs, accepted_steps / max(n_steps, 1), rates)
+    return ExchangeResult(xyz, cvs, reduced, accepted_steps / max(n_steps, 1), rates)

@@ -176,3 +176,34 @@ def test_commands_keep_freed_memory_unless_the_environment_sets_it(monkeypatch):
     assert sorted(_keep_freed_memory()) == sorted(_MALLOPT)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")  # the user's choice stays
     assert _keep_freed_memory() == ["MALLOC_MMAP_THRESHOLD_"]
+
+
+def test_umbrella_grid_over_two_dihedrals(tmp_path, capsys):
+    """--cv phi psi: a 4 x 4 grid with replica exchange; the sidecar's u_kn holds both biases of every frame."""
+    out = tmp_path / "grid.dcd"
+    assert main(["--quiet", "umbrella", "alanine_dipeptide_vacuum", "--cv", "phi", "psi", "--windows", "4",
+                 "--frames", "10", "--steps-per-frame", "10", "--equilibration", "50", "--k", "4",
+                 "--timestep", "2", "--hydrogen-mass", "3", "--out", str(out)]) == 0
+    assert "4 x 4 windows x 10" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "grid.summary.json").read_text())
+    assert summary["cv"] == ["phi", "psi"] and summary["window_grid"] == [4, 4] and summary["windows"] == 16
+    assert len(summary["exchange_acceptance"]) == 2 and all(0 <= r <= 1 for r in summary["exchange_acceptance"])
+    assert np.shape(summary["neighbour_overlap"]) == (2, 16)
+    sidecar = np.load(tmp_path / "grid.weights.npz")
+    centers = sidecar["window_centers"]
+    assert centers.shape == (16, 2) and list(sidecar["window_cvs"]) == ["phi", "psi"]
+    assert np.allclose(centers[:4, 0], -np.pi) and np.allclose(centers[:4, 1], np.linspace(-np.pi, np.pi, 4, endpoint=False))
+    import mdtraj
+    traj = mdtraj.load(str(out), top=str(tmp_path / "grid.pdb"))
+    angles = np.stack([mdtraj.compute_phi(traj)[1][:, 0], mdtraj.compute_psi(traj)[1][:, 0]])  # (2, 160)
+    deviation = (angles[:, None, :] - centers.T[:, :, None] + np.pi) % (2 * np.pi) - np.pi  # (2, 16, 160)
+    np.testing.assert_allclose(sidecar["u_kn"], 0.5 * 4 * (deviation ** 2).sum(0), atol=1e-3)  # float32 DCD
+    assert np.isclose(np.logaddexp.reduce(sidecar["log_weights"]), 0.0)
+    assert list(sidecar["window"]) == list(np.repeat(np.arange(16), 10))
+    assert main(["report", "--samples", str(out)]) == 0
+    assert (tmp_path / "grid-plots" / "overlap.png").is_file()
+    for cvs, message in ((["phi", "psi", "phi"], "one or two dihedrals"), (["phi", "phi"], "distinct dihedrals")):
+        capsys.readouterr()
+        assert main(["umbrella", "alanine_dipeptide_vacuum", "--cv", *cvs, "--out", str(tmp_path / "x.dcd")]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x.dcd").exists()

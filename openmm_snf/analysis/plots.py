@@ -316,18 +316,26 @@ def plot_state_free_energies(path, result, *, force: bool = False, title: str | 
     return _save(fig, path, force)
 
 
-def plot_overlap_matrix(path, overlap, *, centers=None, minimum: float = 0.03, force: bool = False,
+def plot_overlap_matrix(path, overlap, *, centers=None, grid=None, names=None, minimum: float = 0.03,
+                        force: bool = False,
                         title: str = "MBAR overlap of the umbrella windows") -> Path:
     """The (K, K) MBAR overlap matrix (log colour scale) and each window's overlap with the next; below
-    ``minimum`` (red line) the chain of windows is weakly linked.
+    ``minimum`` (red) the windows are weakly linked. For a 2-D grid of windows the right panel is a map over
+    the grid of each window's smallest overlap with its next neighbour along either axis.
 
     Args:
         overlap: (K, K) matrix, rows summing to one (``UmbrellaAnalysis.overlap_matrix()``).
-        centers: (K,) window centres in radians (dihedral windows: labelled in degrees), or None.
+        centers: (K,) window centres in radians (dihedral windows: labelled in degrees), (K, 2) for a grid, or
+            None.
+        grid: windows per axis, e.g. (24, 24) (None or one axis: a chain of windows); names: the grid axes'
+            CV names, for the axis labels.
     """
     matrix = np.asarray(overlap, dtype=np.float64)
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] < 2:
         raise InputError(f"overlap must be a square (K, K) matrix with K >= 2, got shape {matrix.shape}")
+    if grid is not None and len(grid) == 2:
+        names = ("axis 1", "axis 2") if names is None else tuple(str(name) for name in names)
+        return _plot_overlap_grid(path, matrix, tuple(int(n) for n in grid), centers, names, minimum, force, title)
     k = np.arange(len(matrix))
     neighbour = matrix[k, (k + 1) % len(matrix)]
     fig = Figure(figsize=(11.0, 4.4))
@@ -350,6 +358,39 @@ def plot_overlap_matrix(path, overlap, *, centers=None, minimum: float = 0.03, f
     right.set_title(f"neighbour overlap (smallest {neighbour.min():.3f})")
     right.legend(fontsize="small")
     right.grid(alpha=0.3, axis="y")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, force)
+
+
+def _plot_overlap_grid(path, matrix, grid, centers, names, minimum, force, title) -> Path:
+    if int(np.prod(grid)) != len(matrix):
+        raise InputError(f"an overlap matrix of {len(matrix)} windows is no {grid[0]} x {grid[1]} grid")
+    index = np.arange(len(matrix)).reshape(grid)
+    smallest = np.minimum(*(matrix[index, np.roll(index, -1, axis)] for axis in (0, 1)))
+    fig = Figure(figsize=(11.0, 4.6))
+    left, right = fig.subplots(1, 2)
+    from matplotlib.colors import LogNorm
+    image = left.imshow(np.maximum(matrix, 1e-6), norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="magma_r")
+    fig.colorbar(image, ax=left, label="overlap")
+    left.set(xlabel="window j", ylabel="window i", title="overlap matrix O_ij")
+    # rows: first axis, columns: second; in degrees of the windows' centres when known, else window numbers
+    where = np.indices(grid).astype(np.float64)
+    unit = ""
+    if centers is not None:
+        where = np.degrees(np.moveaxis(np.asarray(centers, dtype=np.float64).reshape(*grid, 2), -1, 0))
+        unit = " centre (°)"
+    half = [(axis.max() - axis.min()) / max(n - 1, 1) / 2 for axis, n in zip(where, grid)]
+    extent = (where[1].min() - half[1], where[1].max() + half[1], where[0].min() - half[0], where[0].max() + half[0])
+    image = right.imshow(np.maximum(smallest, 1e-6), origin="lower", extent=extent, aspect="auto",
+                         norm=LogNorm(vmin=1e-4, vmax=1.0), cmap="viridis")
+    fig.colorbar(image, ax=right, label="smallest overlap with the next window")
+    weak = smallest < minimum
+    if weak.any():
+        right.scatter(where[1][weak], where[0][weak], marker="x", color="tab:red", label=f"< {minimum:g}: weakly linked")
+        right.legend(fontsize="small")
+    right.set(xlabel=names[1] + unit, ylabel=names[0] + unit,
+              title=f"neighbour overlap over the grid (smallest {smallest.min():.3f})")
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path, force)

@@ -104,7 +104,9 @@ def write_report(run_dir, samples=None, *, out_dir=None, force: bool = False, bi
     ref_label = "training data (MD)" if ref_log_w is None else "training data (reweighted to T)"
     if "overlap_matrix" in weighted.extra:  # umbrella samples
         written.append(plots.plot_overlap_matrix(out_dir / "overlap.png", weighted.extra["overlap_matrix"],
-                                                 centers=weighted.extra.get("window_centers"), force=force))
+                                                 centers=weighted.extra.get("window_centers"),
+                                                 grid=weighted.extra.get("window_grid"),
+                                                 names=weighted.extra.get("window_cvs"), force=force))
     if weighted.reduced_energies is not None:
         ref_u = None
         if reference is not None and reference_energy is not None:

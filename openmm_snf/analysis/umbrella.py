@@ -1,6 +1,7 @@
 """Umbrella sampling analysed with MBAR (pymbar 4): unbiased free energies and per-frame weights.
 
 :func:`umbrella_sampling` runs it along a dihedral (MD of all windows in one Context, then MBAR);
+:func:`umbrella_grid` on a grid over several dihedrals with replica exchange (``reus.py``);
 :func:`umbrella_mbar` analyses windows sampled by any means.
 
 Window k (replica k of :func:`openmm_snf.md.run_md` with an :class:`~openmm_snf.md.UmbrellaBias`)
@@ -33,12 +34,13 @@ from scipy.stats import norm
 
 from ..energy import OpenMMEnergy
 from ..md import MDSettings, UmbrellaBias, run_md
+from ..reus import ExchangeSettings, run_exchange_umbrella
 from ..systems import MolecularSystem
 from .cvs import compute_cv, resolve_dihedral
 from .errors import AnalysisError, CVError, EmptyStateError
 
-__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "umbrella_dihedral", "umbrella_sampling",
-           "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "umbrella_dihedral", "umbrella_grid",
+           "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 
@@ -201,41 +203,62 @@ def umbrella_dihedral(mol: MolecularSystem, cv: str) -> tuple[list[int], dict]:
 
 @dataclass(frozen=True)
 class UmbrellaSampling:
-    """Umbrella sampling along a dihedral and its MBAR solution.
+    """Umbrella sampling along one dihedral or on a grid over several, and its MBAR solution.
 
     Attributes:
-        cv_name: the biased dihedral's name; cvs: CV definitions including it.
-        bias: the windows (K centres evenly on [−π, π), force constant in kT/rad²).
-        xyz: (K · n_frames, n_atoms, 3) nm, window-major; cv: (K · n_frames,) radians.
+        cv_names: the biased dihedrals' names, one per grid axis; cvs: CV definitions including them.
+        biases: one :class:`~openmm_snf.md.UmbrellaBias` per axis (one centre per window, windows in C order
+            over ``shape``; force constants in kT/rad²); shape: windows per axis.
+        xyz: (K · n_frames, n_atoms, 3) nm, window-major; cv: (n_axes, K · n_frames) radians.
         reduced_energies: (K · n_frames,) unbiased u = U/kT of every frame.
         analysis: the :class:`UmbrellaAnalysis` (``.log_weights`` unbiased, per frame).
+        exchange_acceptance: per axis, the fraction of replica swaps accepted (empty without exchanges);
+        md_acceptance: the fraction of dynamics steps accepted (Metropolized exchange runs; else None).
     """
 
-    cv_name: str
+    cv_names: tuple
     cvs: dict
-    bias: UmbrellaBias
+    biases: tuple
+    shape: tuple
     xyz: np.ndarray
     cv: np.ndarray
     reduced_energies: np.ndarray
     analysis: UmbrellaAnalysis
+    exchange_acceptance: tuple = ()
+    md_acceptance: float | None = None
 
     @property
     def n_windows(self) -> int:
-        return len(self.bias.centers)
+        return len(self.biases[0].centers)
+
+    def window_centers(self) -> np.ndarray:
+        """(K,) centres in radians for one axis, (K, n_axes) for a grid."""
+        centers = np.stack([np.asarray(bias.centers) for bias in self.biases], axis=-1)
+        return centers[:, 0] if len(self.biases) == 1 else centers
+
+    def neighbour_overlaps(self) -> np.ndarray:
+        """(n_axes, K): MBAR overlap of each window with the next along each axis (dihedral axes wrap around);
+        below :data:`MIN_NEIGHBOUR_OVERLAP` the windows are weakly linked there."""
+        matrix = self.analysis.overlap_matrix()
+        grid = np.arange(self.n_windows).reshape(self.shape)
+        return np.stack([matrix[grid, np.roll(grid, -1, axis)].reshape(-1) for axis in range(len(self.shape))])
 
     def sidecar(self, mol: MolecularSystem) -> dict:
-        """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window, and u_kn, N_k, f_k
-        and the overlap matrix for pymbar."""
-        n_frames = len(self.cv) // self.n_windows
+        """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window and the windows'
+        centres (and grid shape), and u_kn, N_k, f_k and the overlap matrix for pymbar."""
+        n_frames = self.cv.shape[1] // self.n_windows
         return {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(self.cvs),
-                "window": np.repeat(np.arange(self.n_windows), n_frames),
-                "window_centers": np.asarray(self.bias.centers), "u_kn": self.bias.reduced_energies(self.cv),
+                "window": np.repeat(np.arange(self.n_windows), n_frames), "window_centers": self.window_centers(),
+                "window_grid": np.asarray(self.shape), "window_cvs": np.asarray(self.cv_names),
+                "u_kn": sum(bias.reduced_energies(values) for bias, values in zip(self.biases, self.cv)),
                 "N_k": np.full(self.n_windows, n_frames), "f_k": self.analysis.f_windows,
                 "overlap_matrix": self.analysis.overlap_matrix()}
 
     def delta_f(self) -> UmbrellaFreeEnergy:
-        """F(cv > 0) − F(cv < 0) in kT (the rare state first for alanine's phi, as the README's sign convention)."""
-        return self.analysis.delta_f(self.cv > 0, self.cv < 0, labels=(f"{self.cv_name}>0", f"{self.cv_name}<0"))
+        """F(cv > 0) − F(cv < 0) in kT of the first biased dihedral (the rare state first for alanine's phi, as
+        the README's sign convention)."""
+        name, values = self.cv_names[0], self.cv[0]
+        return self.analysis.delta_f(values > 0, values < 0, labels=(f"{name}>0", f"{name}<0"))
 
 
 def umbrella_sampling(mol: MolecularSystem, cv: str, settings: MDSettings, *, force_constant: float,
@@ -253,4 +276,31 @@ def umbrella_sampling(mol: MolecularSystem, cv: str, settings: MDSettings, *, fo
     values = compute_cv(mdtraj.Trajectory(xyz, mol.mdtraj_topology()), cv, cvs=cvs)
     analysis = umbrella_mbar(values.reshape(settings.n_replicas, -1), bias)
     energies, _ = OpenMMEnergy(mol, platform=platform, threads=threads).energy_and_forces(torch.as_tensor(xyz))
-    return UmbrellaSampling(cv, cvs, bias, xyz, values, energies.numpy(), analysis)
+    return UmbrellaSampling((cv,), cvs, (bias,), (settings.n_replicas,), xyz, values[None], energies.numpy(),
+                            analysis)
+
+
+def umbrella_grid(mol: MolecularSystem, cv_names, windows: int, settings: ExchangeSettings, *,
+                  force_constant: float, energy: OpenMMEnergy | None = None, starts: np.ndarray | None = None,
+                  progress: bool = True) -> UmbrellaSampling:
+    """Replica-exchange umbrella sampling on a grid over the dihedrals ``cv_names`` (e.g. ("phi", "psi")):
+    ``windows`` centres evenly on [−π, π) per axis (windows ** n_axes in all) with ``force_constant``
+    (kT/rad²), all copies one batch of the energy, neighbouring windows swapping copies along each axis
+    (:func:`~openmm_snf.reus.run_exchange_umbrella`; ``energy`` and ``starts`` are passed on), solved with
+    :func:`umbrella_mbar`. Holding every backbone dihedral of a residue keeps each window from staying in the
+    basin its start chose (along phi alone, alanine windows kept their psi basin for hundreds of ps)."""
+    cv_names = tuple(cv_names)
+    if not cv_names or len(set(cv_names)) != len(cv_names):
+        raise CVError(f"--cv: need distinct dihedrals for the grid axes, got {list(cv_names)}")
+    atoms = [umbrella_dihedral(mol, name)[0] for name in cv_names]
+    cvs = {**mol.cvs, **{name: {"kind": "dihedral", "atoms": axis} for name, axis in zip(cv_names, atoms)}}
+    axis = np.linspace(-np.pi, np.pi, windows, endpoint=False)
+    centers = np.stack(np.meshgrid(*[axis] * len(cv_names), indexing="ij"), axis=-1).reshape(-1, len(cv_names))
+    biases = tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), force_constant)
+                   for column, one in enumerate(atoms))
+    shape = (windows,) * len(cv_names)
+    run = run_exchange_umbrella(mol, biases, shape, settings, energy=energy, starts=starts, progress=progress)
+    analysis = umbrella_mbar(tuple(run.cvs), biases)
+    return UmbrellaSampling(cv_names, cvs, biases, shape, run.xyz.reshape(-1, mol.n_atoms, 3),
+                            run.cvs.reshape(len(cv_names), -1), run.reduced_energies.reshape(-1), analysis,
+                            run.exchange_acceptance, run.md_acceptance if settings.metropolize else None)
