@@ -38,6 +38,7 @@ from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_grid
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
+from openmm_snf.md import UmbrellaBias
 from openmm_snf.reus import ExchangeSettings
 from openmm_snf.runs import load_run
 from openmm_snf.sampling import sample
@@ -96,8 +97,9 @@ def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: 
     rng = np.random.default_rng(seed)
     picks = []
     for center in centers:
-        deviation = [(values[name] - c + np.pi) % (2 * np.pi) - np.pi for name, c in zip(names, center)]
-        log_p = data.log_weights - 0.5 * UMBRELLA_K * sum(d ** 2 for d in deviation)
+        bias = sum(UmbrellaBias("dihedral", tuple(mol.cvs[name]["atoms"]), (c,), UMBRELLA_K).reduced_energies(
+            values[name])[0] for name, c in zip(names, center))
+        log_p = data.log_weights - bias
         p = np.exp(log_p - log_p.max())
         picks.append(rng.choice(len(p), p=p / p.sum()))
     return data.traj.xyz[np.array(picks)].astype(np.float64)
