@@ -291,8 +291,9 @@ def _run_umbrella(args) -> int:
     inefficiency = np.asarray(analysis.statistical_inefficiency)
     grid = " x ".join(str(n) for n in umbrella.shape)
     swaps = "".join(f"; swaps accepted along {cv}: {rate:.0%}" for cv, rate in zip(args.cv, umbrella.exchange_acceptance))
+    for_pymbar = "u_kn, N_k" if len(args.cv) == 1 else "the biased CVs, N_k"
     print(f"wrote {len(umbrella.xyz)} frames ({grid} windows x {args.frames}) with MBAR weights to {paths.dcd} "
-          f"(+ u_kn, N_k for pymbar in {paths.npz.name}); statistical inefficiency {inefficiency.min():.1f}-"
+          f"(+ {for_pymbar} for pymbar in {paths.npz.name}); statistical inefficiency {inefficiency.min():.1f}-"
           f"{inefficiency.max():.1f} frames; smallest overlap of neighbouring windows {overlap.min():.2g}{swaps}")
     if overlap.min() < MIN_NEIGHBOUR_OVERLAP:
         axis, window = np.unravel_index(int(np.argmin(overlap)), overlap.shape)

@@ -24,7 +24,8 @@ import contextlib
 import io as _io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import cached_property
 
 import mdtraj
 import numpy as np
@@ -43,6 +44,7 @@ __all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "umbrel
            "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
+_BLOCK_ENTRIES = 1 << 23  # (windows x frames) bias energies held at once when weighting frames: 64 MB
 
 
 def _pymbar():
@@ -98,6 +100,10 @@ class UmbrellaAnalysis:
     def overlap_matrix(self) -> np.ndarray:
         """(K, K) MBAR overlap matrix O (pymbar ``compute_overlap``): O_ij is the probability that a frame of
         window i is attributed to window j; each row sums to one."""
+        return self._overlap.copy()
+
+    @cached_property
+    def _overlap(self) -> np.ndarray:  # computed once: for a 24 x 24 grid it takes seconds
         with contextlib.redirect_stdout(_io.StringIO()):
             return np.asarray(self.mbar.compute_overlap()["matrix"], dtype=np.float64)
 
@@ -163,12 +169,16 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     if len({values.shape for values in cvs}) > 1:
         raise AnalysisError(f"the biases' cv arrays differ in shape: {[values.shape for values in cvs]}")
     n_windows, n_frames = cvs[0].shape
-    # (K, K * n_frames): every frame's summed bias energy under every window
-    u_kn = sum(one.reduced_energies(values.reshape(-1)) for one, values in zip(biases, cvs))
+
+    def bias_energies(frames) -> np.ndarray:
+        """(K, len(frames)): the summed bias energy of frames (flat, window-major indices) under every window."""
+        return sum(one.reduced_energies(values.reshape(-1)[frames]) for one, values in zip(biases, cvs))
+
     if len(biases) == 1:
-        series = np.stack([bias.deviation(row)[k] for k, row in enumerate(cvs[0])])
+        series = np.stack([replace(bias, centers=(bias.centers[k],)).deviation(row)[0] for k, row in enumerate(cvs[0])])
     else:  # each window's own bias energy along its frames
-        series = u_kn.reshape(n_windows, n_windows, n_frames)[np.arange(n_windows), np.arange(n_windows)]
+        series = np.stack([sum(replace(one, centers=(one.centers[k],)).reduced_energies(values[k])[0]
+                               for one, values in zip(biases, cvs)) for k in range(n_windows)])
     kept = np.zeros((n_windows, n_frames), dtype=bool)
     inefficiency = np.ones(n_windows)
     for k in range(n_windows):
@@ -178,10 +188,15 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     kept = kept.reshape(-1)
     n_k = kept.reshape(n_windows, n_frames).sum(1)
     with contextlib.redirect_stdout(_io.StringIO()):
-        mbar = pymbar.MBAR(u_kn[:, kept], n_k, initialize="zeros")
+        mbar = pymbar.MBAR(bias_energies(np.flatnonzero(kept)), n_k, initialize="zeros")
         solution = mbar.compute_free_energy_differences()
     f_k = np.asarray(mbar.f_k, dtype=np.float64)
-    log_w = -logsumexp(math.log(n_frames) + f_k[:, None] - u_kn, axis=0)
+    # every frame's weight, in blocks of frames: a grid's full u_kn (576 windows x 288,000 frames) is 1.3 GB
+    log_w = np.empty(kept.size)
+    block = max(1, _BLOCK_ENTRIES // n_windows)
+    for start in range(0, kept.size, block):
+        frames = np.arange(start, min(start + block, kept.size))
+        log_w[frames] = -logsumexp(math.log(n_frames) + f_k[:, None] - bias_energies(frames), axis=0)
     log_w -= logsumexp(log_w)
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
                             log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
@@ -244,15 +259,20 @@ class UmbrellaSampling:
         return np.stack([matrix[grid, np.roll(grid, -1, axis)].reshape(-1) for axis in range(len(self.shape))])
 
     def sidecar(self, mol: MolecularSystem) -> dict:
-        """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window and the windows'
-        centres (and grid shape), and u_kn, N_k, f_k and the overlap matrix for pymbar."""
+        """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window, the windows' centres,
+        grid shape, biased CV names, force constants and every frame's biased CV values, and N_k, f_k and the
+        overlap matrix for pymbar; along one dihedral also u_kn (a grid's would hold windows² x frames)."""
         n_frames = self.cv.shape[1] // self.n_windows
-        return {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(self.cvs),
-                "window": np.repeat(np.arange(self.n_windows), n_frames), "window_centers": self.window_centers(),
-                "window_grid": np.asarray(self.shape), "window_cvs": np.asarray(self.cv_names),
-                "u_kn": sum(bias.reduced_energies(values) for bias, values in zip(self.biases, self.cv)),
-                "N_k": np.full(self.n_windows, n_frames), "f_k": self.analysis.f_windows,
-                "overlap_matrix": self.analysis.overlap_matrix()}
+        entries = {"kT": mol.kT, "temperature": mol.temperature, "cvs_json": json.dumps(self.cvs),
+                   "window": np.repeat(np.arange(self.n_windows), n_frames), "window_centers": self.window_centers(),
+                   "window_grid": np.asarray(self.shape), "window_cvs": np.asarray(self.cv_names),
+                   "window_cv_values": self.cv,
+                   "force_constants": np.array([bias.force_constant for bias in self.biases], dtype=np.float64),
+                   "N_k": np.full(self.n_windows, n_frames), "f_k": self.analysis.f_windows,
+                   "overlap_matrix": self.analysis.overlap_matrix()}
+        if len(self.biases) == 1:
+            entries["u_kn"] = self.biases[0].reduced_energies(self.cv[0])
+        return entries
 
     def delta_f(self) -> UmbrellaFreeEnergy:
         """F(cv > 0) − F(cv < 0) in kT of the first biased dihedral (the rare state first for alanine's phi, as
