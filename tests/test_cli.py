@@ -355,6 +355,14 @@ def test_anneal_auto_anneals_a_flow_heavy_tailed_within_a_state(monkeypatch):
     assert "k-hat within B" not in reason
     monkeypatch.setattr(sampling, "frame_states", lambda mol, xyz: {"A": ~rare, "B": rare})
     assert "k-hat within B" in sampling.choose_annealing(run)[1]
+    # B's weights with a tail of index 0.6 (infinite variance; the verdict's 0.7 would pass it): anneal
+    from openmm_snf.weights import pareto_khat
+    tail = np.zeros(n)
+    tail[rare] = -0.6 * np.log((np.arange(rare.sum()) + 0.5) / rare.sum())  # Pareto quantiles, tail index 0.6
+    log_w = np.where(rare, tail - 5.0, rng.normal(0.0, 0.1, n))
+    assert 0.5 < pareto_khat(log_w[rare]) < 0.7 and pareto_khat(log_w) <= sampling.PILOT_MAX_KHAT
+    chosen, reason = sampling.choose_annealing(run)
+    assert chosen == sampling.AUTO_ANNEAL_STAGES and "k-hat within B" in reason
     # the same good weights, but B holds too few pilot samples to judge its tail: anneal
     log_w = rng.normal(0.0, 0.1, n)
     few = np.arange(n) < sampling.PILOT_MIN_STATE_SAMPLES - 1
