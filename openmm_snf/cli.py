@@ -294,7 +294,7 @@ def _run_umbrella(args) -> int:
     for_pymbar = "u_kn, N_k" if len(args.cv) == 1 else "the biased CVs, N_k"
     print(f"wrote {len(umbrella.xyz)} frames ({grid} windows x {args.frames}) with MBAR weights to {paths.dcd} "
           f"(+ {for_pymbar} for pymbar in {paths.npz.name}); statistical inefficiency {inefficiency.min():.1f}-"
-          f"{inefficiency.max():.1f} frames; smallest overlap of neighbouring windows {overlap.min():.2g}{swaps}")
+          f"{inefficiency.max():.1f} frames; MBAR solved on {int(analysis.kept.sum())} of them; smallest overlap of neighbouring windows {overlap.min():.2g}{swaps}")
     if overlap.min() < MIN_NEIGHBOUR_OVERLAP:
         axis, window = np.unravel_index(int(np.argmin(overlap)), overlap.shape)
         grid_index = np.arange(umbrella.n_windows).reshape(umbrella.shape)
