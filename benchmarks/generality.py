@@ -34,7 +34,7 @@ import numpy as np
 from openmm_snf import load_system
 from openmm_snf.analysis import AnalysisError, compute_cvs, free_energy_difference, histogram_kl_divergence
 from openmm_snf.analysis.diagnostics import diagnose
-from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_grid
+from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, dihedral_grid_centers, umbrella_grid
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
@@ -127,10 +127,9 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Pat
             return {key: stored[key] for key in stored.files}
     start = time.perf_counter()
     starts = None
-    if data_path is not None:  # the grid's window centres, phi-major (umbrella_grid's order)
-        axis = np.linspace(-np.pi, np.pi, per_axis, endpoint=False)
-        centers = np.stack(np.meshgrid(axis, axis, indexing="ij"), axis=-1).reshape(-1, 2)
-        starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi), centers)
+    if data_path is not None:
+        starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi),
+                               dihedral_grid_centers(per_axis, 2))
     grid = umbrella_grid(mol, (phi, psi), per_axis,
                          ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000, seed=seed,
                                           metropolize=metropolize), force_constant=UMBRELLA_K, starts=starts)

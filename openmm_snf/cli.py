@@ -256,7 +256,8 @@ def _add_umbrella(sub) -> None:
 
 def _run_umbrella(args) -> int:
     import numpy as np
-    from .analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, umbrella_dihedral, umbrella_grid, umbrella_sampling
+    from .analysis.umbrella import (MIN_NEIGHBOUR_OVERLAP, next_windows, umbrella_dihedral, umbrella_grid,
+                                    umbrella_sampling)
     from .io import check_not_inputs, check_outputs_free, trajectory_paths, write_weighted_trajectory
     from .summary import write_summary
     if len(args.cv) > 2:
@@ -297,8 +298,7 @@ def _run_umbrella(args) -> int:
           f"{inefficiency.max():.1f} frames; MBAR solved on {int(analysis.kept.sum())} of them; smallest overlap of neighbouring windows {overlap.min():.2g}{swaps}")
     if overlap.min() < MIN_NEIGHBOUR_OVERLAP:
         axis, window = np.unravel_index(int(np.argmin(overlap)), overlap.shape)
-        grid_index = np.arange(umbrella.n_windows).reshape(umbrella.shape)
-        neighbour = int(np.roll(grid_index, -1, axis).reshape(-1)[window])
+        neighbour = int(next_windows(umbrella.shape)[axis, window])
         print(f"warning: MBAR overlap between windows {window} and {neighbour} (along {args.cv[axis]}) is "
               f"{overlap.min():.2g} (< {MIN_NEIGHBOUR_OVERLAP}): the free energies across that gap are unreliable; "
               "use more --windows or a smaller --k", file=sys.stderr)

@@ -179,7 +179,7 @@ def test_commands_keep_freed_memory_unless_the_environment_sets_it(monkeypatch):
 
 
 def test_umbrella_grid_over_two_dihedrals(tmp_path, capsys):
-    """--cv phi psi: a 4 x 4 grid with replica exchange; the sidecar's u_kn holds both biases of every frame."""
+    """--cv phi psi: a 4 x 4 grid with replica exchange; the sidecar holds both biased CVs of every frame."""
     out = tmp_path / "grid.dcd"
     assert main(["--quiet", "umbrella", "alanine_dipeptide_vacuum", "--cv", "phi", "psi", "--windows", "4",
                  "--frames", "10", "--steps-per-frame", "10", "--equilibration", "50", "--k", "4",

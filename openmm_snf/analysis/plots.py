@@ -366,8 +366,8 @@ def plot_overlap_matrix(path, overlap, *, centers=None, grid=None, names=None, m
 def _plot_overlap_grid(path, matrix, grid, centers, names, minimum, force, title) -> Path:
     if int(np.prod(grid)) != len(matrix):
         raise InputError(f"an overlap matrix of {len(matrix)} windows is no {grid[0]} x {grid[1]} grid")
-    index = np.arange(len(matrix)).reshape(grid)
-    smallest = np.minimum(*(matrix[index, np.roll(index, -1, axis)] for axis in (0, 1)))
+    from .umbrella import next_windows
+    smallest = matrix[np.arange(len(matrix)), next_windows(grid)].min(0).reshape(grid)
     fig = Figure(figsize=(11.0, 4.6))
     left, right = fig.subplots(1, 2)
     from matplotlib.colors import LogNorm

@@ -40,8 +40,8 @@ from ..systems import MolecularSystem
 from .cvs import compute_cv, resolve_dihedral
 from .errors import AnalysisError, CVError, EmptyStateError
 
-__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "umbrella_dihedral", "umbrella_grid",
-           "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "dihedral_grid_centers", "next_windows",
+           "umbrella_dihedral", "umbrella_grid", "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 _BLOCK_ENTRIES = 1 << 23  # (windows x frames) bias energies held at once when weighting frames: 64 MB
@@ -98,7 +98,6 @@ class UmbrellaAnalysis:
     statistical_inefficiency: np.ndarray
     kept: np.ndarray
     mbar: object
-    periodic: bool = False
 
     def overlap_matrix(self) -> np.ndarray:
         """(K, K) MBAR overlap matrix O (pymbar ``compute_overlap``): O_ij is the probability that a frame of
@@ -109,13 +108,6 @@ class UmbrellaAnalysis:
     def _overlap(self) -> np.ndarray:  # computed once: for a 24 x 24 grid it takes seconds
         with contextlib.redirect_stdout(_io.StringIO()):
             return np.asarray(self.mbar.compute_overlap()["matrix"], dtype=np.float64)
-
-    def neighbour_overlap(self) -> np.ndarray:
-        """Overlap O_{k,k+1} of each window with the next: (K,) for dihedral windows, the last one wrapping
-        around to the first, else (K-1,); below :data:`MIN_NEIGHBOUR_OVERLAP` the chain is weakly linked there."""
-        matrix = self.overlap_matrix()
-        k = np.arange(len(matrix) if self.periodic else len(matrix) - 1)
-        return matrix[k, (k + 1) % len(matrix)]
 
     def delta_f(self, in_a, in_b, *, labels=("A", "B"), confidence: float = 0.95) -> UmbrellaFreeEnergy:
         """F_A − F_B for boolean masks (K * n_frames,) over all frames (window-major)."""
@@ -138,6 +130,20 @@ class UmbrellaAnalysis:
         return UmbrellaFreeEnergy(labels[0], labels[1], delta_f, std, delta_f - z * std, delta_f + z * std,
                                   confidence, float(weights[in_a].sum()), float(weights[in_b].sum()),
                                   int(a.sum()), int(b.sum()))
+
+
+def dihedral_grid_centers(windows: int, n_axes: int) -> np.ndarray:
+    """(windows ** n_axes, n_axes) window centres in radians: ``windows`` evenly on [−π, π) per axis, in C
+    order over the grid (the last axis varies fastest)."""
+    axis = np.linspace(-np.pi, np.pi, windows, endpoint=False)
+    return np.stack(np.meshgrid(*[axis] * n_axes, indexing="ij"), axis=-1).reshape(-1, n_axes)
+
+
+def next_windows(shape) -> np.ndarray:
+    """(n_axes, K) the index of each window's next neighbour along each axis of a grid of windows (C order),
+    the last window of an axis wrapping around to its first (dihedral axes)."""
+    grid = np.arange(int(np.prod(shape))).reshape(shape)
+    return np.stack([np.roll(grid, -1, axis).reshape(-1) for axis in range(len(shape))])
 
 
 def _check_cv(cv, bias) -> np.ndarray:
@@ -211,8 +217,7 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True, max_entries: int = MBAR
         log_w[frames] = -logsumexp(math.log(n_frames) + f_k[:, None] - bias_energies(frames), axis=0)
     log_w -= logsumexp(log_w)
     return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
-                            log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar,
-                            periodic=all(one.kind == "dihedral" for one in biases))
+                            log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar)
 
 
 def umbrella_dihedral(mol: MolecularSystem, cv: str) -> tuple[list[int], dict]:
@@ -266,9 +271,7 @@ class UmbrellaSampling:
     def neighbour_overlaps(self) -> np.ndarray:
         """(n_axes, K): MBAR overlap of each window with the next along each axis (dihedral axes wrap around);
         below :data:`MIN_NEIGHBOUR_OVERLAP` the windows are weakly linked there."""
-        matrix = self.analysis.overlap_matrix()
-        grid = np.arange(self.n_windows).reshape(self.shape)
-        return np.stack([matrix[grid, np.roll(grid, -1, axis)].reshape(-1) for axis in range(len(self.shape))])
+        return self.analysis.overlap_matrix()[np.arange(self.n_windows), next_windows(self.shape)]
 
     def sidecar(self, mol: MolecularSystem) -> dict:
         """Entries for the trajectory's weights sidecar: kT, the CVs, each frame's window, the windows' centres,
@@ -326,8 +329,7 @@ def umbrella_grid(mol: MolecularSystem, cv_names, windows: int, settings: Exchan
         raise CVError(f"--cv: need distinct dihedrals for the grid axes, got {list(cv_names)}")
     atoms = [umbrella_dihedral(mol, name)[0] for name in cv_names]
     cvs = {**mol.cvs, **{name: {"kind": "dihedral", "atoms": axis} for name, axis in zip(cv_names, atoms)}}
-    axis = np.linspace(-np.pi, np.pi, windows, endpoint=False)
-    centers = np.stack(np.meshgrid(*[axis] * len(cv_names), indexing="ij"), axis=-1).reshape(-1, len(cv_names))
+    centers = dihedral_grid_centers(windows, len(cv_names))
     biases = tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), force_constant)
                    for column, one in enumerate(atoms))
     shape = (windows,) * len(cv_names)
