@@ -7,7 +7,8 @@ the double well's x sign — gets at least this share of the training weight, so
 rare states often; 0: off), or how to make data: ``method`` tempering (default: parallel tempering up to
 2.5 x T, :mod:`openmm_snf.tempering`, so that the data cross barriers without knowing the states) or
 md (plain MD at T), with the ``tempering`` / ``md`` settings), ``coordinates``
-(``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms), ``model`` (arguments of
+(``scheme``: mixed, global, or cartesian for systems of fewer than 3 atoms; ``ring_frames``: each small ring
+system's atoms as whitened offsets in a local frame instead of z-matrix rows, :mod:`~openmm_snf.coordinates.rings`), ``model`` (arguments of
 :func:`~openmm_snf.flows.build_snf`), ``training`` (:class:`~openmm_snf.train.TrainConfig`),
 ``regularization`` (linlogcut of the training energies, or null), ``device`` (cpu, cuda or auto).
 
@@ -44,7 +45,7 @@ DEFAULTS = {
              "seed_rare_states": {"n_copies": 64, "n_frames": 1500},
              "tempering": asdict(TemperingSettings(n_frames=1500, timestep=2.0, hydrogen_mass=3.0)),
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
-    "coordinates": {"scheme": "mixed"},
+    "coordinates": {"scheme": "mixed", "ring_frames": True},
     "model": snf_defaults(),
     # maximum likelihood on the data for 4000 iterations, then ML + reverse KL (equal weights) for 6000. Measured
     # (README "Your own molecule"): against 3000 reverse iterations with ML at 0.1, the annealed samples' ESS in
@@ -156,6 +157,8 @@ def validate_config(config: dict, mol: MolecularSystem) -> TrainConfig:
         _check_data_settings(data["method"], data[data["method"]], mol)
     scheme = config["coordinates"]["scheme"]
     _check(scheme in SCHEMES, "coordinates.scheme", f"one of {', '.join(SCHEMES)}", scheme)
+    _check(isinstance(config["coordinates"]["ring_frames"], bool), "coordinates.ring_frames", "true or false",
+           config["coordinates"]["ring_frames"])
     if scheme != "cartesian" and mol.n_atoms >= 3 and mol.constrained_pairs:
         raise RunConfigError(f"{mol.name}: the System constrains {len(mol.constrained_pairs)} distance(s), which "
                              f"the internal coordinates (coordinates.scheme: {scheme}) cannot represent; rebuild the "

@@ -77,7 +77,8 @@ def _transform(mol: MolecularSystem, config: dict, reference: np.ndarray):
     if scheme == "cartesian" or mol.n_atoms < 3:
         block = Reshape((mol.n_atoms, 3))
         return block.dim, None, block
-    block = InternalCoordinateTransform.from_system(mol, reference, scheme=scheme)
+    block = InternalCoordinateTransform.from_system(mol, reference, scheme=scheme,
+                                                    rings=config["coordinates"]["ring_frames"])
     return block.dim, block.periodic_mask, block
 
 
@@ -208,7 +209,7 @@ def _prepare(folder: Path, config: dict | None, resume: bool, progress: bool = T
     if resume:
         if not config_path.is_file():
             raise RunConfigError(f"--resume: {folder} holds no config.yaml; start a new run without --resume")
-        saved = read_yaml(config_path, "run configuration")
+        saved = read_run_config(folder)
         config = saved if config is None else config
     elif config_path.exists():
         raise RunConfigError(f"{folder} already holds a run (config.yaml); use --resume to continue it, "
@@ -258,6 +259,8 @@ def read_run_config(folder) -> dict:
     config = read_yaml(Path(folder) / "config.yaml", "run configuration")
     if isinstance(config.get("model"), dict):
         config["model"] = saved_snf_options(config["model"])
+    if isinstance(config.get("coordinates"), dict):  # runs saved before ring frames placed rings by rows
+        config["coordinates"] = {"ring_frames": False, **config["coordinates"]}
     return config
 
 

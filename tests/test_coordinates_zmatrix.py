@@ -10,8 +10,11 @@ import pytest
 import torch
 
 from openmm_snf.coordinates import InternalCoordinateTransform, ZMatrix, ZMatrixError
+from openmm_snf.coordinates.graph import MolecularGraph
+from openmm_snf.coordinates.rings import ring_blocks
 from openmm_snf.coordinates.transform import stages
 from openmm_snf.systems import load_system
+from test_coordinates_transform import full_map, slogdet
 
 TRIPEPTIDE = Path(__file__).parent / "data" / "ace_ser_phe_nme.pdb"  # Ace-Ala-Ser-Phe-Nme, PDBFixer + minimized
 PAPER_ROWS = [[0, 1, 4, 6], [1, 4, 6, 8], [2, 1, 4, 0], [3, 1, 4, 0], [4, 6, 8, 14], [5, 4, 6, 8], [7, 6, 8, 4],
@@ -74,12 +77,14 @@ def test_tripeptide_zmatrix_finds_every_backbone_torsion():
     assert len(bonded_pairs(mol.topology) - tree_bonds) == 1
 
 
+@pytest.mark.parametrize("rings", [True, False])
 @pytest.mark.parametrize("scheme", ["mixed", "global"])
-def test_tripeptide_transform(scheme):
+def test_tripeptide_transform(scheme, rings):
     mol = load_system(str(TRIPEPTIDE))
     frames = perturbed(mol.positions, 80)
-    transform = InternalCoordinateTransform.from_system(mol, frames[:60], scheme=scheme)
-    assert transform.dim == 3 * 53 - 6
+    transform = InternalCoordinateTransform.from_system(mol, frames[:60], scheme=scheme, rings=rings)
+    assert transform.dim == 3 * 53 - 6 and len(transform.ring_blocks) == rings
+    assert transform.ring_slices[-1:] == ([slice(3 * 53 - 6 - 27, 3 * 53 - 6)] if rings else [])
     distance_error, ic_error, logdet_error = round_trip_error(transform, frames[60:])
     assert distance_error < 1e-10 and ic_error < 1e-9 and logdet_error < 1e-9
     traj = mdtraj.Trajectory(frames[60:], mol.mdtraj_topology())
@@ -88,6 +93,22 @@ def test_tripeptide_transform(scheme):
     for k in range(3):
         diff = np.remainder(ic[:, transform.torsion_index(atoms[k])].numpy() - phi[:, k] + np.pi, 2 * np.pi) - np.pi
         assert np.abs(diff).max() < 1e-5
+
+
+@pytest.mark.parametrize("scheme", ["mixed", "global"])
+def test_ring_block_logdet_is_the_full_jacobian(scheme):
+    """With the phenyl ring in a local frame, logdet (orbit-corrected) equals log|det| of the full square map
+    (ic, translation, rotation) -> 3N Cartesian coordinates, by autograd: the frame's rotation adds nothing,
+    the whitening its constant."""
+    mol = load_system(str(TRIPEPTIDE))
+    frames = perturbed(mol.positions, 80, seed=2)
+    transform = InternalCoordinateTransform.from_system(mol, frames[:60], scheme=scheme).double()
+    assert len(transform.ring_blocks) == 1
+    ic, logdet_inverse = transform.inverse(torch.tensor(frames[60:62]))
+    for i in range(2):
+        point = torch.cat([ic[i], torch.zeros(6, dtype=torch.float64)])
+        full_jac = torch.autograd.functional.jacobian(lambda v: full_map(transform, v), point)
+        assert -logdet_inverse[i].item() == pytest.approx(slogdet(full_jac), abs=1e-8)
 
 
 def test_fragments_hang_from_the_main_root():
@@ -188,13 +209,41 @@ def test_too_small_molecule_is_refused():
         ZMatrix.from_topology(load_system("double_well").topology)
 
 
-def test_stages_place_each_atom_after_its_references():
-    zmatrix = ZMatrix.from_topology(load_system(str(TRIPEPTIDE)).topology)
+@pytest.mark.parametrize("with_rings", [False, True])
+def test_stages_place_each_atom_after_its_references(with_rings):
+    topology = load_system(str(TRIPEPTIDE)).topology
+    zmatrix = ZMatrix.from_topology(topology)
     rows = zmatrix.rows_for("mixed")
     placed = set(zmatrix.rigid.tolist())
-    groups = stages(rows, placed)
-    assert sorted(np.concatenate(groups).tolist()) == list(range(len(rows)))
-    for group in groups:
+    blocks = ring_blocks(MolecularGraph.from_topology(topology), rows, zmatrix.rigid.tolist()) if with_rings else []
+    assert len(blocks) == with_rings  # the phenyl ring
+    in_blocks = [a for _, atoms in blocks for a in atoms]
+    rows = rows[~np.isin(rows[:, 0], in_blocks)]
+    groups = stages(rows, placed, blocks)
+    assert sorted(np.concatenate([g for g, _ in groups]).tolist()) == list(range(len(rows)))
+    assert sorted(b for _, bs in groups for b in bs) == list(range(len(blocks)))
+    for group, block_ids in groups:
         assert all(int(r) in placed for row in rows[group] for r in row[1:])
+        assert all(a in placed for b in block_ids for a in blocks[b][0])
         placed.update(rows[group, 0].tolist())
+        placed.update(a for b in block_ids for a in blocks[b][1])
+    assert len(placed) == zmatrix.n_atoms
     assert len(groups) < len(rows) / 4  # vectorized: far fewer stages than atoms
+
+
+def test_ring_systems_and_their_blocks():
+    """The phenyl ring of Ace-Ala-Ser-Phe-Nme is one ring system; its block holds the ring's other four carbons
+    and the five ring hydrogens, in the frame of CG, CD1 and CB (chi2 stays a torsion)."""
+    topology = load_system(str(TRIPEPTIDE)).topology
+    names = {a.index: (a.residue.name, a.name) for a in topology.atoms()}
+    graph = MolecularGraph.from_topology(topology)
+    systems = graph.ring_systems(10)
+    assert [sorted(names[a][1] for a in s) for s in systems] == [sorted(["CG", "CD1", "CD2", "CE1", "CE2", "CZ"])]
+    assert graph.ring_systems(5) == []
+    zmatrix = ZMatrix.from_topology(topology)
+    (frame, atoms), = ring_blocks(graph, zmatrix.rows_for("mixed"), zmatrix.rigid.tolist())
+    assert [names[a][1] for a in frame] == ["CG", "CD1", "CB"]
+    assert sorted(names[a][1] for a in atoms) == sorted(["CD2", "CE1", "CE2", "CZ", "HD1", "HD2", "HE1", "HE2", "HZ"])
+    # a ring that holds an atom of the rigid block keeps its rows
+    rows = zmatrix.rows_for("mixed")
+    assert ring_blocks(graph, rows[rows[:, 0] != atoms[0]], list(zmatrix.rigid) + [atoms[0]]) == []

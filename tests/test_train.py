@@ -239,6 +239,32 @@ def test_load_run_prefers_best_pt(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_ring_frames_option_and_runs_saved_before_it(tmp_path):
+    """A peptide with a phenyl ring gets its ring in a local frame by default; a run whose config.yaml predates
+    the option (no coordinates.ring_frames) reopens with the ring's z-matrix rows its weights were trained on."""
+    import yaml
+    from openmm_snf.config import resolve_config
+    from openmm_snf.runs import build_run, load_run
+    pdb = Path(__file__).parent / "data" / "ace_ser_phe_nme.pdb"
+    overrides = {"data": {"method": "md", "seed_rare_states": None, "balance_states": 0.0,
+                          "md": {"n_frames": 20, "n_replicas": 2, "steps_per_frame": 5, "equilibration_steps": 10}},
+                 "energy": {"platform": "Reference"}, "training": {"n_iterations": 1, "batch_size": 8}}
+    for ring_frames in (True, False):
+        folder = tmp_path / f"run_{ring_frames}"
+        config = resolve_config({"source": str(pdb)}, overrides={**overrides, "coordinates": {"ring_frames": ring_frames}})
+        run, trainer = build_run(folder, config, progress=False)
+        trainer.train()
+        transform = run.snf.blocks[-1]
+        assert len(transform.ring_blocks) == ring_frames and transform.dim == 3 * 53 - 6
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    del saved["coordinates"]["ring_frames"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(saved))
+    reopened = load_run(folder)
+    assert len(reopened.snf.blocks[-1].ring_blocks) == 0
+    for (name, a), b in zip(run.snf.state_dict().items(), reopened.snf.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
 def test_weighted_data_train_the_flow_toward_the_weighted_distribution():
     """Frames from a flat x-distribution, weighted by exp(-u(x)) (what tempering/umbrella sidecars give):
     the flow learns the double well's population split; the same frames unweighted teach a flat split."""

@@ -78,6 +78,43 @@ class MolecularGraph:
                     queue.append(n)
         return dist
 
+    def ring_systems(self, max_atoms: int) -> list[list[int]]:
+        """Heavy-atom ring systems of at most ``max_atoms`` atoms (benzene: 6, indole: 9, proline: 5), each
+        sorted, ordered by first atom. A ring system is a connected set of bonds that lie on cycles (fused
+        rings are one system); larger ones (macrocycles) are left out."""
+        heavy = [not h for h in self.is_hydrogen]
+        cyclic: list[set[int]] = [set() for _ in range(self.n_atoms)]
+        for a in range(self.n_atoms):
+            for b in self.neighbors[a]:
+                if a < b and heavy[a] and heavy[b] and self._connected_without(a, b, heavy):
+                    cyclic[a].add(b)
+                    cyclic[b].add(a)
+        systems, seen = [], set()
+        for start in range(self.n_atoms):
+            if cyclic[start] and start not in seen:
+                members, queue = {start}, deque([start])
+                while queue:
+                    for n in cyclic[queue.popleft()] - members:
+                        members.add(n)
+                        queue.append(n)
+                seen |= members
+                if len(members) <= max_atoms:
+                    systems.append(sorted(members))
+        return systems
+
+    def _connected_without(self, a: int, b: int, allowed: list[bool]) -> bool:
+        """Whether a reaches b through ``allowed`` atoms without the bond a-b (the bond lies on a cycle)."""
+        seen, queue = {a}, deque([a])
+        while queue:
+            atom = queue.popleft()
+            for n in self.neighbors[atom]:
+                if n == b and atom != a:
+                    return True
+                if n not in seen and n != b and allowed[n]:
+                    seen.add(n)
+                    queue.append(n)
+        return False
+
     def longest_heavy_path(self, fragment) -> list[int]:
         """A longest shortest path between heavy atoms of ``fragment`` (double breadth-first search)."""
         heavy = [a for a in fragment if not self.is_hydrogen[a]] or list(fragment)

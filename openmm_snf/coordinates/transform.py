@@ -10,7 +10,9 @@ IC vector layout (``dim`` entries; slices are attributes):
 * ``angle_slice``: bond angles, standardized likewise (else radians, in (0, pi));
 * ``torsion_slice``: torsions in radians, never standardized, in [-pi, pi) from ``inverse``; ``forward`` takes
   any real value (periodic). ``periodic_mask`` is True on these entries;
-* ``cartesian_slice`` (mixed scheme only): the whitened rigid block (see :mod:`.rigid`).
+* ``cartesian_slice`` (mixed scheme only): the whitened rigid block (see :mod:`.rigid`);
+* ``ring_slices`` (one per ring block, with ``ring_blocks``): a ring system's atoms as whitened offsets in
+  the frame of three placed atoms, in place of their rows (see :mod:`.rings`; constant logdet).
 
 Schemes and what ``logdet`` means
 ---------------------------------
@@ -56,28 +58,44 @@ import numpy as np
 import torch
 
 from .geometry import bond_angles, bond_lengths, dihedrals, place_atoms
+from .graph import MolecularGraph
 from .rigid import RigidBlock
-from .zmatrix import ZMatrix
+from .rings import LocalFrameBlock, ring_blocks
+from .zmatrix import ZMatrix, find_row
 
 __all__ = ["InternalCoordinateTransform", "stages"]
 
 _COUNTERS = ("clamped_bonds", "clamped_angles", "degenerate_frames")
 
 
-def stages(rows: np.ndarray, placed: set[int]) -> list[np.ndarray]:
-    """Group complete z-matrix rows into stages: a row's references are all placed by earlier stages.
+def stages(rows: np.ndarray, placed: set[int], blocks=()) -> list[tuple[np.ndarray, list[int]]]:
+    """Group complete z-matrix rows and ring blocks into stages: each one's references are placed by earlier
+    stages (or before the first).
 
     Args:
-        rows: (n_rows, 4) ints; placed: atoms placed before the first stage.
-    Returns: list of arrays of row indices; every row appears once.
+        rows: (n_rows, 4) ints; placed: atoms placed before the first stage; blocks: (frame atoms, atoms) of
+            the ring blocks (:func:`~.rings.ring_blocks`).
+    Returns: per stage, (row indices array, block indices list); every row and block appears once.
     """
     level = {atom: 0 for atom in placed}
-    row_level = []
-    for row in rows:
-        level[int(row[0])] = 1 + max(level[int(r)] for r in row[1:])
-        row_level.append(level[int(row[0])])
+    row_level, block_level = [None] * len(rows), [None] * len(blocks)
+    while None in row_level or None in block_level:
+        progress = False
+        for k, row in enumerate(rows):
+            if row_level[k] is None and all(int(r) in level for r in row[1:]):
+                row_level[k] = level[int(row[0])] = 1 + max(level[int(r)] for r in row[1:])
+                progress = True
+        for k, (frame_atoms, atoms) in enumerate(blocks):
+            if block_level[k] is None and all(a in level for a in frame_atoms):
+                block_level[k] = 1 + max(level[a] for a in frame_atoms)
+                level.update({a: block_level[k] for a in atoms})
+                progress = True
+        if not progress:
+            raise ValueError("z-matrix rows or ring blocks reference atoms that are never placed")
     row_level = np.asarray(row_level, dtype=np.int64)
-    return [np.flatnonzero(row_level == k) for k in range(1, int(row_level.max(initial=0)) + 1)]
+    depth = max([int(row_level.max(initial=0))] + block_level)
+    return [(np.flatnonzero(row_level == k), [b for b, lv in enumerate(block_level) if lv == k])
+            for k in range(1, depth + 1)]
 
 
 class InternalCoordinateTransform(torch.nn.Module):
@@ -94,7 +112,7 @@ class InternalCoordinateTransform(torch.nn.Module):
     """
 
     def __init__(self, zmatrix: ZMatrix, reference, *, scheme: str = "mixed", normalize: bool = True,
-                 orbit_correction: bool = True, min_bond: float = 1e-3, min_angle: float = 1e-5):
+                 orbit_correction: bool = True, min_bond: float = 1e-3, min_angle: float = 1e-5, ring_blocks=()):
         super().__init__()
         if scheme not in ("mixed", "global"):
             raise ValueError(f"scheme must be 'mixed' or 'global', got {scheme!r}")
@@ -109,7 +127,14 @@ class InternalCoordinateTransform(torch.nn.Module):
         self.zmatrix, self.scheme = zmatrix, scheme
         self.n_atoms = zmatrix.n_atoms
         self.orbit_correction, self.min_bond, self.min_angle = orbit_correction, min_bond, min_angle
+        ring_blocks = [(tuple(int(a) for a in frame), [int(a) for a in atoms]) for frame, atoms in ring_blocks]
+        in_blocks = [a for _, atoms in ring_blocks for a in atoms]
         rows = zmatrix.rows_for(scheme)
+        if set(in_blocks) & set(rows[:3 if scheme == "global" else 0, 0].tolist()) or len(set(in_blocks)) < len(
+                in_blocks) or not set(in_blocks) <= set(rows[:, 0].tolist()):
+            raise ValueError(f"ring blocks {ring_blocks} must hold distinct atoms placed by rows of this z-matrix")
+        rows = rows[~np.isin(rows[:, 0], in_blocks)]
+        self._scheme_rows = rows
         if scheme == "global":
             self._head = [int(rows[0, 0]), int(rows[1, 0]), int(rows[2, 0])]
             self._third_on_second = int(rows[2, 1]) == self._head[1]  # atom 3 bonded to atom 2 (else to atom 1)
@@ -119,8 +144,8 @@ class InternalCoordinateTransform(torch.nn.Module):
             placed = set(zmatrix.rigid.tolist())
             self.register_buffer("_rigid_atoms", torch.as_tensor(zmatrix.rigid), persistent=False)
         self.register_buffer("_rows", torch.as_tensor(rows, dtype=torch.long), persistent=False)
-        self._stages = stages(rows, placed)
-        for k, stage in enumerate(self._stages):
+        self._stages = stages(rows, placed, ring_blocks)
+        for k, (stage, _) in enumerate(self._stages):
             self.register_buffer(f"_stage{k}", torch.as_tensor(stage, dtype=torch.long), persistent=False)
         n_rows, n_head = len(rows), (0 if scheme == "mixed" else 1)
         self.n_bonds, self.n_angles, self.n_torsions = n_rows + 2 * n_head, n_rows + n_head, n_rows
@@ -130,7 +155,13 @@ class InternalCoordinateTransform(torch.nn.Module):
         self.rigid = (RigidBlock(reference[:, zmatrix.rigid], whiten=normalize) if scheme == "mixed" else None)
         self.cartesian_slice = slice(self.torsion_slice.stop,
                                      self.torsion_slice.stop + (self.rigid.dim if self.rigid else 0))
-        self.dim = self.cartesian_slice.stop
+        self.ring_blocks = torch.nn.ModuleList(LocalFrameBlock(frame, atoms, reference, whiten=normalize)
+                                               for frame, atoms in ring_blocks)
+        self.ring_slices = []
+        for block in self.ring_blocks:
+            start = self.ring_slices[-1].stop if self.ring_slices else self.cartesian_slice.stop
+            self.ring_slices.append(slice(start, start + block.dim))
+        self.dim = self.ring_slices[-1].stop if self.ring_slices else self.cartesian_slice.stop
         periodic = torch.zeros(self.dim, dtype=torch.bool)
         periodic[self.torsion_slice] = True
         self.register_buffer("periodic_mask", periodic, persistent=False)
@@ -138,8 +169,9 @@ class InternalCoordinateTransform(torch.nn.Module):
         self._set_statistics(reference, normalize)
 
     @classmethod
-    def from_system(cls, molecular_system, reference, **kwargs) -> "InternalCoordinateTransform":
-        """Build from a :class:`~openmm_snf.systems.MolecularSystem` (z-matrix from its topology).
+    def from_system(cls, molecular_system, reference, *, rings: bool = True, **kwargs) -> "InternalCoordinateTransform":
+        """Build from a :class:`~openmm_snf.systems.MolecularSystem` (z-matrix from its topology; with ``rings``,
+        its ring systems in local frames, :mod:`.rings`).
 
         Raises ValueError if the System has constraints (their bond lengths would not be free coordinates).
         """
@@ -148,7 +180,14 @@ class InternalCoordinateTransform(torch.nn.Module):
             raise ValueError(f"{molecular_system.name}: the System constrains {len(pairs)} distance(s) (e.g. atoms "
                              f"{pairs[0]}); internal-coordinate flows treat every bond as free. Rebuild the System "
                              "with constraints=None (load_system builds PDB systems that way)")
-        return cls(ZMatrix.from_topology(molecular_system.topology), reference, **kwargs)
+        zmatrix = ZMatrix.from_topology(molecular_system.topology)
+        scheme = kwargs.get("scheme", "mixed")
+        if rings and scheme in ("mixed", "global"):  # (the constructor refuses other schemes)
+            rows = zmatrix.rows_for(scheme)
+            placed = zmatrix.rigid.tolist() if scheme == "mixed" else rows[:3, 0].tolist()
+            kwargs["ring_blocks"] = ring_blocks(MolecularGraph.from_topology(molecular_system.topology),
+                                                rows[3:] if scheme == "global" else rows, placed)
+        return cls(zmatrix, reference, **kwargs)
 
     # ------------------------------------------------------------------ statistics
     def _set_statistics(self, reference: torch.Tensor, normalize: bool) -> None:
@@ -168,7 +207,8 @@ class InternalCoordinateTransform(torch.nn.Module):
         for name, value in zip(("bond_mean", "bond_std", "angle_mean", "angle_std"), stats):
             self.register_buffer(name, value)
         # a buffer, so that load_state_dict keeps it consistent with the statistics it loads
-        log_scale = stats[1].log().sum() + stats[3].log().sum() + (self.rigid.log_scale if self.rigid else 0.0)
+        log_scale = (stats[1].log().sum() + stats[3].log().sum() + (self.rigid.log_scale if self.rigid else 0.0)
+                     + sum(block.log_scale for block in self.ring_blocks))
         self.register_buffer("log_scale", log_scale.reshape(()))
 
     @property
@@ -195,20 +235,20 @@ class InternalCoordinateTransform(torch.nn.Module):
     def atoms_of(self, kind: str) -> np.ndarray:
         """Atom indices of each IC entry of a kind: "bonds" (n, 2), "angles" (n, 3), "torsions" (n, 4)."""
         width = {"bonds": 2, "angles": 3, "torsions": 4}[kind]
-        rows = self.zmatrix.rows_for(self.scheme)
+        rows = self._scheme_rows
         start = {"bonds": 1, "angles": 2, "torsions": 3}[kind] if self.scheme == "global" else 0
         return rows[start:, :width].copy()
 
     def torsion_index(self, atoms) -> int:
         """Position in the IC vector of the torsion of ``atoms`` (either order); KeyError if it is not one."""
-        row = self.zmatrix.torsion_row(atoms, self.scheme)
+        row = find_row(self._scheme_rows, atoms)
         if row is None:
             raise KeyError(f"dihedral {list(atoms)} is not a torsion of this z-matrix")
         return self.torsion_slice.start + row - (3 if self.scheme == "global" else 0)
 
     def extra_repr(self) -> str:
         return (f"n_atoms={self.n_atoms}, dim={self.dim}, scheme={self.scheme!r}, "
-                f"orbit_correction={self.orbit_correction}")
+                f"orbit_correction={self.orbit_correction}, ring_blocks={len(self.ring_blocks)}")
 
     # ------------------------------------------------------------------ the block
     def forward(self, ic: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,15 +266,19 @@ class InternalCoordinateTransform(torch.nn.Module):
             x = self._place_head(x, bonds[:, :2], angles[:, 0])
             row_bonds, row_angles = bonds[:, 2:], angles[:, 1:]
         eps = 10 * torch.finfo(ic.dtype).eps
-        for k in range(len(self._stages)):
+        for k, (_, blocks) in enumerate(self._stages):
             stage = getattr(self, f"_stage{k}")
-            rows = self._rows[stage]
-            # index_select, not x[:, idx]: several times faster on CPU
-            positions, degenerate = place_atoms(*(x.index_select(1, rows[:, k]) for k in (1, 2, 3)),
-                                                *(t.index_select(1, stage) for t in (row_bonds, row_angles, torsions)),
-                                                eps)
-            self._count(2, degenerate)
-            x = x.index_copy(1, rows[:, 0], positions)
+            if len(stage):
+                rows = self._rows[stage]
+                # index_select, not x[:, idx]: several times faster on CPU
+                positions, degenerate = place_atoms(*(x.index_select(1, rows[:, j]) for j in (1, 2, 3)),
+                                                    *(t.index_select(1, stage) for t in (row_bonds, row_angles,
+                                                                                         torsions)), eps)
+                self._count(2, degenerate)
+                x = x.index_copy(1, rows[:, 0], positions)
+            for b in blocks:
+                block = self.ring_blocks[b]
+                x = x.index_copy(1, block.atoms, block.to_cartesian(ic[:, self.ring_slices[b]], x))
         return x, self._log_det(bonds, angles, aligned)
 
     def inverse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,6 +291,7 @@ class InternalCoordinateTransform(torch.nn.Module):
         if self.scheme == "mixed":
             w, aligned = self.rigid.from_cartesian(x.index_select(1, self._rigid_atoms))
             parts.append(w)
+        parts += [block.from_cartesian(x) for block in self.ring_blocks]
         clamped_bonds, clamped_angles = self._clamped(bonds, angles)
         return torch.cat(parts, dim=-1), -self._log_det(clamped_bonds, clamped_angles, aligned)
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .graph import MolecularGraph
 
-__all__ = ["ZMatrix", "ZMatrixError"]
+__all__ = ["ZMatrix", "ZMatrixError", "find_row"]
 
 
 class ZMatrixError(ValueError):
@@ -128,11 +128,7 @@ class ZMatrix:
 
         The dihedral a-b-c-d equals d-c-b-a, so both orders match.
         """
-        target = [int(a) for a in atoms]
-        for k, row in enumerate(self.rows_for(scheme)):
-            if (row >= 0).all() and (row.tolist() == target or row.tolist() == target[::-1]):
-                return k
-        return None
+        return find_row(self.rows_for(scheme), atoms)
 
     def __repr__(self) -> str:
         return f"ZMatrix(n_atoms={self.n_atoms}, rows={len(self.rows)}, rigid={self.rigid.tolist()})"
@@ -187,6 +183,15 @@ class ZMatrix:
         if not _references_precede(rows[:n_head] + tail, set()):
             tail = rows[n_head:]  # an unusual graph (e.g. a hydrogen with two bonds): keep breadth-first order
         return cls(rows[:n_head] + tail, rigid=block if len(block) >= 3 else (), n_atoms=graph.n_atoms)
+
+
+def find_row(rows: np.ndarray, atoms) -> int | None:
+    """Index of the complete row of ``rows`` whose torsion is the dihedral of ``atoms`` (either order), or None."""
+    target = [int(a) for a in atoms]
+    for k, row in enumerate(rows):
+        if (row >= 0).all() and (row.tolist() == target or row.tolist() == target[::-1]):
+            return k
+    return None
 
 
 def _references_precede(rows, placed: set[int]) -> bool:
