@@ -450,7 +450,7 @@ def _add_sample(sub) -> None:
                         "stay exact, the ESS grows with K (each stage costs --anneal-steps flow passes + "
                         "energies). 'auto': sample the flow alone when a pilot of 4,000 of its samples has "
                         "Kish ESS >= 10%%, Pareto k-hat <= 0.5, and in each default state >= 100 samples "
-                        "with k-hat <= 0.7 (fewer: its tail cannot be judged); else K = 40, or 80 when the pilot's Kish ESS is < 5%%; 0: never")
+                        "with k-hat <= 0.5 (fewer: its tail cannot be judged); else K = 40, or 80 when the pilot's Kish ESS is < 5%%; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
     from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS
