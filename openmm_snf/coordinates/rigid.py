@@ -19,7 +19,7 @@ import torch
 
 from .geometry import kabsch_align, skew
 
-__all__ = ["RigidBlock"]
+__all__ = ["RigidBlock", "pca_whitening"]
 
 
 def rigid_motion_directions(points: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,24 @@ def rigid_motion_directions(points: torch.Tensor) -> torch.Tensor:
     translations = torch.eye(3, dtype=points.dtype).repeat(k, 1)           # (3k, 3)
     rotations = (-skew(points)).reshape(3 * k, 3)                            # e_j x p_i = -[p_i]x e_j
     return torch.cat([translations, rotations], dim=1)
+
+
+def pca_whitening(z: torch.Tensor, whiten: bool, what: str):
+    """(mean, scale, inverse_scale, log_scale) of the whitening z = mean + scale @ w, w = inverse_scale @ (z - mean)
+    of float64 samples z (n, d) by their principal components, log_scale = log|det dz/dw| = ½ Σ log λ (a 0-dim
+    tensor); with ``whiten`` False the identity. Raises ValueError naming ``what`` for too few or too uniform samples."""
+    n, dim = z.shape
+    if not whiten:
+        return (torch.zeros(dim, dtype=torch.float64), torch.eye(dim, dtype=torch.float64),
+                torch.eye(dim, dtype=torch.float64), torch.zeros((), dtype=torch.float64))
+    if n < dim + 1:
+        raise ValueError(f"whitening {what} needs at least {dim + 1} reference frames, got {n}")
+    eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(z.T).reshape(dim, dim))
+    if eigenvalues.min() <= 1e-12 * max(eigenvalues.max().item(), 1e-300):
+        raise ValueError(f"the reference frames do not vary in every internal direction of {what} (singular "
+                         "covariance); give more, or more varied, frames")
+    return (z.mean(0), eigenvectors * eigenvalues.sqrt(), eigenvectors.T / eigenvalues.sqrt()[:, None],
+            0.5 * eigenvalues.log().sum())
 
 
 class RigidBlock(torch.nn.Module):
@@ -58,24 +76,9 @@ class RigidBlock(torch.nn.Module):
                              "defined; choose a block of at least 3 non-collinear atoms")
         section_basis = q_full[:, 6:]
         z = (kabsch_align(frames, target) - target).reshape(n_frames, 3 * k) @ section_basis
-        dim = 3 * k - 6
-        if whiten:
-            if n_frames < dim + 1:
-                raise ValueError(f"whitening the {k}-atom rigid block needs at least {dim + 1} reference frames, "
-                                 f"got {n_frames}")
-            mean = z.mean(0)
-            eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(z.T).reshape(dim, dim))
-            if eigenvalues.min() <= 1e-12 * max(eigenvalues.max().item(), 1e-300):
-                raise ValueError("the reference frames do not vary in every internal direction of the rigid "
-                                 "block (singular covariance); give more, or more varied, frames")
-            scale = eigenvectors * eigenvalues.sqrt()                       # z = m + scale @ w
-            inverse_scale = eigenvectors.T / eigenvalues.sqrt()[:, None]    # w = inverse_scale @ (z - m)
-            self.log_scale = 0.5 * float(eigenvalues.log().sum())
-        else:
-            mean = torch.zeros(dim, dtype=torch.float64)
-            scale = inverse_scale = torch.eye(dim, dtype=torch.float64)
-            self.log_scale = 0.0
-        self.dim = dim
+        mean, scale, inverse_scale, log_scale = pca_whitening(z, whiten, f"the {k}-atom rigid block")
+        self.log_scale = float(log_scale)
+        self.dim = 3 * k - 6
         self.register_buffer("target", target)
         self.register_buffer("section_basis", section_basis)
         self.register_buffer("motion_basis", q_full[:, :6])

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .rigid import pca_whitening
+
 __all__ = ["LocalFrameBlock", "ring_blocks", "MAX_RING_ATOMS"]
 
 #: ring systems with more heavy atoms than this (macrocycles, cyclic peptides) keep their z-matrix rows:
@@ -80,24 +82,11 @@ class LocalFrameBlock(torch.nn.Module):
 
     def __init__(self, frame_atoms, atoms, reference: torch.Tensor, *, whiten: bool = True):
         super().__init__()
-        self.register_buffer("frame_atoms", torch.as_tensor(list(frame_atoms), dtype=torch.long), persistent=False)
+        self.frame_atoms = tuple(int(a) for a in frame_atoms)  # python ints: no device sync per pass
         self.register_buffer("atoms", torch.as_tensor(list(atoms), dtype=torch.long), persistent=False)
         self.dim = 3 * len(atoms)
-        y = self._offsets(reference.to(torch.float64))
-        if whiten:
-            if len(y) < self.dim + 1:
-                raise ValueError(f"whitening the {len(atoms)} atoms of a ring block needs at least {self.dim + 1} "
-                                 f"reference frames, got {len(y)}")
-            eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(y.T).reshape(self.dim, self.dim))
-            if eigenvalues.min() <= 1e-12 * max(eigenvalues.max().item(), 1e-300):
-                raise ValueError("the reference frames do not vary in every direction of a ring block "
-                                 "(singular covariance); give more, or more varied, frames")
-            mean = y.mean(0)
-            scale, inverse_scale = eigenvectors * eigenvalues.sqrt(), eigenvectors.T / eigenvalues.sqrt()[:, None]
-            log_scale = 0.5 * eigenvalues.log().sum()
-        else:
-            mean, log_scale = torch.zeros(self.dim, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-            scale = inverse_scale = torch.eye(self.dim, dtype=torch.float64)
+        mean, scale, inverse_scale, log_scale = pca_whitening(self._offsets(reference.to(torch.float64)), whiten,
+                                                              f"the {len(atoms)} atoms of a ring block")
         self.register_buffer("mean", mean)
         self.register_buffer("scale", scale)
         self.register_buffer("inverse_scale", inverse_scale)
@@ -105,13 +94,12 @@ class LocalFrameBlock(torch.nn.Module):
 
     def _offsets(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3m) local offsets of the block atoms of positions x (B, n_atoms, 3)."""
-        o, u, v = (x[:, a] for a in self.frame_atoms.tolist())
-        rotation = _frame(o, u, v)
-        return ((x.index_select(1, self.atoms) - o[:, None]) @ rotation).reshape(len(x), -1)
+        o, u, v = (x[:, a] for a in self.frame_atoms)
+        return ((x.index_select(1, self.atoms) - o[:, None]) @ _frame(o, u, v)).reshape(len(x), -1)
 
     def to_cartesian(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """(B, m, 3) positions of the block atoms from w (B, 3m), the frame atoms taken from x (B, n_atoms, 3)."""
-        o, u, v = (x[:, a] for a in self.frame_atoms.tolist())
+        o, u, v = (x[:, a] for a in self.frame_atoms)
         y = (self.mean.to(w) + w @ self.scale.to(w).T).reshape(len(w), -1, 3)
         return o[:, None] + y @ _frame(o, u, v).transpose(-1, -2)
 

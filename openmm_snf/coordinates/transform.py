@@ -11,7 +11,7 @@ IC vector layout (``dim`` entries; slices are attributes):
 * ``torsion_slice``: torsions in radians, never standardized, in [-pi, pi) from ``inverse``; ``forward`` takes
   any real value (periodic). ``periodic_mask`` is True on these entries;
 * ``cartesian_slice`` (mixed scheme only): the whitened rigid block (see :mod:`.rigid`);
-* ``ring_slices`` (one per ring block, with ``ring_blocks``): a ring system's atoms as whitened offsets in
+* ``ring_slices`` (one per ring block, with ``ring_graph``): a ring system's atoms as whitened offsets in
   the frame of three placed atoms, in place of their rows (see :mod:`.rings`; constant logdet).
 
 Schemes and what ``logdet`` means
@@ -109,10 +109,13 @@ class InternalCoordinateTransform(torch.nn.Module):
         normalize: standardize bonds and angles and whiten the rigid block with ``reference`` statistics.
         orbit_correction: include the rigid-motion volume factor in logdet (see the module docs).
         min_bond: nm, floor of bond lengths; min_angle: radians, margin of angles from 0 and pi.
+        ring_graph: the molecule's bond graph, to place its small ring systems in local frames (:mod:`.rings`);
+            None: every atom by its row.
     """
 
     def __init__(self, zmatrix: ZMatrix, reference, *, scheme: str = "mixed", normalize: bool = True,
-                 orbit_correction: bool = True, min_bond: float = 1e-3, min_angle: float = 1e-5, ring_blocks=()):
+                 orbit_correction: bool = True, min_bond: float = 1e-3, min_angle: float = 1e-5,
+                 ring_graph: MolecularGraph | None = None):
         super().__init__()
         if scheme not in ("mixed", "global"):
             raise ValueError(f"scheme must be 'mixed' or 'global', got {scheme!r}")
@@ -127,13 +130,11 @@ class InternalCoordinateTransform(torch.nn.Module):
         self.zmatrix, self.scheme = zmatrix, scheme
         self.n_atoms = zmatrix.n_atoms
         self.orbit_correction, self.min_bond, self.min_angle = orbit_correction, min_bond, min_angle
-        ring_blocks = [(tuple(int(a) for a in frame), [int(a) for a in atoms]) for frame, atoms in ring_blocks]
-        in_blocks = [a for _, atoms in ring_blocks for a in atoms]
         rows = zmatrix.rows_for(scheme)
-        if set(in_blocks) & set(rows[:3 if scheme == "global" else 0, 0].tolist()) or len(set(in_blocks)) < len(
-                in_blocks) or not set(in_blocks) <= set(rows[:, 0].tolist()):
-            raise ValueError(f"ring blocks {ring_blocks} must hold distinct atoms placed by rows of this z-matrix")
-        rows = rows[~np.isin(rows[:, 0], in_blocks)]
+        first = 3 if scheme == "global" else 0  # rows of the global scheme's head, placed before the others
+        blocks = [] if ring_graph is None else ring_blocks(
+            ring_graph, rows[first:], rows[:first, 0].tolist() if first else zmatrix.rigid.tolist())
+        rows = rows[~np.isin(rows[:, 0], [a for _, atoms in blocks for a in atoms])]
         self._scheme_rows = rows
         if scheme == "global":
             self._head = [int(rows[0, 0]), int(rows[1, 0]), int(rows[2, 0])]
@@ -144,7 +145,7 @@ class InternalCoordinateTransform(torch.nn.Module):
             placed = set(zmatrix.rigid.tolist())
             self.register_buffer("_rigid_atoms", torch.as_tensor(zmatrix.rigid), persistent=False)
         self.register_buffer("_rows", torch.as_tensor(rows, dtype=torch.long), persistent=False)
-        self._stages = stages(rows, placed, ring_blocks)
+        self._stages = stages(rows, placed, blocks)
         for k, (stage, _) in enumerate(self._stages):
             self.register_buffer(f"_stage{k}", torch.as_tensor(stage, dtype=torch.long), persistent=False)
         n_rows, n_head = len(rows), (0 if scheme == "mixed" else 1)
@@ -156,7 +157,7 @@ class InternalCoordinateTransform(torch.nn.Module):
         self.cartesian_slice = slice(self.torsion_slice.stop,
                                      self.torsion_slice.stop + (self.rigid.dim if self.rigid else 0))
         self.ring_blocks = torch.nn.ModuleList(LocalFrameBlock(frame, atoms, reference, whiten=normalize)
-                                               for frame, atoms in ring_blocks)
+                                               for frame, atoms in blocks)
         self.ring_slices = []
         for block in self.ring_blocks:
             start = self.ring_slices[-1].stop if self.ring_slices else self.cartesian_slice.stop
@@ -180,14 +181,9 @@ class InternalCoordinateTransform(torch.nn.Module):
             raise ValueError(f"{molecular_system.name}: the System constrains {len(pairs)} distance(s) (e.g. atoms "
                              f"{pairs[0]}); internal-coordinate flows treat every bond as free. Rebuild the System "
                              "with constraints=None (load_system builds PDB systems that way)")
-        zmatrix = ZMatrix.from_topology(molecular_system.topology)
-        scheme = kwargs.get("scheme", "mixed")
-        if rings and scheme in ("mixed", "global"):  # (the constructor refuses other schemes)
-            rows = zmatrix.rows_for(scheme)
-            placed = zmatrix.rigid.tolist() if scheme == "mixed" else rows[:3, 0].tolist()
-            kwargs["ring_blocks"] = ring_blocks(MolecularGraph.from_topology(molecular_system.topology),
-                                                rows[3:] if scheme == "global" else rows, placed)
-        return cls(zmatrix, reference, **kwargs)
+        topology = molecular_system.topology
+        return cls(ZMatrix.from_topology(topology), reference,
+                   ring_graph=MolecularGraph.from_topology(topology) if rings else None, **kwargs)
 
     # ------------------------------------------------------------------ statistics
     def _set_statistics(self, reference: torch.Tensor, normalize: bool) -> None:
