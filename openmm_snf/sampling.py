@@ -18,7 +18,8 @@ from .flows.anneal import annealed
 from .runs import Run
 from .training_data import frame_states
 
-__all__ = ["AUTO_ANNEAL_STAGES", "choose_annealing", "sample", "sample_to_precision", "state_ess_for", "with_annealing"]
+__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "sample", "sample_to_precision",
+           "state_ess_for", "with_annealing"]
 
 
 def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True,
@@ -151,6 +152,7 @@ PILOT_MIN_STATE_SAMPLES = 100
 #: annealing stages, and twice as many for a flow whose pilot Kish ESS is below POOR_PILOT_ESS_FRACTION
 AUTO_ANNEAL_STAGES = 40
 POOR_PILOT_ESS_FRACTION = 0.05
+POOR_FLOW_STAGES = 2 * AUTO_ANNEAL_STAGES
 
 
 def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
@@ -187,7 +189,7 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
         summary += f", too few samples to judge the tail in {', '.join(unjudged)} (< {PILOT_MIN_STATE_SAMPLES})"
     if ess >= PILOT_MIN_ESS_FRACTION and khat <= PILOT_MAX_KHAT and not heavy and not unjudged:
         return 0, f"{summary}: sampling the flow alone"
-    stages = AUTO_ANNEAL_STAGES * (2 if ess < POOR_PILOT_ESS_FRACTION else 1)
+    stages = POOR_FLOW_STAGES if ess < POOR_PILOT_ESS_FRACTION else AUTO_ANNEAL_STAGES
     return stages, f"{summary}: annealing with {stages} stages (--anneal 0 to skip)"
 
 

@@ -212,6 +212,11 @@ def test_umbrella_writes_mbar_weighted_frames(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     # F(phi>0) - F(phi<0) of ALDP vacuum at 1000 K is about 2.2 kT (long MD); a short umbrella run is near it
     assert 0.5 < result["delta_f"] < 4.0
+    # a sliver of phi holds a handful of frames: the verdict's advice is about the umbrella run, not a flow
+    assert main(["free-energy", str(out), "--states", "A: phi > 3.12", "B: phi < 0"]) == 0
+    printed = capsys.readouterr().out
+    assert "UNRELIABLE: state A has ESS" in printed and "run the umbrella sampling longer (--frames)" in printed
+    assert "train" not in printed and "--n" not in printed
     _fails(["umbrella", "alanine_dipeptide_vacuum", "--out", str(tmp_path / "v.dcd"), "--cv", "distance:0,1"],
            capsys, "not a dihedral")
 
@@ -249,6 +254,22 @@ def _left_well_only(source: Path, target: Path) -> Path:
     np.savez(target.with_suffix(".weights.npz"),
              **{k: v[keep] if v.shape == keep.shape else v for k, v in sidecar.items()})
     return target
+
+
+def test_uneven_weights_advice_names_umbrella_sampling_once_annealing_is_heavy():
+    """Flow-only models: 'raise --anneal' alone below the stages --anneal auto gives a poor flow; from there on
+    also umbrella sampling and free-energy, with states that free-energy's parser accepts."""
+    from openmm_snf.analysis.states import parse_state
+    from openmm_snf.cli import _weight_remedy
+    from openmm_snf.sampling import AUTO_ANNEAL_STAGES, POOR_FLOW_STAGES
+    assert "--anneal K" in _weight_remedy(True, 0) and "umbrella" not in _weight_remedy(True, 0)
+    assert "umbrella" not in _weight_remedy(True, AUTO_ANNEAL_STAGES)
+    assert "umbrella" not in _weight_remedy(False, POOR_FLOW_STAGES)
+    advice = _weight_remedy(True, POOR_FLOW_STAGES)
+    assert f"raise --anneal (now {POOR_FLOW_STAGES})" in advice and "--cv phi[RES] psi[RES]" in advice
+    states = advice.split("--states ")[1].replace("RES", "ALA2").strip("'").split('" "')
+    for text in states:
+        assert parse_state(text.strip('"')).label in ("A", "B")
 
 
 def test_verdict_flags_a_model_trained_on_one_well(double_well_run, tmp_path, capsys):

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from openmm_snf.analysis import default_states, diagnose, free_energy_difference
-from openmm_snf.analysis.diagnostics import MORE_TRAINING
+from openmm_snf.analysis.diagnostics import MORE_TRAINING, data_advice
 from openmm_snf.weights import _gpd_shape, pareto_khat
 
 N_SEEDS = 20
@@ -124,6 +124,21 @@ def test_heavy_weights_and_rare_states_are_flagged():
     bad[[3, 9]] = [np.nan, np.inf]
     verdict = diagnose(bad)
     assert not verdict.reliable and verdict.n_nonfinite == 2 and "first at frame 3" in verdict.reasons[0]
+
+
+def test_frames_made_without_a_flow_get_advice_about_their_own_sampler():
+    """Umbrella (N_k in the sidecar) and tempering (temperatures) frames: no 'train longer', no '--n'."""
+    assert data_advice({}) == {} and data_advice({"kT": 2.5}) == {}
+    umbrella, tempering = data_advice({"N_k": np.ones(4)}), data_advice({"temperatures": np.ones(4)})
+    assert "--windows" in umbrella["remedy"] and "'openmm-snf md' longer" in tempering["remedy"]
+    rng = np.random.default_rng(3)
+    heavy = diagnose(rng.normal(0.0, 4.0, 4000), **umbrella)
+    assert not heavy.reliable and heavy.advice == (umbrella["remedy"],) * len(heavy.reasons)
+    rare = np.arange(4000) < 12
+    for few in (rare, np.arange(4000) == 0):  # sound weights, few samples: within reach or far off
+        verdict = diagnose(np.zeros(4000), {"A": ~few, "B": few}, **tempering)
+        assert verdict.advice == (tempering["more"],) and "train" not in verdict.lines()[0]
+    assert "--n" not in " ".join(diagnose(np.zeros(12), **umbrella).advice)
 
 
 def test_verdict_json_is_strict():

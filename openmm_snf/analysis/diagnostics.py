@@ -33,7 +33,7 @@ from .cvs import compute_cvs, known_cv_names, torsion_atoms
 from .states import parse_state
 
 __all__ = ["StateDiagnostic", "Verdict", "diagnose", "default_states", "MIN_ESS_FRACTION", "MIN_STATE_ESS",
-           "MAX_KHAT", "MORE_TRAINING"]
+           "MAX_KHAT", "MORE_TRAINING", "data_advice"]
 
 MIN_ESS_FRACTION = 0.01
 MIN_STATE_ESS = 30.0
@@ -47,6 +47,25 @@ MORE_TRAINING = ("train longer ('openmm-snf train ... --resume --iterations N'),
 VISIT_DATA = ("train on data that visit it: parallel tempering ('openmm-snf md SYSTEM --out d.dcd', the default, "
               "with a higher --max-temperature if needed, then 'train --data d.dcd'), 'openmm-snf umbrella' "
               "windows along its CV, or MD started in it")
+
+
+#: what to do about uneven weights (``remedy``) and about too few samples of a state whose weights are sound
+#: (``more``), for weighted frames made without a flow, by the sidecar entry that marks where they came from
+_DATA_ADVICE = {
+    "N_k": {"remedy": "run the umbrella sampling longer (--frames) or with more --windows or a smaller --k, so that "
+                      "every window samples its range and neighbouring windows overlap",
+            "more": "run the umbrella sampling longer (--frames): the state's ESS grows with the frames"},
+    "temperatures": {"remedy": "run 'openmm-snf md' longer (--frames) or with more --replicas, so that the ladder "
+                               "brings the state down to T often, or sample it by 'openmm-snf umbrella' along its CV",
+                     "more": "run 'openmm-snf md' longer (--frames) or with more --replicas: the state's ESS grows "
+                             "with the frames"},
+}
+
+
+def data_advice(extra: dict) -> dict:
+    """:func:`diagnose`'s ``remedy`` and ``more`` for weighted frames whose sidecar holds ``extra``: those of
+    umbrella sampling (``N_k``) or parallel tempering (``temperatures``); {} for samples of a flow."""
+    return next((dict(advice) for key, advice in _DATA_ADVICE.items() if key in extra), {})
 
 
 def _never_proposed(label: str) -> str:
@@ -157,7 +176,7 @@ def _state_diagnostic(label: str, log_w: np.ndarray, mask: np.ndarray, log_total
 
 def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float = MIN_ESS_FRACTION,
              min_state_ess: float = MIN_STATE_ESS, max_khat: float = MAX_KHAT,
-             remedy: str = MORE_TRAINING) -> Verdict:
+             remedy: str = MORE_TRAINING, more: str | None = None) -> Verdict:
     """The :class:`Verdict` on samples with ``log_weights`` (n,), optionally split into ``states``.
 
     Args:
@@ -168,6 +187,8 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
         max_khat: largest acceptable Pareto k-hat.
         remedy: what to do when the weights are too uneven (the default names both training longer and
             annealing; a caller that knows the model can be specific).
+        more: what to do when there are too few samples whose weights are sound (None: draw more with the
+            sampler's --n, how many when that is within reach); see :func:`data_advice`.
     """
     log_w = np.asarray(log_weights, dtype=np.float64).ravel()
     finite = np.isfinite(log_w)
@@ -193,7 +214,8 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
                       "to converge")
     found += [(reason, remedy) for reason in uneven]
     if not uneven and ess < min_state_ess:
-        found.append((f"Kish ESS {ess:.1f} of {n} samples is below {min_state_ess:.0f}", "draw more samples (--n)"))
+        found.append((f"Kish ESS {ess:.1f} of {n} samples is below {min_state_ess:.0f}",
+                      more or "draw more samples (--n)"))
     for state in diagnostics:
         if state.n == 0:
             found.append((f"state {state.label} has no samples", _never_proposed(state.label)))
@@ -205,6 +227,8 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
             continue
         if state.k_hat > max_khat:  # more samples of the same sampler converge too slowly: improve the sampler
             advice = remedy
+        elif more is not None:
+            advice = more
         elif state.ess * 20 >= min_state_ess:
             advice = _more_samples(n, state.ess, min_state_ess)
         else:

@@ -163,7 +163,7 @@ def pymbar_exp_delta_f(log_weights, in_a, in_b) -> tuple[float, float]:
 
 def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: float | None = None,
                            n_bootstrap: int = 1000, confidence: float = 0.95, seed: int = 0,
-                           block_length: int | str = 1) -> FreeEnergyResult:
+                           block_length: int | str = 1, advice: dict | None = None) -> FreeEnergyResult:
     """delta_f = F_A - F_B = -ln(sum_A w / sum_B w) with a bootstrap percentile interval.
 
     Args:
@@ -176,6 +176,7 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         seed: seed of the bootstrap's ``numpy.random.Generator``.
         block_length: frames per resampled block; > 1 for correlated (MD) frames; ``"auto"``: from the
             statistical inefficiency of the state indicators in frame order (:func:`automatic_block_length`).
+        advice: the verdict's ``remedy`` and ``more`` (:func:`~.diagnostics.data_advice`; None: a flow's).
     Raises:
         EmptyStateError: a state holds no samples (its ``verdict`` says what to do).
     """
@@ -191,7 +192,7 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
                             "\"A: ...\" \"B: ...\"")
     if n_bootstrap < 10 or not 0 < confidence < 1:
         raise AnalysisError(f"need n_bootstrap >= 10 and 0 < confidence < 1, got {n_bootstrap}, {confidence}")
-    verdict = diagnose(log_w, dict(zip(labels, (in_a, in_b))))
+    verdict = diagnose(log_w, dict(zip(labels, (in_a, in_b))), **(advice or {}))
     for label, mask in zip(labels, (in_a, in_b)):
         if not mask.any():
             raise EmptyStateError(f"state {label!r} has no samples among {len(log_w)} frames; widen its "
@@ -238,7 +239,8 @@ def state_free_energy(traj, log_weights, state_a, state_b, *, cvs: dict | None =
     masks = [state.mask(values) for state in states]
     for state, mask in zip(states, masks):
         if not mask.any():
-            verdict = diagnose(log_weights, {s.label: m for s, m in zip(states, masks)})
+            verdict = diagnose(log_weights, {s.label: m for s, m in zip(states, masks)},
+                               **(options.get("advice") or {}))
             raise EmptyStateError(f"state {str(state)!r} has no samples among {traj.n_frames} frames (the data "
                                   f"have {_describe_ranges(values)}); no free energy without samples in both "
                                   "states", verdict=verdict)
