@@ -217,6 +217,10 @@ def test_umbrella_writes_mbar_weighted_frames(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "UNRELIABLE: state A has ESS" in printed and "run the umbrella sampling longer (--frames)" in printed
     assert "train" not in printed and "--n" not in printed
+    assert main(["free-energy", str(out), "--states", "A: phi > 3.2", "B: phi < 0"]) == 2  # no frame beyond pi
+    printed = capsys.readouterr()
+    assert "UNRELIABLE: state A has no samples" in printed.out and "bias the CV" in printed.out
+    assert "train" not in printed.out and "has no samples" in printed.err
     _fails(["umbrella", "alanine_dipeptide_vacuum", "--out", str(tmp_path / "v.dcd"), "--cv", "distance:0,1"],
            capsys, "not a dihedral")
 

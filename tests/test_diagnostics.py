@@ -139,6 +139,12 @@ def test_frames_made_without_a_flow_get_advice_about_their_own_sampler():
         verdict = diagnose(np.zeros(4000), {"A": ~few, "B": few}, **tempering)
         assert verdict.advice == (tempering["more"],) and "train" not in verdict.lines()[0]
     assert "--n" not in " ".join(diagnose(np.zeros(12), **umbrella).advice)
+    empty = {"A": np.ones(4000, bool), "B": np.zeros(4000, bool)}  # a state without frames: no training advice
+    assert "training data" in " ".join(diagnose(np.zeros(4000), empty).advice)
+    for advice, fix in ((umbrella, "--cv"), (tempering, "--max-temperature")):
+        verdict = diagnose(np.zeros(4000), empty, **advice)
+        assert verdict.advice == (advice["missing"],) and fix in advice["missing"]
+        assert "train" not in advice["missing"] and "state B has no samples" in verdict.reasons
 
 
 def test_verdict_json_is_strict():

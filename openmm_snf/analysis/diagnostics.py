@@ -49,21 +49,28 @@ VISIT_DATA = ("train on data that visit it: parallel tempering ('openmm-snf md S
               "windows along its CV, or MD started in it")
 
 
-#: what to do about uneven weights (``remedy``) and about too few samples of a state whose weights are sound
-#: (``more``), for weighted frames made without a flow, by the sidecar entry that marks where they came from
+#: what to do about uneven weights (``remedy``), about too few samples of a state whose weights are sound
+#: (``more``) and about a state without samples (``missing``), for weighted frames made without a flow, by the
+#: sidecar entry that marks where they came from
 _DATA_ADVICE = {
     "N_k": {"remedy": "run the umbrella sampling longer (--frames) or with more --windows or a smaller --k, so that "
                       "every window samples its range and neighbouring windows overlap",
-            "more": "run the umbrella sampling longer (--frames): the state's ESS grows with the frames"},
+            "more": "run the umbrella sampling longer (--frames): the state's ESS grows with the frames",
+            "missing": "no umbrella frame lies in it: bias the CV that defines the state ('openmm-snf umbrella "
+                       "--cv ...'), or check the state's definition (ignore this if the state has no Boltzmann "
+                       "weight)"},
     "temperatures": {"remedy": "run 'openmm-snf md' longer (--frames) or with more --replicas, so that the ladder "
                                "brings the state down to T often, or sample it by 'openmm-snf umbrella' along its CV",
                      "more": "run 'openmm-snf md' longer (--frames) or with more --replicas: the state's ESS grows "
-                             "with the frames"},
+                             "with the frames",
+                     "missing": "no tempering frame lies in it: run 'openmm-snf md' with a higher --max-temperature "
+                                "or longer (--frames) so that the ladder reaches it, or sample it by 'openmm-snf "
+                                "umbrella' along its CV (ignore this if the state has no Boltzmann weight)"},
 }
 
 
 def data_advice(extra: dict) -> dict:
-    """:func:`diagnose`'s ``remedy`` and ``more`` for weighted frames whose sidecar holds ``extra``: those of
+    """:func:`diagnose`'s ``remedy``, ``more`` and ``missing`` for weighted frames whose sidecar holds ``extra``: those of
     umbrella sampling (``N_k``) or parallel tempering (``temperatures``); {} for samples of a flow."""
     return next((dict(advice) for key, advice in _DATA_ADVICE.items() if key in extra), {})
 
@@ -176,7 +183,7 @@ def _state_diagnostic(label: str, log_w: np.ndarray, mask: np.ndarray, log_total
 
 def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float = MIN_ESS_FRACTION,
              min_state_ess: float = MIN_STATE_ESS, max_khat: float = MAX_KHAT,
-             remedy: str = MORE_TRAINING, more: str | None = None) -> Verdict:
+             remedy: str = MORE_TRAINING, more: str | None = None, missing: str | None = None) -> Verdict:
     """The :class:`Verdict` on samples with ``log_weights`` (n,), optionally split into ``states``.
 
     Args:
@@ -189,6 +196,8 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
             annealing; a caller that knows the model can be specific).
         more: what to do when there are too few samples whose weights are sound (None: draw more with the
             sampler's --n, how many when that is within reach); see :func:`data_advice`.
+        missing: what to do about a state without samples (None: a flow's advice, to train on data that
+            visit it).
     """
     log_w = np.asarray(log_weights, dtype=np.float64).ravel()
     finite = np.isfinite(log_w)
@@ -218,7 +227,7 @@ def diagnose(log_weights, states: dict | None = None, *, min_ess_fraction: float
                       more or "draw more samples (--n)"))
     for state in diagnostics:
         if state.n == 0:
-            found.append((f"state {state.label} has no samples", _never_proposed(state.label)))
+            found.append((f"state {state.label} has no samples", missing or _never_proposed(state.label)))
             continue
         problems = ([f"ESS {state.ess:.1f} from {state.n} samples (< {min_state_ess:.0f})"]
                     if state.ess < min_state_ess else [])

@@ -176,7 +176,7 @@ def free_energy_difference(log_weights, in_a, in_b, *, labels=("A", "B"), kT: fl
         seed: seed of the bootstrap's ``numpy.random.Generator``.
         block_length: frames per resampled block; > 1 for correlated (MD) frames; ``"auto"``: from the
             statistical inefficiency of the state indicators in frame order (:func:`automatic_block_length`).
-        advice: the verdict's ``remedy`` and ``more`` (:func:`~.diagnostics.data_advice`; None: a flow's).
+        advice: the verdict's ``remedy``, ``more`` and ``missing`` (:func:`~.diagnostics.data_advice`; None: a flow's).
     Raises:
         EmptyStateError: a state holds no samples (its ``verdict`` says what to do).
     """
