@@ -181,9 +181,8 @@ class InternalCoordinateTransform(torch.nn.Module):
             raise ValueError(f"{molecular_system.name}: the System constrains {len(pairs)} distance(s) (e.g. atoms "
                              f"{pairs[0]}); internal-coordinate flows treat every bond as free. Rebuild the System "
                              "with constraints=None (load_system builds PDB systems that way)")
-        topology = molecular_system.topology
-        return cls(ZMatrix.from_topology(topology), reference,
-                   ring_graph=MolecularGraph.from_topology(topology) if rings else None, **kwargs)
+        graph = MolecularGraph.from_topology(molecular_system.topology)
+        return cls(ZMatrix.from_graph(graph), reference, ring_graph=graph if rings else None, **kwargs)
 
     # ------------------------------------------------------------------ statistics
     def _set_statistics(self, reference: torch.Tensor, normalize: bool) -> None:

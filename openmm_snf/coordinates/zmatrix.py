@@ -136,7 +136,13 @@ class ZMatrix:
     # ------------------------------------------------------------------ construction from a topology
     @classmethod
     def from_topology(cls, topology, *, root: int | None = None) -> "ZMatrix":
-        """Build a z-matrix from the bond graph of an ``openmm.app.Topology`` or ``mdtraj.Topology``.
+        """Build a z-matrix from the bond graph of an ``openmm.app.Topology`` or ``mdtraj.Topology``
+        (:meth:`from_graph` of :meth:`MolecularGraph.from_topology <.graph.MolecularGraph.from_topology>`)."""
+        return cls.from_graph(MolecularGraph.from_topology(topology), root=root)
+
+    @classmethod
+    def from_graph(cls, graph: MolecularGraph, *, root: int | None = None) -> "ZMatrix":
+        """Build a z-matrix from a molecule's bond graph.
 
         Deterministic (depends only on the bond graph, atom names and elements), and usable by both schemes:
 
@@ -158,7 +164,6 @@ class ZMatrix:
           a virtual bond, i.e. its position and orientation become a distance, angles and torsions
           relative to the main fragment.
         """
-        graph = MolecularGraph.from_topology(topology)
         if graph.n_atoms < 3:
             raise ZMatrixError(f"internal coordinates need at least 3 atoms, the topology has {graph.n_atoms}")
         main_root = graph.choose_root() if root is None else int(root)
