@@ -21,7 +21,8 @@ from .config import resolve_config
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
 from .runs import Run, build_run, load_run
-from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, sample as _sample_run, sample_to_precision, with_annealing
+from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, first_round, sample as _sample_run, sample_to_precision, \
+    with_annealing
 from .systems import load_system
 from .units import in_unit
 
@@ -87,11 +88,11 @@ def sample(run, n: int | str, *, seed: int = 0, anneal: int | str = "auto", anne
         (normalized), ``.reduced_energies`` (u = U/kT), ``.ess``.
     """
     run = run if isinstance(run, Run) else load_run(run)
-    run, _, _ = with_annealing(run, anneal, kernel=anneal_kernel, n_steps=anneal_steps, step_size=anneal_step_size,
-                               seed=seed)
+    run, stages, _ = with_annealing(run, anneal, kernel=anneal_kernel, n_steps=anneal_steps,
+                                    step_size=anneal_step_size, seed=seed)
     if n == "auto":
         result, _ = sample_to_precision(run, precision, max_n, seed=seed, batch_size=batch_size, progress=progress,
-                                        report=lambda line: None)
+                                        report=lambda line: None, first=first_round(stages))
     else:
         result = _sample_run(run, n, seed=seed, batch_size=batch_size, progress=progress)
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}

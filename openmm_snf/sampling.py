@@ -18,7 +18,7 @@ from .flows.anneal import annealed
 from .runs import Run
 from .training_data import frame_states
 
-__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "sample", "sample_to_precision",
+__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "first_round", "sample", "sample_to_precision",
            "state_ess_for", "with_annealing"]
 
 
@@ -77,9 +77,15 @@ def round_seed(seed: int, index: int) -> int:
     return int(state[0] >> np.uint64(1))
 
 
+def first_round(stages: int) -> int:
+    """Samples of :func:`sample_to_precision`'s first round for a sampler with ``stages`` annealing stages:
+    30,000, or as many as cost what 30,000 samples of 80 stages cost (7,500 for 320)."""
+    return FIRST_ROUND if stages <= POOR_FLOW_STAGES else FIRST_ROUND * POOR_FLOW_STAGES // stages
+
+
 def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0, batch_size: int = 1024,
                         progress: bool = True, n_shards: int | None = None, process_group=None,
-                        report=print) -> tuple[dict | None, str]:
+                        report=print, first: int = FIRST_ROUND) -> tuple[dict | None, str]:
     """Draw samples in rounds until every default state (phi sign, x sign), and the samples as a whole,
     have the Kish ESS :func:`state_ess_for` ``(precision)`` with k-hat <= 0.7, or ``max_n`` samples are
     drawn, or a state has no samples (more of the same sampler will not find it: the verdict says so),
@@ -88,12 +94,13 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     Why: an annealed sampler gives each state about its Boltzmann share of the samples, so the ESS of a
     rare state (phi > 0 of alanine dipeptide at 300 K: 0.3%) decides the precision of its free energy,
     and the number of samples it needs depends on the molecule and the model. The first round has
-    30,000 samples (``sample(run, 30000, seed=seed)``'s); each further round draws what the least
+    ``first`` samples (``sample(run, first, seed=seed)``'s; 30,000, fewer for many stages: :func:`first_round`);
+    each further round draws what the least
     state's ESS per sample says is missing (+10%, in steps of 10,000, at most 3x the samples so far).
     Returns the samples as :func:`sample` does (all rounds concatenated; None on ranks other than 0) and
     why it stopped. Each round's outcome goes to ``report``.
     """
-    parts, result, index, n_next, reason = [], None, 0, min(FIRST_ROUND, max_n), ""
+    parts, result, index, n_next, reason = [], None, 0, min(first, max_n), ""
     while n_next:
         part = sample(run, n_next, seed=round_seed(seed, index), batch_size=batch_size, progress=progress,
                       n_shards=n_shards, process_group=process_group)
@@ -149,10 +156,13 @@ PILOT_SAMPLES = 4000
 PILOT_MIN_ESS_FRACTION = 0.1
 PILOT_MAX_KHAT = 0.5
 PILOT_MIN_STATE_SAMPLES = 100
-#: annealing stages, and twice as many for a flow whose pilot Kish ESS is below POOR_PILOT_ESS_FRACTION
+#: annealing stages, twice as many for a flow whose pilot Kish ESS is below POOR_PILOT_ESS_FRACTION, and
+#: eight times as many below VERY_POOR_PILOT_ESS_FRACTION
 AUTO_ANNEAL_STAGES = 40
 POOR_PILOT_ESS_FRACTION = 0.05
 POOR_FLOW_STAGES = 2 * AUTO_ANNEAL_STAGES
+VERY_POOR_PILOT_ESS_FRACTION = 0.005
+VERY_POOR_FLOW_STAGES = 8 * AUTO_ANNEAL_STAGES
 
 
 def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
@@ -168,7 +178,9 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
     stages: on alanine dipeptide in implicit solvent they raised a flow's ESS from 16% to 60%, and
     brought the rare state's k-hat from 0.8 (the flow's weights there too heavy-tailed to trust) to 0.5.
     A flow with a pilot ESS below 5% gets 80: on tri-alanine (pilot 1.4%) 40 stages gave ESS 14%, 80
-    gave 34% and 1.3-1.6x the rare states' ESS per sample, at twice the cost per sample.
+    gave 34% and 1.3-1.6x the rare states' ESS per sample, at twice the cost per sample. Below 0.5% it
+    gets 320 (:func:`first_round` draws fewer samples for them): on a capped Ala-Ser-Phe peptide (pilot
+    0.04-0.1%) 320 stages x 1,000 samples beat 80 x 4,000 at equal cost (README, "Your own molecule").
     Models with stochastic blocks cannot be annealed (0).
     """
     from .weights import kish_ess, pareto_khat
@@ -189,7 +201,8 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
         summary += f", too few samples to judge the tail in {', '.join(unjudged)} (< {PILOT_MIN_STATE_SAMPLES})"
     if ess >= PILOT_MIN_ESS_FRACTION and khat <= PILOT_MAX_KHAT and not heavy and not unjudged:
         return 0, f"{summary}: sampling the flow alone"
-    stages = POOR_FLOW_STAGES if ess < POOR_PILOT_ESS_FRACTION else AUTO_ANNEAL_STAGES
+    stages = (VERY_POOR_FLOW_STAGES if ess < VERY_POOR_PILOT_ESS_FRACTION else
+              POOR_FLOW_STAGES if ess < POOR_PILOT_ESS_FRACTION else AUTO_ANNEAL_STAGES)
     return stages, f"{summary}: annealing with {stages} stages (--anneal 0 to skip)"
 
 

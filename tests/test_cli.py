@@ -396,11 +396,18 @@ def test_anneal_auto_anneals_a_flow_heavy_tailed_within_a_state(monkeypatch):
     assert chosen == sampling.AUTO_ANNEAL_STAGES and "too few samples to judge the tail in B (99)" in reason
     # a poor flow (pilot Kish ESS < 5%): twice the stages
     from openmm_snf.weights import kish_ess
-    poor = rng.normal(0.0, 3.0, n)
+    poor = rng.normal(0.0, 2.0, n)
     monkeypatch.setattr(sampling, "sample", lambda run, n, **kw: {"log_weights": poor, "xyz": None})
-    assert kish_ess(poor) < sampling.POOR_PILOT_ESS_FRACTION * n
+    assert sampling.VERY_POOR_PILOT_ESS_FRACTION * n < kish_ess(poor) < sampling.POOR_PILOT_ESS_FRACTION * n
     chosen, reason = sampling.choose_annealing(run)
     assert chosen == 2 * sampling.AUTO_ANNEAL_STAGES and f"annealing with {chosen} stages" in reason
+    # a very poor flow (pilot Kish ESS < 0.5%): eight times the stages, and a first round of equal cost
+    very_poor = rng.normal(0.0, 5.0, n)
+    monkeypatch.setattr(sampling, "sample", lambda run, n, **kw: {"log_weights": very_poor, "xyz": None})
+    assert kish_ess(very_poor) < sampling.VERY_POOR_PILOT_ESS_FRACTION * n
+    chosen, reason = sampling.choose_annealing(run)
+    assert chosen == 8 * sampling.AUTO_ANNEAL_STAGES and "annealing with 320 stages" in reason
+    assert [sampling.first_round(k) for k in (0, 40, 80, 320)] == [30000, 30000, 30000, 7500]
 
 
 def test_sample_and_train_write_strict_json_summaries(double_well_run):

@@ -81,6 +81,13 @@ def test_a_state_without_samples_stops_after_the_first_round(fake):
     assert "A has no samples" in stopped
 
 
+def test_the_first_round_can_be_smaller(fake):
+    """Many annealing stages cost more per sample: the CLI passes first_round(stages) as ``first``."""
+    sampler = fake(3)
+    _, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None, first=7500)
+    assert [n for n, _ in sampler.calls] == [7500] and stopped.startswith("7500 samples: every state")
+
+
 def test_one_round_when_every_state_is_precise_enough(fake):
     sampler = fake(3)
     result, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None)
