@@ -18,8 +18,8 @@ from .flows.anneal import annealed
 from .runs import Run
 from .training_data import frame_states
 
-__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "first_round", "sample", "sample_to_precision",
-           "state_ess_for", "with_annealing"]
+__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "first_round", "sample",
+           "sample_to_precision", "state_ess_for", "with_annealing"]
 
 
 def sample(run: Run, n: int, *, seed: int = 0, batch_size: int = 1024, progress: bool = True,
