@@ -430,8 +430,8 @@ def _add_sample(sub) -> None:
                                    "whose weights have infinite variance, k-hat 0.5-0.7).")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
     p.add_argument("--n", type=_sample_count, default="auto",
-                   help="number of samples, or 'auto' (the default): rounds (30,000 first; 7,500 with 320 --anneal stages) until every default state has the "
-                        "Kish ESS for a 95%% interval of about ±PRECISION kT on its free energy, (1.96 / "
+                   help="number of samples, or 'auto' (the default): rounds (30,000 first; 7,500 with 320 "
+                        "--anneal stages) until every default state has the Kish ESS for a 95%% interval of about ±PRECISION kT on its free energy, (1.96 / "
                         "PRECISION)^2 (171 for 0.15), with k-hat <= 0.7, or until --max-n; it stops early when "
                         "a state has no samples (the verdict then says what to do). An annealed sampler gives a "
                         "state about its Boltzmann share of the samples: phi > 0 of alanine dipeptide at 300 K "
@@ -450,7 +450,8 @@ def _add_sample(sub) -> None:
                         "stay exact, the ESS grows with K (each stage costs --anneal-steps flow passes + "
                         "energies). 'auto': sample the flow alone when a pilot of 4,000 of its samples has "
                         "Kish ESS >= 10%%, Pareto k-hat <= 0.5, and in each default state >= 100 samples "
-                        "with k-hat <= 0.5 (fewer: its tail cannot be judged); else K = 40, 80 when the pilot's Kish ESS is < 5%%, 320 when < 0.5%%; 0: never")
+                        "with k-hat <= 0.5 (fewer: its tail cannot be judged); else K = 40, 80 when the pilot's "
+                        "Kish ESS is < 5%%, 320 when < 0.5%%; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
     from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS

@@ -94,9 +94,9 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     Why: an annealed sampler gives each state about its Boltzmann share of the samples, so the ESS of a
     rare state (phi > 0 of alanine dipeptide at 300 K: 0.3%) decides the precision of its free energy,
     and the number of samples it needs depends on the molecule and the model. The first round has
-    ``first`` samples (``sample(run, first, seed=seed)``'s; 30,000, fewer for many stages: :func:`first_round`);
-    each further round draws what the least
-    state's ESS per sample says is missing (+10%, in steps of 10,000, at most 3x the samples so far).
+    ``first`` samples (``sample(run, first, seed=seed)``'s; 30,000, fewer for many stages:
+    :func:`first_round`); each further round draws what the least state's ESS per sample says is missing
+    (+10%, in steps of 10,000, at most 3x the samples so far).
     Returns the samples as :func:`sample` does (all rounds concatenated; None on ranks other than 0) and
     why it stopped. Each round's outcome goes to ``report``.
     """

@@ -70,8 +70,9 @@ _DATA_ADVICE = {
 
 
 def data_advice(extra: dict) -> dict:
-    """:func:`diagnose`'s ``remedy``, ``more`` and ``missing`` for weighted frames whose sidecar holds ``extra``: those of
-    umbrella sampling (``N_k``) or parallel tempering (``temperatures``); {} for samples of a flow."""
+    """:func:`diagnose`'s ``remedy``, ``more`` and ``missing`` for weighted frames whose sidecar holds
+    ``extra``: those of umbrella sampling (``N_k``) or parallel tempering (``temperatures``); {} for samples
+    of a flow."""
     return next((dict(advice) for key, advice in _DATA_ADVICE.items() if key in extra), {})
 
 
