@@ -21,8 +21,7 @@ from .config import resolve_config
 from .io import WeightedTrajectory, read_trajectory, read_weighted_trajectory, trajectory_paths, \
     write_weighted_trajectory
 from .runs import Run, build_run, load_run
-from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, first_round, sample as _sample_run, sample_to_precision, \
-    with_annealing
+from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, DEFAULT_MAX_N, DEFAULT_PRECISION, draw
 from .systems import load_system
 from .units import in_unit
 
@@ -70,15 +69,15 @@ def train(system, out, *, data=None, config=None, iterations: int | None = None,
 
 
 def sample(run, n: int | str, *, seed: int = 0, anneal: int | str = "auto", anneal_kernel: str = "mc",
-           anneal_steps: int = ANNEAL_STEPS, anneal_step_size: float = ANNEAL_STEP_SIZE, precision: float = 0.15,
-           max_n: int = 240000, batch_size: int = 1024, out=None, force: bool = False,
-           progress: bool = True) -> WeightedTrajectory:
+           anneal_steps: int = ANNEAL_STEPS, anneal_step_size: float = ANNEAL_STEP_SIZE,
+           precision: float = DEFAULT_PRECISION, max_n: int = DEFAULT_MAX_N, batch_size: int = 1024, out=None,
+           force: bool = False, progress: bool = True) -> WeightedTrajectory:
     """Draw ``n`` weighted samples from a trained run (a :class:`Run` or its folder), as ``openmm-snf sample``.
 
     Args:
         n: a number of samples, or ``"auto"``: rounds until every default state's free energy has a 95%
             interval of about ``± precision`` kT, at most ``max_n`` samples
-            (:func:`~openmm_snf.sampling.sample_to_precision`).
+            (:func:`~openmm_snf.sampling.sample_to_precision`; :func:`~openmm_snf.sampling.draw`).
         anneal, anneal_kernel, anneal_steps, anneal_step_size: annealed importance sampling of a flow-only
             model (see ``openmm-snf sample --help``); weights stay exact. ``"auto"``: as
             :func:`~openmm_snf.sampling.choose_annealing` decides from a pilot of the flow alone.
@@ -88,13 +87,9 @@ def sample(run, n: int | str, *, seed: int = 0, anneal: int | str = "auto", anne
         (normalized), ``.reduced_energies`` (u = U/kT), ``.ess``.
     """
     run = run if isinstance(run, Run) else load_run(run)
-    run, stages, _ = with_annealing(run, anneal, kernel=anneal_kernel, n_steps=anneal_steps,
-                                    step_size=anneal_step_size, seed=seed)
-    if n == "auto":
-        result, _ = sample_to_precision(run, precision, max_n, seed=seed, batch_size=batch_size, progress=progress,
-                                        report=lambda line: None, first=first_round(stages))
-    else:
-        result = _sample_run(run, n, seed=seed, batch_size=batch_size, progress=progress)
+    drawn = draw(run, n, anneal=anneal, kernel=anneal_kernel, n_steps=anneal_steps, step_size=anneal_step_size,
+                 precision=precision, max_n=max_n, seed=seed, batch_size=batch_size, progress=progress)
+    run, result = drawn.run, drawn.samples
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     if out is not None:
         write_weighted_trajectory(out, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],

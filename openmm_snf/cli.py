@@ -419,6 +419,7 @@ def _training_data_layout(run) -> dict:
 
 
 def _add_sample(sub) -> None:
+    from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS, DEFAULT_MAX_N, DEFAULT_PRECISION
     p = sub.add_parser("sample", formatter_class=_Formatter, help="draw weighted samples from a trained run",
                        description="Draw N samples from the SNF in RUN with exact log importance weights "
                                    "log w = u_prior(z) - u(x) + sum of the blocks' log path ratios (raw energies). "
@@ -426,19 +427,20 @@ def _add_sample(sub) -> None:
                                    "(log_weights, normalized weights, reduced energies, frame by frame). "
                                    "Then prints the verdict: Kish ESS overall and per default state (x<0/x>0 for "
                                    "a position CV, phi<0/phi>0 per backbone phi), Pareto k-hat, and "
-                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line (and 'caution:' lines for states "
-                                   "whose weights have infinite variance, k-hat 0.5-0.7).")
+                                   "'UNRELIABLE: reason; what to do' lines or one 'reliable:' line (and "
+                                   "'caution:' lines for states whose weights have infinite variance, k-hat "
+                                   "0.5-0.7).")
     p.add_argument("run_dir", metavar="RUN", help="run folder written by 'openmm-snf train'")
     p.add_argument("--n", type=_sample_count, default="auto",
                    help="number of samples, or 'auto' (the default): rounds (30,000 first; 7,500 with 320 "
-                        "--anneal stages) until every default state has the Kish ESS for a 95%% interval of about ±PRECISION kT on its free energy, (1.96 / "
-                        "PRECISION)^2 (171 for 0.15), with k-hat <= 0.7, or until --max-n; it stops early when "
-                        "a state has no samples (the verdict then says what to do). An annealed sampler gives a "
-                        "state about its Boltzmann share of the samples: phi > 0 of alanine dipeptide at 300 K "
-                        "(0.3%%) needed 160,000-240,000")
-    p.add_argument("--precision", type=_POSITIVE, default=0.15, metavar="KT",
+                        "--anneal stages) until every default state has the Kish ESS for a 95%% interval of "
+                        "about ±PRECISION kT on its free energy, (1.96 / PRECISION)^2 (171 for 0.15), with "
+                        "k-hat <= 0.7, or until --max-n; it stops early when a state has no samples (the verdict "
+                        "then says what to do). An annealed sampler gives a state about its Boltzmann share of "
+                        "the samples: phi > 0 of alanine dipeptide at 300 K (0.3%%) needed 160,000-240,000")
+    p.add_argument("--precision", type=_POSITIVE, default=DEFAULT_PRECISION, metavar="KT",
                    help="--n auto: the wanted 95%% half-width of each state's free energy, in kT")
-    p.add_argument("--max-n", type=_POSITIVE_INT, default=240000, help="--n auto: the most samples to draw")
+    p.add_argument("--max-n", type=_POSITIVE_INT, default=DEFAULT_MAX_N, help="--n auto: the most samples to draw")
     p.add_argument("--out", required=True, help="output .dcd")
     p.add_argument("--seed", type=_SEED, default=0, help="sampling seed (same seed, same samples)")
     p.add_argument("--batch-size", type=_POSITIVE_INT, default=1024, help="samples drawn per batch")
@@ -454,7 +456,6 @@ def _add_sample(sub) -> None:
                         "Kish ESS is < 5%%, 320 when < 0.5%%; 0: never")
     p.add_argument("--anneal-kernel", choices=["mc", "mala"], default="mc",
                    help="annealing stages: random-walk Metropolis (energies) or Metropolis-adjusted Langevin (forces)")
-    from .sampling import ANNEAL_STEP_SIZE, ANNEAL_STEPS
     p.add_argument("--anneal-steps", type=_POSITIVE_INT, default=ANNEAL_STEPS, help="steps per annealing stage")
     p.add_argument("--anneal-step-size", type=_POSITIVE, default=ANNEAL_STEP_SIZE,
                    help="Metropolis proposal width in prior units, or the MALA step ε (e.g. 0.02)")
@@ -485,9 +486,9 @@ def _run_sample(args) -> int:
     from .io import check_not_inputs, check_outputs_free, read_weighted_trajectory, trajectory_paths, \
         write_resampled_trajectory, write_weighted_trajectory
     from .analysis import default_states, diagnose
-    from .distributed import rank_of, run_on_main
+    from .distributed import run_on_main
     from .runs import load_run, run_inputs
-    from .sampling import first_round, sample, sample_to_precision, with_annealing
+    from .sampling import draw
     paths = trajectory_paths(args.out)
     resampled = trajectory_paths(paths.dcd.with_name(paths.dcd.stem + "-resampled.dcd"))
     outputs = paths.all + [_summary_path(paths.dcd)] + (resampled.all if args.resample else [])
@@ -497,26 +498,18 @@ def _run_sample(args) -> int:
         check_outputs_free(outputs, args.force)
 
     run_on_main(check_outputs, args.process_group)
-    run = load_run(args.run_dir, device=args.device)
-    run, args.anneal, reason = with_annealing(run, args.anneal, kernel=args.anneal_kernel, n_steps=args.anneal_steps,
-                                              step_size=args.anneal_step_size, seed=args.seed)
-    if reason is not None and rank_of(args.process_group) == 0:
-        print(f"--anneal auto: {reason}")
-    args.n_auto = None
-    if args.n == "auto":
-        result, stopped = sample_to_precision(run, args.precision, args.max_n, seed=args.seed,
-                                             batch_size=args.batch_size, n_shards=args.shards,
-                                             progress=not args.quiet, process_group=args.process_group,
-                                             report=lambda line: print(f"--n auto: {line}"),
-                                             first=first_round(args.anneal))
-    else:
-        result = sample(run, args.n, seed=args.seed, batch_size=args.batch_size, n_shards=args.shards,
-                        progress=not args.quiet, process_group=args.process_group)
+    drawn = draw(load_run(args.run_dir, device=args.device), args.n, anneal=args.anneal, kernel=args.anneal_kernel,
+                 n_steps=args.anneal_steps, step_size=args.anneal_step_size, precision=args.precision,
+                 max_n=args.max_n, seed=args.seed, batch_size=args.batch_size, progress=not args.quiet,
+                 n_shards=args.shards, process_group=args.process_group,
+                 report=lambda topic, line: print(f"--{topic} auto: {line}"))
+    run, result, args.anneal = drawn.run, drawn.samples, drawn.stages
     if result is None:  # another rank than 0: its samples went to rank 0, which writes them
         return 0
+    args.n_auto = None
     if args.n == "auto":
-        print(f"--n auto: stopped at {stopped}")
-        args.n_auto = {"precision_kT": args.precision, "max_n": args.max_n, "stopped": stopped}
+        print(f"--n auto: stopped at {drawn.stopped}")
+        args.n_auto = {"precision_kT": args.precision, "max_n": args.max_n, "stopped": drawn.stopped}
     args.n = len(result["log_weights"])
     extra = {"kT": run.mol.kT, "temperature": run.mol.temperature, "cvs_json": json.dumps(run.mol.cvs)}
     write_weighted_trajectory(paths.dcd, run.mol, result["xyz"], result["log_weights"], result["reduced_energies"],

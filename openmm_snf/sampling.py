@@ -6,7 +6,7 @@ n_shards) give equal samples on any number of ranks dividing n_shards (:mod:`ope
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from .flows.anneal import annealed
 from .runs import Run
 from .training_data import frame_states
 
-__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "choose_annealing", "first_round", "sample",
+__all__ = ["AUTO_ANNEAL_STAGES", "POOR_FLOW_STAGES", "Draw", "choose_annealing", "draw", "first_round", "sample",
            "sample_to_precision", "state_ess_for", "with_annealing"]
 
 
@@ -224,6 +224,44 @@ def with_annealing(run: Run, stages: int | str, *, kernel: str = "mc", n_steps: 
     if stages:
         run = replace(run, snf=annealed(run.snf, stages, n_steps=n_steps, step_size=step_size, kernel=kernel))
     return run, stages, reason
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Outcome of :func:`draw`: the samples as :func:`sample` returns them (None on ranks other than 0), the
+    run they came from (its flow annealed when ``stages`` > 0) and, for ``n="auto"``, why the rounds stopped."""
+    samples: dict | None
+    run: Run
+    stages: int
+    stopped: str | None = None
+
+
+#: ``sample --n auto`` defaults: the wanted 95% half-width of each state's free energy (kT), the most samples
+DEFAULT_PRECISION = 0.15
+DEFAULT_MAX_N = 240000
+
+
+def draw(run: Run, n: int | str, *, anneal: int | str = "auto", kernel: str = "mc", n_steps: int = ANNEAL_STEPS,
+         step_size: float = ANNEAL_STEP_SIZE, precision: float = DEFAULT_PRECISION, max_n: int = DEFAULT_MAX_N,
+         seed: int = 0, batch_size: int = 1024, progress: bool = True, n_shards: int | None = None,
+         process_group=None, report=lambda topic, line: None) -> Draw:
+    """What ``openmm-snf sample`` draws: ``run`` annealed as :func:`with_annealing` says (``anneal``: stages,
+    ``"auto"`` or 0), then ``n`` samples (:func:`sample`) or, with ``n="auto"``, rounds to ``precision``
+    (:func:`sample_to_precision`, its first round :func:`first_round` of the stages).
+
+    ``report(topic, line)`` gets, on rank 0, the reason ``"auto"`` annealing chose its stages (topic
+    ``"anneal"``) and each further round of ``n="auto"`` (topic ``"n"``).
+    """
+    run, stages, reason = with_annealing(run, anneal, kernel=kernel, n_steps=n_steps, step_size=step_size, seed=seed)
+    if reason is not None and rank_of(process_group) == 0:
+        report("anneal", reason)
+    options = {"seed": seed, "batch_size": batch_size, "progress": progress, "n_shards": n_shards,
+               "process_group": process_group}
+    if n == "auto":
+        samples, stopped = sample_to_precision(run, precision, max_n, report=lambda line: report("n", line),
+                                               first=first_round(stages), **options)
+        return Draw(samples, run, stages, stopped)
+    return Draw(sample(run, n, **options), run, stages)
 
 
 def _sample_shard(run: Run, n: int, seed: int, batch_size: int, bar) -> list[tuple]:

@@ -88,6 +88,27 @@ def test_the_first_round_can_be_smaller(fake):
     assert [n for n, _ in sampler.calls] == [7500] and stopped.startswith("7500 samples: every state")
 
 
+def test_draw_anneals_then_sizes_the_first_round_by_the_stages(fake, monkeypatch):
+    """draw (the CLI's and the API's path): annealing chosen first, its reason reported, then rounds whose
+    first has first_round(stages) samples; a fixed n is drawn as asked."""
+    sampler, annealed = fake(3), SimpleNamespace(mol=None)
+    chosen = []
+
+    def with_annealing(run, stages, **kwargs):
+        chosen.append((stages, kwargs["seed"]))
+        return (annealed, sampling.VERY_POOR_FLOW_STAGES, "pilot very poor") if stages == "auto" else (run, 0, None)
+
+    monkeypatch.setattr(sampling, "with_annealing", with_annealing)
+    lines = []
+    drawn = sampling.draw(RUN, "auto", seed=5, report=lambda topic, line: lines.append((topic, line)))
+    assert chosen == [("auto", 5)] and drawn.run is annealed and drawn.stages == 320
+    assert [n for n, _ in sampler.calls] == [7500] and drawn.stopped.startswith("7500 samples: every state")
+    assert len(drawn.samples["log_weights"]) == 7500 and lines == [("anneal", "pilot very poor")]
+    drawn = sampling.draw(RUN, 1234, anneal=0)
+    assert [n for n, _ in sampler.calls] == [7500, 1234] and drawn.stopped is None
+    assert drawn.run is RUN and drawn.stages == 0 and len(lines) == 1
+
+
 def test_one_round_when_every_state_is_precise_enough(fake):
     sampler = fake(3)
     result, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None)
