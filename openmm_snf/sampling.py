@@ -6,6 +6,7 @@ n_shards) give equal samples on any number of ranks dividing n_shards (:mod:`ope
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -85,7 +86,7 @@ def first_round(stages: int) -> int:
 
 def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0, batch_size: int = 1024,
                         progress: bool = True, n_shards: int | None = None, process_group=None,
-                        report=print, first: int = FIRST_ROUND) -> tuple[dict | None, str]:
+                        report=print, first: int = FIRST_ROUND, clock=time.monotonic) -> tuple[dict | None, str]:
     """Draw samples in rounds until every default state (phi sign, x sign), and the samples as a whole,
     have the Kish ESS :func:`state_ess_for` ``(precision)`` with k-hat <= 0.7, or ``max_n`` samples are
     drawn, or a state has no samples (more of the same sampler will not find it: the verdict says so),
@@ -98,19 +99,21 @@ def sample_to_precision(run: Run, precision: float, max_n: int, *, seed: int = 0
     :func:`first_round`); each further round draws what the least state's ESS per sample says is missing
     (+10%, in steps of 10,000, at most 3x the samples so far).
     Returns the samples as :func:`sample` does (all rounds concatenated; None on ranks other than 0) and
-    why it stopped. Each round's outcome goes to ``report``.
+    why it stopped. Each round's outcome goes to ``report``, with the wall time the next round should take
+    at the pace so far (``clock``: seconds).
     """
-    parts, result, index, n_next, reason = [], None, 0, min(first, max_n), ""
+    parts, result, index, n_next, reason, start = [], None, 0, min(first, max_n), "", clock()
     while n_next:
         part = sample(run, n_next, seed=round_seed(seed, index), batch_size=batch_size, progress=progress,
                       n_shards=n_shards, process_group=process_group)
         if part is not None:  # rank 0 (or a single process): it holds the samples and decides
             parts.append(part)
             result = _concatenated(parts)
-            n_next, reason = _next_round(run, result, precision, max_n)
+            pace = (clock() - start) / len(result["log_weights"])
+            n_next, reason = _next_round(run, result, precision, max_n, pace)
         n_next, reason = broadcast_from_main((n_next, reason), process_group)
         if n_next and rank_of(process_group) == 0:
-            report(f"{reason}: drawing {n_next} more")
+            report(f"{reason}: drawing {n_next} more (~{_duration(n_next * pace)} at the pace so far)")
         index += 1
     return result, reason
 
@@ -123,8 +126,16 @@ def _concatenated(parts: list[dict]) -> dict:
                            for key in parts[0]["acceptance"]}}
 
 
-def _next_round(run: Run, result: dict, precision: float, max_n: int) -> tuple[int, str]:
-    """How many more samples :func:`sample_to_precision` draws (0: stop) and why."""
+def _duration(seconds: float) -> str:
+    """A wall time for people: 40 s, 12 min, 3.4 h."""
+    if seconds < 100:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 6000 else f"{seconds / 3600:.1f} h"
+
+
+def _next_round(run: Run, result: dict, precision: float, max_n: int, pace: float) -> tuple[int, str]:
+    """How many more samples :func:`sample_to_precision` draws (0: stop) and why; ``pace``: seconds per
+    sample so far."""
     log_w, target = result["log_weights"], state_ess_for(precision)
     n = len(log_w)
     verdict = diagnose(log_w, frame_states(run.mol, result["xyz"]))
@@ -145,8 +156,8 @@ def _next_round(run: Run, result: dict, precision: float, max_n: int) -> tuple[i
         return 0, f"{status}; stopped at --max-n {max_n}"
     wanted = 1.1 * n * target / max(least, 1.0) if least < target else 2 * n
     if wanted > HOPELESS_FACTOR * max_n:
-        return 0, (f"{status}; at this rate that takes ~{int(wanted):,} samples, over {HOPELESS_FACTOR}x --max-n: "
-                   "the sampler itself must get better (see the verdict)")
+        return 0, (f"{status}; at this rate that takes ~{int(wanted):,} samples (~{_duration(wanted * pace)}), over "
+                   f"{HOPELESS_FACTOR}x --max-n: the sampler itself must get better (see the verdict)")
     more = min(ROUND_STEP * math.ceil((wanted - n) / ROUND_STEP), ROUND_GROWTH * n)
     return min(max(more, ROUND_STEP), max_n - n), status
 

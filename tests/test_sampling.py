@@ -40,7 +40,8 @@ RUN = SimpleNamespace(mol=None)
 def test_rounds_stop_when_the_rare_state_reaches_the_wanted_ess(fake):
     sampler = fake(500)  # A: 60 of the first 30,000 samples
     lines = []
-    result, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, seed=7, report=lines.append)
+    result, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, seed=7, report=lines.append,
+                                                   clock=lambda: 0.02 * sampler.drawn)  # 20 ms per sample
     target = sampling.state_ess_for(0.15)
     assert target == pytest.approx((1.96 / 0.15) ** 2)
     # 1.1 * 30000 * 170.7 / 60 = 93,900 wanted: 70,000 more (steps of 10,000)
@@ -50,7 +51,8 @@ def test_rounds_stop_when_the_rare_state_reaches_the_wanted_ess(fake):
     assert np.sum(result["xyz"][:, 0, 0] > 0) == 200 >= target
     assert result["acceptance"]["mc1"] == pytest.approx(0.3 * 0.5 + 0.7 * 0.2)
     assert "every state has ESS >= 171" in stopped
-    assert lines == ["30000 samples: least ESS 60.0 (A; 171 wanted for ±0.15 kT): drawing 70000 more"]
+    assert lines == ["30000 samples: least ESS 60.0 (A; 171 wanted for ±0.15 kT): drawing 70000 more "
+                     "(~23 min at the pace so far)"]
 
 
 def test_rounds_stop_at_max_n(fake):
@@ -69,9 +71,11 @@ def test_a_round_draws_at_most_three_times_the_samples_so_far(fake):
 def test_a_hopeless_sampler_stops_after_the_first_round(fake):
     """1 of 30,000 samples in A: ESS 171 would take ~5.6 million samples, over 4x --max-n: stop and say so."""
     sampler = fake(30000)
-    _, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None)
+    _, stopped = sampling.sample_to_precision(RUN, 0.15, 240000, report=lambda line: None,
+                                              clock=lambda: 0.02 * sampler.drawn)
     assert [n for n, _ in sampler.calls] == [30000]
-    assert "over 4x --max-n: the sampler itself must get better" in stopped and "~5,634,346 samples" in stopped
+    assert "over 4x --max-n: the sampler itself must get better" in stopped
+    assert "~5,634,346 samples (~31.3 h)" in stopped  # 20 ms per sample
 
 
 def test_a_state_without_samples_stops_after_the_first_round(fake):
