@@ -335,7 +335,9 @@ def _add_train(sub) -> None:
     p.add_argument("--iterations", type=_COUNT, help="total optimizer iterations (default: from the configuration)")
     p.add_argument("--batch-size", type=_POSITIVE_INT, help="samples per loss term (default: from the configuration)")
     p.add_argument("--reverse-kl", type=_NON_NEGATIVE, metavar="WEIGHT",
-                   help="weight of the energy-based (reverse KL) loss; the data (forward KL) weight stays")
+                   help="weight of the energy-based (reverse KL) loss, which joins the data (forward KL) term "
+                        "after training.reverse_start (0.4) of the iterations (default 0: maximum likelihood "
+                        "alone; the previous recipe was --reverse-kl 1 --iterations 10000)")
     p.add_argument("--seed", type=_SEED, help="training seed (default: from the configuration, 0)")
     p.add_argument("--platform", help="OpenMM platform for energies (default: auto: a GPU if usable, else the CPU "
                                       "with the compiled kernel; the same choice as md and sample)")
