@@ -548,7 +548,7 @@ def _anneal_stages(text: str):
 
 
 #: advice for uneven weights once annealing has as many stages as --anneal auto gives a poor flow: on a 53-atom
-#: peptide (README, "Your own molecule") neither 160 stages nor longer or wider training brought k-hat below 0.7
+#: peptide (benchmarks/HISTORY.md) neither 160 stages nor longer or wider training brought k-hat below 0.7
 WITHOUT_FLOW = ("; or get dF without the flow, from umbrella sampling on each residue's (phi, psi) grid: "
                 "'openmm-snf umbrella SYSTEM --cv phi[RES] psi[RES] --out us.dcd', then 'openmm-snf free-energy "
                 "us.dcd --states \"A: phi[RES] > 0\" \"B: phi[RES] < 0\"'")

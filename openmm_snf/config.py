@@ -47,8 +47,8 @@ DEFAULTS = {
              "md": asdict(MDSettings(n_frames=250, steps_per_frame=250, n_replicas=16))},
     "coordinates": {"scheme": "mixed", "ring_frames": True},
     "model": snf_defaults(),
-    # maximum likelihood on the (state-balanced) data for 4000 iterations, nothing more. Measured (README "Your own
-    # molecule", session 13, same data): the 6000 iterations of ML + reverse KL that followed until then moved the
+    # maximum likelihood on the (state-balanced) data for 4000 iterations, nothing more. Measured (benchmarks/HISTORY.md,
+    # session 13, same data): the 6000 iterations of ML + reverse KL that followed until then moved the
     # flow's mass between states (an Ala-Ser-Phe peptide: 27% of its samples in a region of 3.5% Boltzmann weight,
     # its main basin 49% -> 10%; ML alone: 7% and 41%); without them alanine dipeptide's default pipeline took 18
     # min instead of 42 (dF 5.72 against the grids' 5.73) and tri-alanine's 19 instead of 32 (both phi within

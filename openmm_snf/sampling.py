@@ -191,7 +191,7 @@ def choose_annealing(run: Run, *, seed: int = 0) -> tuple[int, str]:
     A flow with a pilot ESS below 5% gets 80: on tri-alanine (pilot 1.4%) 40 stages gave ESS 14%, 80
     gave 34% and 1.3-1.6x the rare states' ESS per sample, at twice the cost per sample. Below 0.5% it
     gets 320 (:func:`first_round` draws fewer samples for them): on a capped Ala-Ser-Phe peptide (pilot
-    0.04-0.1%) 320 stages x 1,000 samples beat 80 x 4,000 at equal cost (README, "Your own molecule").
+    0.04-0.1%) 320 stages x 1,000 samples beat 80 x 4,000 at equal cost (benchmarks/HISTORY.md).
     Models with stochastic blocks cannot be annealed (0).
     """
     from .weights import kish_ess, pareto_khat
