@@ -129,7 +129,7 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Pat
     starts = None
     if data_path is not None:
         starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi),
-                               dihedral_grid_centers(per_axis, 2))
+                               dihedral_grid_centers(per_axis, 2), seed=seed)
     grid = umbrella_grid(mol, (phi, psi), per_axis,
                          ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000, seed=seed,
                                           metropolize=metropolize), force_constant=UMBRELLA_K, starts=starts)

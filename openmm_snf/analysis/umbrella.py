@@ -10,8 +10,11 @@ and MBAR needs only the reduced bias energies b_k of every frame under every win
 
 * f_k = −ln(Z_k / Z_0), the windows' dimensionless free energies (MBAR's self-consistent solution);
 * the unbiased weight of any frame n is w_n ∝ 1 / Σ_k N_k exp(f_k − b_k(cv_n));
-* ΔF_AB = F_A − F_B = −ln(Σ_A w / Σ_B w), with MBAR's analytic uncertainty (``compute_perturbed_free_energies``
-  on the states' indicator energies, 0 inside and +inf outside).
+* ΔF_AB = F_A − F_B = −ln(Σ_A w / Σ_B w), with MBAR's analytic uncertainty (the states as indicator
+  energies, 0 inside and +inf outside).
+
+MBAR is solved by :class:`~.mbar.BlockMBAR` on every uncorrelated frame, the bias energies computed block
+by block (a 24 x 24 grid of 500 frames per window holds 1.4e8 of them, too many for pymbar).
 
 MD frames are correlated: MBAR is solved on each window's frames subsampled by its statistical
 inefficiency g_k (pymbar.timeseries, computed on the CV's deviation from the window centre), so the
@@ -39,22 +42,19 @@ from ..reus import ExchangeSettings, run_exchange_umbrella
 from ..systems import MolecularSystem
 from .cvs import compute_cv, resolve_dihedral
 from .errors import AnalysisError, CVError, EmptyStateError
+from .mbar import BlockMBAR
 
 __all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "dihedral_grid_centers", "next_windows",
            "umbrella_dihedral", "umbrella_grid", "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 _BLOCK_ENTRIES = 1 << 23  # (windows x frames) bias energies held at once when weighting frames: 64 MB
-#: the most (windows x frames) entries of the u_kn MBAR is solved on: pymbar 4 peaked at ~90 bytes per entry
-#: (13.8 GB for 576 windows x 265,637 frames, measured); beyond it every window's frames are thinned evenly
-MBAR_MAX_ENTRIES = 30_000_000
 
 
-def _pymbar():
+def _timeseries():
     with contextlib.redirect_stdout(_io.StringIO()), contextlib.redirect_stderr(_io.StringIO()):
-        import pymbar  # prints an advertisement for JAX on import
-        from pymbar import timeseries
-    return pymbar, timeseries
+        from pymbar import timeseries  # pymbar prints an advertisement for JAX on import
+    return timeseries
 
 
 @dataclass(frozen=True)
@@ -97,17 +97,16 @@ class UmbrellaAnalysis:
     log_weights: np.ndarray
     statistical_inefficiency: np.ndarray
     kept: np.ndarray
-    mbar: object
+    mbar: BlockMBAR
 
     def overlap_matrix(self) -> np.ndarray:
-        """(K, K) MBAR overlap matrix O (pymbar ``compute_overlap``): O_ij is the probability that a frame of
-        window i is attributed to window j; each row sums to one."""
+        """(K, K) MBAR overlap matrix O: O_ij is the probability that a frame of window i is attributed to
+        window j; each row sums to one."""
         return self._overlap.copy()
 
     @cached_property
     def _overlap(self) -> np.ndarray:  # computed once: for a 24 x 24 grid it takes seconds
-        with contextlib.redirect_stdout(_io.StringIO()):
-            return np.asarray(self.mbar.compute_overlap()["matrix"], dtype=np.float64)
+        return self.mbar.overlap_matrix()
 
     def delta_f(self, in_a, in_b, *, labels=("A", "B"), confidence: float = 0.95) -> UmbrellaFreeEnergy:
         """F_A − F_B for boolean masks (K * n_frames,) over all frames (window-major)."""
@@ -122,9 +121,8 @@ class UmbrellaAnalysis:
                 raise EmptyStateError(f"state {label!r} holds none of the {int(self.kept.sum())} uncorrelated "
                                       "umbrella frames; add windows there or sample longer")
         a, b = in_a[self.kept], in_b[self.kept]
-        u_ln = np.stack([np.where(a, 0.0, np.inf), np.where(b, 0.0, np.inf)])
-        result = self.mbar.compute_perturbed_free_energies(u_ln)
-        delta_f, std = float(result["Delta_f"][1, 0]), float(result["dDelta_f"][1, 0])
+        f, theta = self.mbar.region_free_energies(np.stack([a, b]))
+        delta_f, std = float(f[0] - f[1]), math.sqrt(max(theta[0, 0] + theta[1, 1] - 2 * theta[0, 1], 0.0))
         z = float(norm.ppf(0.5 + confidence / 2))
         weights = np.exp(self.log_weights)
         return UmbrellaFreeEnergy(labels[0], labels[1], delta_f, std, delta_f - z * std, delta_f + z * std,
@@ -157,7 +155,7 @@ def _check_cv(cv, bias) -> np.ndarray:
     return cv
 
 
-def umbrella_mbar(cv, bias, *, decorrelate: bool = True, max_entries: int = MBAR_MAX_ENTRIES) -> UmbrellaAnalysis:
+def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
     """Solve MBAR for umbrella windows.
 
     Args:
@@ -168,12 +166,9 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True, max_entries: int = MBAR
             biases acting together (e.g. windows on a grid over phi and psi; their energies add).
         decorrelate: subsample each window by its statistical inefficiency (of the CV's deviation from the
             window centre; with several biases, of the window's bias energy) before solving MBAR (False: use
-            every frame, e.g. for independent samples).
-        max_entries: the most windows x frames MBAR is solved on (memory); more kept frames are thinned
-            evenly in every window (a 24 x 24 grid: ~80 per window), which widens the interval, never biases
-            it. The weights of all frames follow from the solution either way.
+            every frame, e.g. for independent samples). The weights of all frames follow from the solution.
     """
-    pymbar, timeseries = _pymbar()
+    timeseries = _timeseries()
     biases, cvs = ((bias,), (cv,)) if isinstance(bias, UmbrellaBias) else (tuple(bias), tuple(cv))
     if not biases or len(cvs) != len(biases):
         raise AnalysisError(f"need one cv array per bias, got {len(cvs)} for {len(biases)}")
@@ -197,18 +192,11 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True, max_entries: int = MBAR
         if decorrelate and np.ptp(series[k]) > 0:
             inefficiency[k] = float(timeseries.statistical_inefficiency(series[k]))
         kept[k, np.unique(np.minimum(np.round(np.arange(0, n_frames, inefficiency[k])), n_frames - 1).astype(int))] = True
-    stride = math.ceil(n_windows * int(kept.sum()) / max_entries)
-    if stride > 1:
-        for k in range(n_windows):
-            frames = np.flatnonzero(kept[k])
-            kept[k] = False
-            kept[k, frames[::stride]] = True
+    n_k = kept.sum(1)
     kept = kept.reshape(-1)
-    n_k = kept.reshape(n_windows, n_frames).sum(1)
-    with contextlib.redirect_stdout(_io.StringIO()):
-        mbar = pymbar.MBAR(bias_energies(np.flatnonzero(kept)), n_k, initialize="zeros")
-        solution = mbar.compute_free_energy_differences()
-    f_k = np.asarray(mbar.f_k, dtype=np.float64)
+    kept_frames = np.flatnonzero(kept)
+    mbar = BlockMBAR(lambda indices: bias_energies(kept_frames[indices]), n_k)
+    f_k = mbar.f_k
     # every frame's weight, in blocks of frames: a grid's full u_kn (576 windows x 288,000 frames) is 1.3 GB
     log_w = np.empty(kept.size)
     block = max(1, _BLOCK_ENTRIES // n_windows)
@@ -216,7 +204,7 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True, max_entries: int = MBAR
         frames = np.arange(start, min(start + block, kept.size))
         log_w[frames] = -logsumexp(math.log(n_frames) + f_k[:, None] - bias_energies(frames), axis=0)
     log_w -= logsumexp(log_w)
-    return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=np.asarray(solution["dDelta_f"][0], dtype=np.float64),
+    return UmbrellaAnalysis(f_windows=f_k - f_k[0], df_windows=mbar.free_energy_errors(),
                             log_weights=log_w, statistical_inefficiency=inefficiency, kept=kept, mbar=mbar)
 
 
