@@ -9,9 +9,11 @@ For each system (double_well; alanine_dipeptide_implicit and trialanine_implicit
 2. prints for each backbone phi (the double well: x) ΔF = F(phi > 0) − F(phi < 0) with its 95% bootstrap
    interval, the Kish ESS, the Pareto k-hat, the verdict, and KL(reference || samples) of the
    reweighted phi and psi marginals;
-3. compares with a reference: exact quadrature for the double well, replica-exchange umbrella sampling
-   (Langevin dynamics; GHMC mixed too slowly) on a grid over each (phi, psi) analysed with MBAR for the
-   peptides (cached in ``benchmarks/cache/``, with its interval and wall time);
+3. compares with a reference: exact quadrature for the double well; for the peptides, independent runs of
+   replica-exchange umbrella sampling (Langevin dynamics; GHMC mixed too slowly) on a grid over each
+   (phi, psi), pooled into one MBAR. Each run's frames are cached in ``benchmarks/cache/`` (ignored by
+   git); the pooled result (ΔF, interval, each run's own ΔF, wall time, reweighted phi/psi histograms) is
+   kept small in ``benchmarks/references.json``, in git, so that a fresh machine does not spend an hour on it;
 4. at equal cost: the same flow alone, drawing as many samples as the annealed sampler spent energy
    evaluations; and the wall time umbrella sampling would need for an interval as narrow as the
    sampler's, ``t_umbrella x (width_umbrella / width_sampler)²`` (MBAR errors shrink as 1/sqrt(time)).
@@ -34,7 +36,9 @@ import numpy as np
 from openmm_snf import load_system
 from openmm_snf.analysis import AnalysisError, compute_cvs, free_energy_difference, histogram_kl_divergence
 from openmm_snf.analysis.diagnostics import diagnose
-from openmm_snf.analysis.umbrella import MIN_NEIGHBOUR_OVERLAP, dihedral_grid_centers, umbrella_grid
+from openmm_snf.analysis.profiles import ANGLE_RANGE
+from openmm_snf.analysis.umbrella import (MIN_NEIGHBOUR_OVERLAP, dihedral_grid_centers, next_windows, umbrella_dihedral,
+                                          umbrella_grid, umbrella_mbar)
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
@@ -46,12 +50,18 @@ from openmm_snf.weights import kish_ess, pareto_khat
 
 CACHE = Path(__file__).resolve().parent / "cache"
 SYSTEMS = ("double_well", "alanine_dipeptide_implicit", "trialanine_implicit")
-#: umbrella reference for each phi: (windows per torsion, on a grid of N x N over phi and its psi; frames per
-#: window; Langevin steps of 2 fs per frame, hydrogens at 3 amu). Langevin grids without exchanges (run_md): at
-#: 16 x 16 and 25 kT/rad² MBAR linked neighbours too weakly near the barriers (overlap down to 0.002), and
-#: alanine dipeptide gave 5.64 and 6.51 kT from two sets of starts, each with an interval of +-0.11
-UMBRELLA = {"alanine_dipeptide_implicit": (24, 500, 100), "trialanine_implicit": (24, 500, 100)}
+REFERENCES = Path(__file__).resolve().parent / "references.json"
+#: umbrella reference for each phi: independent runs pooled into one MBAR, each (windows per torsion, on a grid
+#: of N x N over phi and its psi; frames per window; Langevin steps of 2 fs per frame, hydrogens at 3 amu;
+#: seed of the noise and of the window starts; starts: "md" frames of the md data near each window's centre,
+#: "one" every window from the system's structure). Langevin grids without exchanges (run_md): at 16 x 16 and
+#: 25 kT/rad² MBAR linked neighbours too weakly near the barriers (overlap down to 0.002), and alanine
+#: dipeptide gave 5.64 and 6.51 kT from two sets of starts, each with an interval of +-0.11
+UMBRELLA = {"alanine_dipeptide_implicit": ((24, 500, 100, 11, "md"), (24, 1000, 100, 12, "md"),
+                                           (24, 500, 100, 11, "one")),
+            "trialanine_implicit": ((24, 500, 100, 11, "md"), (24, 1000, 100, 12, "md"))}
 UMBRELLA_K = 50.0  # kT/rad²: sigma 0.14 rad, about half the grid spacing
+HISTOGRAM_BINS = 64  # of the reference's reweighted phi and psi marginals, for the KLs (histogram_kl_divergence's)
 
 
 class EvaluationCounter:
@@ -105,20 +115,33 @@ def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: 
     return data.traj.xyz[np.array(picks)].astype(np.float64)
 
 
-def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Path | None,
-                       seed: int = 11, metropolize: bool = False) -> dict:
-    """Replica-exchange umbrella sampling on a grid over (phi, its psi) (:func:`~openmm_snf.analysis.umbrella.umbrella_grid`,
+def grid_biases(mol, phi: str, per_axis: int) -> tuple[UmbrellaBias, UmbrellaBias]:
+    """The (phi, psi) biases of :func:`~openmm_snf.analysis.umbrella.umbrella_grid`'s windows, for MBAR."""
+    names = (phi, "psi" + phi[3:])
+    centers = dihedral_grid_centers(per_axis, 2)
+    atoms = [umbrella_dihedral(mol, name)[0] for name in names]
+    for name, one in zip(names, atoms):  # the frames' stored CVs must be the biased dihedrals
+        if list(one) != list(mol.cvs[name]["atoms"]):
+            raise SystemExit(f"{mol.name}: CV {name} has atoms {mol.cvs[name]['atoms']}, the bias {one}")
+    return tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), UMBRELLA_K)
+                 for column, one in enumerate(atoms))
+
+
+def umbrella_run(mol, phi: str, run: tuple[int, int, int, int, str], data_path: Path,
+                 metropolize: bool = False) -> dict:
+    """One replica-exchange umbrella run on a grid over (phi, its psi) (:func:`~openmm_snf.analysis.umbrella.umbrella_grid`,
     Langevin dynamics at 2 fs; ``metropolize``: GHMC, exact at its time step but slow to mix: on tri-alanine
-    its grids gave 4.49 and 5.43 kT from two start sets, where Langevin's gave 3.97) + MBAR: ΔF(phi>0 − phi<0), its
-    interval, reweighted CV values, wall time. Both torsions are held: along phi alone, windows with phi > 0
-    kept the psi basin they were pulled into (tri-alanine's psi1 switched 0-1 times in 600 ps), and the
-    estimates moved by 0.9 kT with the window length. Without exchanges, (phi, psi) grids of Langevin MD
+    its grids gave 4.49 and 5.43 kT from two start sets, where Langevin's gave 3.97): every frame's CV values
+    and the wall time, cached in ``benchmarks/cache/``. Both torsions are held: along phi alone, windows with
+    phi > 0 kept the psi basin they were pulled into (tri-alanine's psi1 switched 0-1 times in 600 ps), and
+    the estimates moved by 0.9 kT with the window length. Without exchanges, (phi, psi) grids of Langevin MD
     depended on their starts (alanine dipeptide 16 x 16: 5.64 or 6.51 kT). Each window starts from a frame of
-    the ``md`` data at ``data_path`` near its centre (:func:`window_starts`; None: all from the system's
-    structure)."""
-    per_axis, frames, steps = size
+    the ``md`` data at ``data_path`` near its centre (:func:`window_starts`; starts "one": all from the
+    system's structure)."""
+    per_axis, frames, steps, seed, starts_tag = run
+    if starts_tag not in ("md", "one"):
+        raise SystemExit(f"umbrella run {run}: starts must be 'md' or 'one'")
     psi = "psi" + phi[3:]
-    starts_tag = "md" if data_path is not None else "one"
     dynamics = "ghmc" if metropolize else "langevin"
     path = CACHE / (f"generality_reus_{mol.name}_{phi}{psi}_{per_axis}x{per_axis}x{frames}x{steps}_"
                     f"{starts_tag}starts_seed{seed}_{dynamics}.npz")
@@ -127,22 +150,72 @@ def umbrella_reference(mol, phi: str, size: tuple[int, int, int], data_path: Pat
             return {key: stored[key] for key in stored.files}
     start = time.perf_counter()
     starts = None
-    if data_path is not None:
+    if starts_tag == "md":
         starts = window_starts(mol, read_weighted_trajectory(data_path), (phi, psi),
                                dihedral_grid_centers(per_axis, 2), seed=seed)
     grid = umbrella_grid(mol, (phi, psi), per_axis,
                          ExchangeSettings(n_frames=frames, steps_per_frame=steps, equilibration_steps=5000, seed=seed,
                                           metropolize=metropolize), force_constant=UMBRELLA_K, starts=starts)
     values = compute_cvs(mdtraj.Trajectory(grid.xyz, mol.mdtraj_topology()), list(mol.cvs), cvs=mol.cvs)
-    result = grid.analysis.delta_f(values[phi] > 0, values[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
-    out = {**{f"cv_{name}": v for name, v in values.items()}, "log_weights": grid.analysis.log_weights,
-           "delta_f": result.delta_f, "ci_low": result.ci_low, "ci_high": result.ci_high,
-           "min_overlap": grid.neighbour_overlaps().min(),
+    out = {**{f"cv_{name}": v for name, v in values.items()},
            "md_acceptance": np.nan if grid.md_acceptance is None else grid.md_acceptance,
            "exchange_acceptance": np.asarray(grid.exchange_acceptance), "wall_s": time.perf_counter() - start}
     CACHE.mkdir(parents=True, exist_ok=True)
     np.savez(path, **out)
     return out
+
+
+def umbrella_reference(mol, phi: str, runs, data_path: Path) -> dict:
+    """ΔF(phi>0 − phi<0) of the umbrella ``runs`` (:func:`umbrella_run`) pooled into one MBAR (each window's
+    frames of all runs together): ΔF, its 95% interval, each run's own ΔF and interval, the least MBAR overlap
+    of neighbouring windows, the runs' summed wall time, and the reweighted phi and psi histograms. Read from
+    ``benchmarks/references.json`` when it holds these runs, else computed and stored there."""
+    runs = tuple(tuple(int(v) for v in run[:4]) + (str(run[4]),) for run in runs)
+    key = f"{mol.name}:{phi}:" + ";".join(",".join(map(str, run)) for run in runs)
+    stored = json.loads(REFERENCES.read_text()) if REFERENCES.is_file() else {}
+    if key in stored:
+        return stored[key]
+    if len({run[0] for run in runs}) != 1:
+        raise SystemExit(f"pooled umbrella runs need one grid, got {runs}")
+    psi = "psi" + phi[3:]
+    per_axis = runs[0][0]
+    biases = grid_biases(mol, phi, per_axis)
+    n_windows = per_axis ** 2
+    frames = [umbrella_run(mol, phi, run, data_path) for run in runs]
+
+    def solve(parts):
+        cvs = {name: np.concatenate([part[f"cv_{name}"].reshape(n_windows, -1) for part in parts], axis=1)
+               for name in (phi, psi)}
+        analysis = umbrella_mbar((cvs[phi], cvs[psi]), biases)
+        flat = {name: values.reshape(-1) for name, values in cvs.items()}
+        result = analysis.delta_f(flat[phi] > 0, flat[phi] < 0, labels=(f"{phi}>0", f"{phi}<0"))
+        return analysis, flat, result
+
+    per_run = [solve([part])[2] for part in frames]
+    analysis, flat, result = solve(frames)
+    weights = np.exp(analysis.log_weights)
+    histograms = {name: np.histogram(flat[name], bins=HISTOGRAM_BINS, range=ANGLE_RANGE, weights=weights)[0].tolist()
+                  for name in (phi, psi)}
+    reference = {"delta_f": result.delta_f, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                 "runs": [{"run": run, "delta_f": one.delta_f, "ci_low": one.ci_low, "ci_high": one.ci_high}
+                          for run, one in zip(runs, per_run)],
+                 "min_overlap": float(analysis.overlap_matrix()[np.arange(n_windows),
+                                                                next_windows((per_axis, per_axis))].min()),
+                 "wall_s": float(sum(float(part["wall_s"]) for part in frames)),
+                 "histogram_phi": histograms[phi], "histogram_psi": histograms[psi]}
+    stored[key] = reference
+    REFERENCES.write_text(json.dumps(stored, indent=1))
+    return reference
+
+
+def reference_kl(histogram, values, log_weights) -> float:
+    """KL(reference || samples) of a marginal from the reference's stored histogram: its bin centres weighted
+    by the bin contents are the same histogram for :func:`histogram_kl_divergence`."""
+    centres = ANGLE_RANGE[0] + (np.arange(HISTOGRAM_BINS) + 0.5) * (ANGLE_RANGE[1] - ANGLE_RANGE[0]) / HISTOGRAM_BINS
+    with np.errstate(divide="ignore"):
+        log_p = np.log(np.asarray(histogram, dtype=np.float64))
+    return histogram_kl_divergence(centres, values, reference_log_weights=log_p, log_weights=log_weights,
+                                   bins=HISTOGRAM_BINS)
 
 
 def measure(traj, log_weights, mol, refs: dict, exact: float | None) -> dict:
@@ -165,12 +238,8 @@ def measure(traj, log_weights, mol, refs: dict, exact: float | None) -> dict:
         out["cvs"][name] = entry
     for phi, psi in torsion_pairs(mol):
         ref = refs[phi]
-        out["cvs"][phi]["kl_phi"] = histogram_kl_divergence(ref[f"cv_{phi}"], values[phi],
-                                                            reference_log_weights=ref["log_weights"],
-                                                            log_weights=log_weights)
-        out["cvs"][phi]["kl_psi"] = histogram_kl_divergence(ref[f"cv_{psi}"], values[psi],
-                                                            reference_log_weights=ref["log_weights"],
-                                                            log_weights=log_weights)
+        out["cvs"][phi]["kl_phi"] = reference_kl(ref["histogram_phi"], values[phi], log_weights)
+        out["cvs"][phi]["kl_psi"] = reference_kl(ref["histogram_psi"], values[psi], log_weights)
     return out
 
 
@@ -206,9 +275,7 @@ def run_system(system: str, args, counter: EvaluationCounter) -> dict:
     finite = np.isfinite(drawn["log_weights"])
     result["flow_equal_cost"] = {**measure(traj[np.flatnonzero(finite)], drawn["log_weights"][finite], mol, refs,
                                            exact), "wall_s": flow_s}
-    result["references"] = {name: {"delta_f": float(r["delta_f"]), "ci_low": float(r["ci_low"]),
-                                   "ci_high": float(r["ci_high"]), "min_overlap": float(r["min_overlap"]),
-                                   "wall_s": float(r["wall_s"])}
+    result["references"] = {name: {key: value for key, value in r.items() if not key.startswith("histogram")}
                             for name, r in refs.items()}
     return result
 
@@ -237,6 +304,10 @@ def print_result(result: dict) -> None:
         weak = " (weakly linked windows: the interval is not to be trusted)" if ref["min_overlap"] < MIN_NEIGHBOUR_OVERLAP else ""
         print(f"  reference {name}: replica-exchange umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, "
               f"{ref['ci_high']:.3f}] kT in {ref['wall_s']:.0f} s, least neighbour overlap {ref['min_overlap']:.3f}{weak}")
+        for run in ref["runs"]:
+            print(f"    run {'x'.join(map(str, run['run'][:3]))} seed {run['run'][3]}, {run['run'][4]} starts: "
+                  f"dF {run['delta_f']:.3f} "
+                  f"[{run['ci_low']:.3f}, {run['ci_high']:.3f}]")
     for label, key in (("default sampler", "default"), ("flow alone, same E", "flow_equal_cost")):
         m = result[key]
         print(f"  {label}: n {m['n']}, Kish ESS {100 * m['ess'] / m['n']:.1f}%, k-hat {m['khat']:.2f}, "
@@ -250,11 +321,11 @@ def print_result(result: dict) -> None:
                   f"{entry['reference']:.3f}: error {entry['error']:.3f} kT{kl}")
 
 
-def _umbrella_size(text: str) -> tuple[int, int, int]:
+def _umbrella_size(text: str) -> tuple[tuple[int, int, int, int]]:
     values = text.split(",")
     if len(values) != 3 or not all(v.isdigit() and int(v) > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected WINDOWS,FRAMES,STEPS (positive integers), got {text!r}")
-    return tuple(int(v) for v in values)
+    return (tuple(int(v) for v in values) + (11, "md"),)
 
 
 def main() -> None:
@@ -264,9 +335,10 @@ def main() -> None:
     parser.add_argument("--anneal", default="auto", help="the sampler's --anneal (default: auto, as 'sample')")
     parser.add_argument("--max-equal-cost-samples", type=int, default=200000)
     parser.add_argument("--umbrella", type=_umbrella_size, metavar="WINDOWS,FRAMES,STEPS",
-                        help="size of the umbrella reference for every system: WINDOWS per torsion (a grid of "
-                        "WINDOWS x WINDOWS over each phi and its psi), FRAMES and 2-fs STEPS per frame per window "
-                        "(default: UMBRELLA in this file); smaller is faster, with a wider interval")
+                        help="size of the umbrella reference for every system, one run of seed 11 from md starts: WINDOWS per "
+                        "torsion (a grid of WINDOWS x WINDOWS over each phi and its psi), FRAMES and 2-fs STEPS "
+                        "per frame per window (default: UMBRELLA in this file, several runs pooled); smaller is "
+                        "faster, with a wider interval")
     parser.add_argument("--out", default=str(CACHE / "generality"))
     args = parser.parse_args()
     counter = EvaluationCounter()

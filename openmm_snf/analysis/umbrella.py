@@ -177,9 +177,13 @@ def umbrella_mbar(cv, bias, *, decorrelate: bool = True) -> UmbrellaAnalysis:
         raise AnalysisError(f"the biases' cv arrays differ in shape: {[values.shape for values in cvs]}")
     n_windows, n_frames = cvs[0].shape
 
+    # a grid of W x W windows has only W distinct centres per axis: the energies are computed for those
+    distinct = [np.unique(np.asarray(one.centers, dtype=np.float64), return_inverse=True) for one in biases]
+
     def bias_energies(frames) -> np.ndarray:
         """(K, len(frames)): the summed bias energy of frames (flat, window-major indices) under every window."""
-        return sum(one.reduced_energies(values.reshape(-1)[frames]) for one, values in zip(biases, cvs))
+        return sum(replace(one, centers=tuple(centers)).reduced_energies(values.reshape(-1)[frames])[inverse]
+                   for one, values, (centers, inverse) in zip(biases, cvs, distinct))
 
     if len(biases) == 1:
         series = np.stack([replace(bias, centers=(bias.centers[k],)).deviation(row)[0] for k, row in enumerate(cvs[0])])
