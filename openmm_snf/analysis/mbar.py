@@ -2,8 +2,9 @@
 
 An umbrella grid of K = 576 windows with 250,000 uncorrelated frames is 1.4e8 reduced energies u_kn;
 pymbar 4 holds several such arrays at once (~90 bytes per entry: 13.8 GB for 576 windows x 265,637 frames,
-measured), so it had been given a thinned fifth of the frames. Here u_kn is never stored: ``reduced_energies(indices)`` computes a block of
-its columns whenever a pass over the samples needs them (for umbrella windows the bias energies are cheap).
+measured), so it had been given a thinned fifth of the frames. Here ``reduced_energies(indices)`` computes
+a block of u_kn's columns whenever a pass over the samples needs them (for umbrella windows the bias
+energies are cheap); u_kn is kept only when it fits in 2 GB.
 
 * The free energies f_k (f_0 = 0) minimise the convex function
   F(f) = sum_n ln sum_k N_k exp(f_k - u_kn) - sum_k N_k f_k; Newton's method with a backtracking line
@@ -24,7 +25,7 @@ from scipy.special import logsumexp
 __all__ = ["BlockMBAR"]
 
 _BLOCK_ENTRIES = 1 << 22  # u_kn entries computed at once: 32 MB
-_CACHE_BYTES = 2 << 30  # u_kn up to this size is computed once and kept: passes then cost a third of the time
+_CACHE_BYTES = 2 << 30  # u_kn up to this size is computed once and kept, so passes need not recompute it
 
 
 def _logsumexp0(a: np.ndarray) -> np.ndarray:
