@@ -38,8 +38,8 @@ from openmm_snf import load_system
 from openmm_snf.analysis import AnalysisError, compute_cvs, free_energy_difference, histogram_kl_divergence
 from openmm_snf.analysis.diagnostics import diagnose
 from openmm_snf.analysis.profiles import ANGLE_RANGE
-from openmm_snf.analysis.umbrella import (MIN_NEIGHBOUR_OVERLAP, dihedral_grid_centers, next_windows, umbrella_dihedral,
-                                          umbrella_grid, umbrella_mbar)
+from openmm_snf.analysis.umbrella import (MIN_NEIGHBOUR_OVERLAP, dihedral_grid_biases, dihedral_grid_centers, next_windows,
+                                          umbrella_dihedral, umbrella_grid, umbrella_mbar)
 from openmm_snf.cli import main as cli
 from openmm_snf.energy.base import EnergyModel
 from openmm_snf.io import read_weighted_trajectory
@@ -119,13 +119,11 @@ def window_starts(mol, data, names: tuple[str, str], centers: np.ndarray, seed: 
 def grid_biases(mol, phi: str, per_axis: int) -> tuple[UmbrellaBias, UmbrellaBias]:
     """The (phi, psi) biases of :func:`~openmm_snf.analysis.umbrella.umbrella_grid`'s windows, for MBAR."""
     names = (phi, "psi" + phi[3:])
-    centers = dihedral_grid_centers(per_axis, 2)
     atoms = [umbrella_dihedral(mol, name)[0] for name in names]
     for name, one in zip(names, atoms):  # the frames' stored CVs must be the biased dihedrals
         if list(one) != list(mol.cvs[name]["atoms"]):
             raise SystemExit(f"{mol.name}: CV {name} has atoms {mol.cvs[name]['atoms']}, the bias {one}")
-    return tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), UMBRELLA_K)
-                 for column, one in enumerate(atoms))
+    return dihedral_grid_biases(atoms, per_axis, UMBRELLA_K)
 
 
 def umbrella_run(mol, phi: str, run: tuple[int, int, int, int, str], data_path: Path,

@@ -44,8 +44,9 @@ from .cvs import compute_cv, resolve_dihedral
 from .errors import AnalysisError, CVError, EmptyStateError
 from .mbar import BlockMBAR
 
-__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "dihedral_grid_centers", "next_windows",
-           "umbrella_dihedral", "umbrella_grid", "umbrella_sampling", "umbrella_mbar", "MIN_NEIGHBOUR_OVERLAP"]
+__all__ = ["UmbrellaAnalysis", "UmbrellaFreeEnergy", "UmbrellaSampling", "dihedral_grid_biases", "dihedral_grid_centers",
+           "next_windows", "umbrella_dihedral", "umbrella_grid", "umbrella_sampling", "umbrella_mbar",
+           "MIN_NEIGHBOUR_OVERLAP"]
 
 MIN_NEIGHBOUR_OVERLAP = 0.03  # MBAR overlap of neighbouring windows below which their free-energy link is weak
 _BLOCK_ENTRIES = 1 << 23  # (windows x frames) bias energies held at once when weighting frames: 64 MB
@@ -135,6 +136,14 @@ def dihedral_grid_centers(windows: int, n_axes: int) -> np.ndarray:
     order over the grid (the last axis varies fastest)."""
     axis = np.linspace(-np.pi, np.pi, windows, endpoint=False)
     return np.stack(np.meshgrid(*[axis] * n_axes, indexing="ij"), axis=-1).reshape(-1, n_axes)
+
+
+def dihedral_grid_biases(atoms, windows: int, force_constant: float) -> tuple[UmbrellaBias, ...]:
+    """One :class:`~openmm_snf.md.UmbrellaBias` per dihedral (``atoms``: its 4 indices per axis) of the grid of
+    :func:`dihedral_grid_centers`; their energies add up in each window."""
+    centers = dihedral_grid_centers(windows, len(atoms))
+    return tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), force_constant)
+                 for column, one in enumerate(atoms))
 
 
 def next_windows(shape) -> np.ndarray:
@@ -321,9 +330,7 @@ def umbrella_grid(mol: MolecularSystem, cv_names, windows: int, settings: Exchan
         raise CVError(f"--cv: need distinct dihedrals for the grid axes, got {list(cv_names)}")
     atoms = [umbrella_dihedral(mol, name)[0] for name in cv_names]
     cvs = {**mol.cvs, **{name: {"kind": "dihedral", "atoms": axis} for name, axis in zip(cv_names, atoms)}}
-    centers = dihedral_grid_centers(windows, len(cv_names))
-    biases = tuple(UmbrellaBias("dihedral", tuple(one), tuple(centers[:, column]), force_constant)
-                   for column, one in enumerate(atoms))
+    biases = dihedral_grid_biases(atoms, windows, force_constant)
     shape = (windows,) * len(cv_names)
     run = run_exchange_umbrella(mol, biases, shape, settings, energy=energy, starts=starts, progress=progress)
     analysis = umbrella_mbar(tuple(run.cvs), biases)
