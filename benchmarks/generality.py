@@ -328,7 +328,8 @@ def print_result(result: dict) -> None:
     for stage, cost in result["stages"].items():
         print(f"  {stage:7s} {cost['wall_s']:8.1f} s  {cost['evaluations']:>12,d} energy evaluations")
     for name, ref in result["references"].items():
-        weak = " (weakly linked windows: the interval is not to be trusted)" if ref["min_overlap"] < MIN_NEIGHBOUR_OVERLAP else ""
+        weak = ("" if ref["min_overlap"] >= MIN_NEIGHBOUR_OVERLAP else " (weakly linked windows: MBAR's interval is not to be "
+                "trusted" + (", the batch means' is" if len(ref["blocks"]) > 1 else "") + ")")
         blocks = (f"; batch means of {len(ref['blocks'])} blocks of {ref['block_frames']} frames: "
                   f"+-{ref['block_half_width']:.3f}" if len(ref["blocks"]) > 1 else "; too short for batch means")
         print(f"  reference {name}: replica-exchange umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, "
