@@ -328,10 +328,11 @@ def print_result(result: dict) -> None:
     for stage, cost in result["stages"].items():
         print(f"  {stage:7s} {cost['wall_s']:8.1f} s  {cost['evaluations']:>12,d} energy evaluations")
     for name, ref in result["references"].items():
+        batch = len(ref["blocks"]) > 1
         weak = ("" if ref["min_overlap"] >= MIN_NEIGHBOUR_OVERLAP else " (weakly linked windows: MBAR's interval is not to be "
-                "trusted" + (", the batch means' is" if len(ref["blocks"]) > 1 else "") + ")")
+                "trusted" + (", the batch means' is" if batch else "") + ")")
         blocks = (f"; batch means of {len(ref['blocks'])} blocks of {ref['block_frames']} frames: "
-                  f"+-{ref['block_half_width']:.3f}" if len(ref["blocks"]) > 1 else "; too short for batch means")
+                  f"+-{ref['block_half_width']:.3f}" if batch else "; too short for batch means")
         print(f"  reference {name}: replica-exchange umbrella + MBAR dF {ref['delta_f']:.3f} [{ref['ci_low']:.3f}, "
               f"{ref['ci_high']:.3f}] kT (MBAR's [{ref['mbar_ci_low']:.3f}, {ref['mbar_ci_high']:.3f}]{blocks}) in "
               f"{ref['wall_s']:.0f} s, least neighbour overlap {ref['min_overlap']:.3f}{weak}")
